@@ -1,0 +1,202 @@
+//! Configuration: the `telemq.toml` file, its defaults and its validation.
+//!
+//! Every key has a default, so the broker runs with no file at all. Unknown keys are rejected so
+//! a typo never silently falls back to a default. [`DEFAULT_CONFIG`] is the documented default
+//! file printed by `telemq print-default-config`; a test keeps it equal to `Config::default()`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The default configuration, documented. `telemq print-default-config` prints it.
+pub const DEFAULT_CONFIG: &str = r#"# telemq configuration. Every key is optional; the values below are the defaults.
+
+[listener]
+# Address of the plain MQTT (TCP) listener.
+bind = "0.0.0.0:1883"
+# Connections accepted at once; further clients wait in the kernel's accept backlog.
+max_connections = 100000
+
+[mqtt]
+# Largest packet accepted from a client, in bytes (fixed header included). Advertised to MQTT 5
+# clients as Maximum Packet Size; larger packets close the connection (reason 0x95).
+max_packet_size = 1048576
+# Time a new connection has to send CONNECT.
+connect_timeout = "10s"
+# Keep alive the broker imposes on MQTT 5 clients (Server Keep Alive), in seconds. Unset: the
+# client's own value is used. A client silent for 1.5 times its keep alive is disconnected.
+# server_keep_alive = 60
+# Inbound QoS 2 messages a client may have awaiting PUBREL (advertised as Receive Maximum).
+receive_maximum = 1024
+# Outbound QoS 1/2 messages in flight per session (also capped by the client's Receive Maximum).
+max_inflight_messages = 1024
+# Messages queued per session beyond the in-flight window; further messages are dropped and counted.
+max_queued_messages = 10000
+# Whether QoS 0 messages are queued for persistent sessions whose client is offline.
+queue_qos0_offline = false
+# Topic aliases an MQTT 5 client may use towards the broker (Topic Alias Maximum).
+topic_alias_maximum = 64
+# Upper bound on the Session Expiry Interval, in seconds; 4294967295 means never expire. MQTT 3.1.1
+# sessions with clean_session = 0 use this value.
+max_session_expiry_interval = 4294967295
+# Whether retained messages are supported (advertised as Retain Available).
+retain_available = true
+"#;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listener: ListenerConfig,
+    pub mqtt: MqttConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    pub bind: SocketAddr,
+    pub max_connections: usize,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            max_connections: 100_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub max_packet_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub server_keep_alive: Option<u16>,
+    pub receive_maximum: u16,
+    pub max_inflight_messages: u16,
+    pub max_queued_messages: usize,
+    pub queue_qos0_offline: bool,
+    pub topic_alias_maximum: u16,
+    pub max_session_expiry_interval: u32,
+    pub retain_available: bool,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            max_packet_size: 1024 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            server_keep_alive: None,
+            receive_maximum: 1024,
+            max_inflight_messages: 1024,
+            max_queued_messages: 10_000,
+            queue_qos0_offline: false,
+            topic_alias_maximum: 64,
+            max_session_expiry_interval: u32::MAX,
+            retain_available: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks limits that serde cannot, before anything binds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mqtt = &self.mqtt;
+        // The largest packet MQTT can frame is 268,435,455 bytes of body plus a 5-byte header.
+        if !(64..=268_435_460).contains(&mqtt.max_packet_size) {
+            return Err(ConfigError::Invalid(
+                "mqtt.max_packet_size must be between 64 and 268435460".into(),
+            ));
+        }
+        if mqtt.receive_maximum == 0 {
+            return Err(ConfigError::Invalid("mqtt.receive_maximum must be at least 1".into()));
+        }
+        if mqtt.max_inflight_messages == 0 {
+            return Err(ConfigError::Invalid(
+                "mqtt.max_inflight_messages must be at least 1".into(),
+            ));
+        }
+        if mqtt.max_queued_messages == 0 {
+            return Err(ConfigError::Invalid(
+                "mqtt.max_queued_messages must be at least 1".into(),
+            ));
+        }
+        if self.listener.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "listener.max_connections must be at least 1".into(),
+            ));
+        }
+        if mqtt.connect_timeout.is_zero() {
+            return Err(ConfigError::Invalid("mqtt.connect_timeout must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_default_file_is_the_default() {
+        let parsed: Config = toml::from_str(DEFAULT_CONFIG).unwrap();
+        assert_eq!(parsed, Config::default());
+        parsed.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = toml::from_str::<Config>("[mqtt]\nmax_packet_sise = 10\n").unwrap_err();
+        assert!(err.to_string().contains("max_packet_sise"), "{err}");
+    }
+
+    #[test]
+    fn partial_files_keep_other_defaults() {
+        let config: Config = toml::from_str("[mqtt]\nconnect_timeout = \"2s\"\n").unwrap();
+        assert_eq!(config.mqtt.connect_timeout, Duration::from_secs(2));
+        assert_eq!(config.mqtt.max_packet_size, 1024 * 1024);
+    }
+
+    #[test]
+    fn out_of_range_limits_are_refused() {
+        let mut config = Config::default();
+        config.mqtt.max_packet_size = 10;
+        assert!(config.validate().is_err());
+        let mut config = Config::default();
+        config.mqtt.receive_maximum = 0;
+        assert!(config.validate().is_err());
+    }
+}

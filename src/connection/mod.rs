@@ -1,0 +1,697 @@
+//! One task per network connection: it owns the socket, its read and write buffers and, once
+//! CONNECT is accepted, the live session state. Everything it does to other clients goes through
+//! the router (deliveries into their mailboxes) and the session registry.
+//!
+//! The task waits on the socket, its session's mailbox, the keep-alive deadline, a takeover and
+//! broker shutdown. Replies and deliveries are encoded into one write buffer and written as they
+//! fit, so a wake-up that finds many messages makes one `write`.
+
+mod handshake;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, Instrument};
+
+use crate::broker::BrokerState;
+use crate::message::{Delivery, Message};
+use crate::metrics;
+use crate::protocol::encode::{self, AckKind, ConnAck, OutgoingPublish};
+use crate::protocol::validate::{is_valid_filter, split_shared};
+use crate::protocol::{
+    self, Connect, Disconnect, Packet, ProtocolError, ProtocolVersion, Publish, QoS,
+    RetainHandling, Subscribe, Unsubscribe, Will,
+};
+use crate::protocol::ReasonCode;
+use crate::router::SubscriptionOptions;
+use crate::session::inflight::{OutboundEntry, PubRecOutcome, Stage};
+use crate::session::{SessionHandle, SessionState, NEVER_EXPIRES};
+
+/// Deliveries are encoded into the write buffer only while it holds less than this, so a client
+/// that reads slowly leaves messages in its (bounded) mailbox rather than in memory here.
+const WRITE_HIGH_WATER: usize = 64 * 1024;
+/// Past this much unwritten output the task stops reading, so a client that publishes without
+/// reading its acknowledgements is slowed down instead of growing the buffer.
+const WRITE_BACKLOG_LIMIT: usize = 1024 * 1024;
+/// Time allowed to flush the last packets (DISCONNECT) of a closing connection.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why a connection ended; the label feeds logs and the close-reason metric.
+#[derive(Debug)]
+pub(crate) enum Close {
+    PeerClosed,
+    Io,
+    ConnectTimeout,
+    ClientDisconnect,
+    KeepAliveTimeout,
+    TakenOver,
+    ServerShuttingDown,
+    Refused(ReasonCode),
+    Protocol(ProtocolError),
+}
+
+impl Close {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::PeerClosed => "peer_closed",
+            Self::Io => "io_error",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::ClientDisconnect => "client_disconnect",
+            Self::KeepAliveTimeout => "keep_alive_timeout",
+            Self::TakenOver => "session_taken_over",
+            Self::ServerShuttingDown => "server_shutting_down",
+            Self::Refused(reason) => reason.label(),
+            Self::Protocol(error) => error.reason.label(),
+        }
+    }
+
+    /// The v5 DISCONNECT the broker sends before closing [MQTT-4.13.1-1], if any.
+    fn disconnect_reason(&self) -> Option<(ReasonCode, Option<&'static str>)> {
+        match self {
+            Self::KeepAliveTimeout => Some((ReasonCode::KeepAliveTimeout, None)),
+            Self::TakenOver => Some((ReasonCode::SessionTakenOver, None)),
+            Self::ServerShuttingDown => Some((ReasonCode::ServerShuttingDown, None)),
+            Self::Protocol(error) => Some((error.reason, Some(error.detail))),
+            _ => None,
+        }
+    }
+}
+
+/// Serves one accepted connection until it closes.
+pub async fn serve<S>(stream: S, peer: SocketAddr, state: Arc<BrokerState>, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    metrics::connection_opened();
+    let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty);
+    let close = run(stream, &state, &shutdown).instrument(span.clone()).await;
+    span.in_scope(|| {
+        if let Close::Protocol(error) = &close {
+            info!(reason = close.label(), detail = error.detail, "connection closed");
+        } else {
+            debug!(reason = close.label(), "connection closed");
+        }
+    });
+    metrics::connection_closed(close.label());
+}
+
+async fn run<S>(stream: S, state: &Arc<BrokerState>, shutdown: &CancellationToken) -> Close
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut read_buf = BytesMut::with_capacity(4096);
+    let connect =
+        match handshake::read_connect(&mut reader, &mut writer, &mut read_buf, state, shutdown)
+            .await
+        {
+            Ok(connect) => connect,
+            Err(close) => return close,
+        };
+    let version = connect.version;
+    let (client_id, assigned) = match handshake::choose_client_id(&connect) {
+        Ok(id) => id,
+        Err((reason, detail)) => {
+            info!(detail, "CONNECT refused");
+            handshake::refuse(&mut writer, version, reason).await;
+            return Close::Refused(reason);
+        }
+    };
+    if connect.authentication_method.is_some() {
+        // Enhanced authentication (AUTH) is not offered [MQTT-4.12.0-1].
+        handshake::refuse(&mut writer, version, ReasonCode::BadAuthenticationMethod).await;
+        return Close::Refused(ReasonCode::BadAuthenticationMethod);
+    }
+    tracing::Span::current().record("client_id", &*client_id);
+
+    let config = &state.config.mqtt;
+    let requested_expiry = match version {
+        ProtocolVersion::V5 => connect.session_expiry_interval,
+        _ if connect.clean_start => 0,
+        _ => NEVER_EXPIRES,
+    };
+    let session_expiry = requested_expiry.min(config.max_session_expiry_interval);
+    let attached = state
+        .sessions
+        .attach(&state.router, client_id.clone(), connect.clean_start, session_expiry)
+        .await;
+    info!(
+        version = version.label(),
+        clean_start = connect.clean_start,
+        session_present = attached.session_present,
+        "client connected"
+    );
+
+    let keep_alive_secs = match (version, config.server_keep_alive) {
+        (ProtocolVersion::V5, Some(server)) => server,
+        _ => connect.keep_alive,
+    };
+    let mut connection = Connection {
+        reader,
+        writer,
+        read_buf,
+        write_buf: BytesMut::with_capacity(4096),
+        state: state.clone(),
+        version,
+        client_id,
+        handle: attached.handle,
+        session: attached.state,
+        connection_id: attached.connection_id,
+        kick: attached.kick,
+        done: Some(attached.done),
+        // [MQTT-3.1.2-24] one and a half times the keep alive; 0 switches it off.
+        keep_alive: (keep_alive_secs > 0)
+            .then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500)),
+        last_packet_at: Instant::now(),
+        will: connect.will.clone(),
+        session_expiry,
+        session_expiry_at_connect: session_expiry,
+        send_quota: usize::from(connect.receive_maximum.min(config.max_inflight_messages)),
+        client_max_packet_size: connect
+            .maximum_packet_size
+            .map_or(usize::MAX, |size| size as usize),
+        client_topic_alias_max: connect.topic_alias_maximum,
+        inbound_aliases: HashMap::new(),
+        outbound_aliases: HashMap::new(),
+    };
+    connection.send_connack(&connect, assigned, attached.session_present, requested_expiry);
+    if attached.session_present {
+        connection.resend_inflight();
+    }
+    let close = connection.event_loop(shutdown).await;
+    connection.finish(close).await
+}
+
+/// What woke the event loop.
+enum Event {
+    Read(std::io::Result<usize>),
+    Wrote(std::io::Result<usize>),
+    MailboxReady,
+    KeepAliveExpired,
+    Kicked,
+    Shutdown,
+}
+
+struct Connection<S> {
+    reader: ReadHalf<S>,
+    writer: WriteHalf<S>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    state: Arc<BrokerState>,
+    version: ProtocolVersion,
+    client_id: Arc<str>,
+    handle: Arc<SessionHandle>,
+    session: SessionState,
+    connection_id: u64,
+    kick: CancellationToken,
+    done: Option<oneshot::Sender<()>>,
+    keep_alive: Option<Duration>,
+    last_packet_at: Instant,
+    will: Option<Will>,
+    session_expiry: u32,
+    session_expiry_at_connect: u32,
+    /// Outbound QoS 1/2 messages allowed in flight: the client's Receive Maximum capped by ours.
+    send_quota: usize,
+    client_max_packet_size: usize,
+    client_topic_alias_max: u16,
+    inbound_aliases: HashMap<u16, Arc<str>>,
+    outbound_aliases: HashMap<Arc<str>, u16>,
+}
+
+impl<S: AsyncRead + AsyncWrite> Connection<S> {
+    fn send_connack(
+        &mut self,
+        connect: &Connect,
+        assigned: bool,
+        session_present: bool,
+        requested_expiry: u32,
+    ) {
+        let config = &self.state.config.mqtt;
+        let mut ack = ConnAck {
+            session_present,
+            reason: Some(ReasonCode::Success),
+            ..ConnAck::default()
+        };
+        if self.version.is_v5() {
+            if self.session_expiry != requested_expiry {
+                ack.session_expiry_interval = Some(self.session_expiry);
+            }
+            ack.receive_maximum = Some(config.receive_maximum);
+            ack.maximum_packet_size = Some(config.max_packet_size);
+            ack.topic_alias_maximum = Some(config.topic_alias_maximum);
+            if !config.retain_available {
+                ack.retain_available = Some(false);
+            }
+            if assigned {
+                ack.assigned_client_identifier = Some(&self.client_id);
+            }
+            ack.shared_subscription_available = Some(false);
+            if let Some(keep_alive) = config.server_keep_alive {
+                if keep_alive != connect.keep_alive {
+                    ack.server_keep_alive = Some(keep_alive);
+                }
+            }
+        }
+        encode::connack(self.version, &ack, &mut self.write_buf);
+    }
+
+    /// Re-sends the in-flight window of a resumed session, in its original order, with DUP set
+    /// [MQTT-4.4.0-1], [MQTT-3.3.1-1]; deliveries past PUBREC get their PUBREL again.
+    fn resend_inflight(&mut self) {
+        for entry in self.session.inflight.entries() {
+            match entry.stage {
+                Stage::AwaitingPubComp => encode::ack(
+                    self.version,
+                    AckKind::PubRel,
+                    entry.packet_id,
+                    0,
+                    &mut self.write_buf,
+                ),
+                Stage::AwaitingPubAck | Stage::AwaitingPubRec => {
+                    let delivery = &entry.delivery;
+                    let message = &delivery.message;
+                    let publish = OutgoingPublish {
+                        topic: &message.topic,
+                        qos: delivery.qos,
+                        retain: delivery.retain,
+                        dup: true,
+                        packet_id: entry.packet_id,
+                        payload: &message.payload,
+                        properties: &message.properties,
+                        message_expiry_interval: message
+                            .remaining_expiry(Instant::now())
+                            .unwrap_or(Some(1)),
+                        topic_alias: None,
+                        subscription_ids: &delivery.subscription_ids,
+                    };
+                    encode::publish(self.version, &publish, &mut self.write_buf);
+                }
+            }
+        }
+    }
+
+    async fn event_loop(&mut self, shutdown: &CancellationToken) -> Close {
+        loop {
+            self.fill_from_mailbox();
+            let keep_alive_deadline = self
+                .keep_alive
+                .map(|keep_alive| tokio::time::Instant::from_std(self.last_packet_at + keep_alive));
+            let can_read = self.write_buf.len() < WRITE_BACKLOG_LIMIT;
+            let event = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Event::Shutdown,
+                _ = self.kick.cancelled() => Event::Kicked,
+                wrote = self.writer.write_buf(&mut self.write_buf), if !self.write_buf.is_empty() => Event::Wrote(wrote),
+                read = self.reader.read_buf(&mut self.read_buf), if can_read => Event::Read(read),
+                _ = self.handle.mailbox.notified() => Event::MailboxReady,
+                _ = sleep_until_or_forever(keep_alive_deadline) => Event::KeepAliveExpired,
+            };
+            match event {
+                Event::Shutdown => return Close::ServerShuttingDown,
+                Event::Kicked => return Close::TakenOver,
+                Event::KeepAliveExpired => return Close::KeepAliveTimeout,
+                Event::MailboxReady => {}
+                Event::Wrote(Ok(_)) => {}
+                Event::Wrote(Err(_)) | Event::Read(Err(_)) => return Close::Io,
+                Event::Read(Ok(0)) => return Close::PeerClosed,
+                Event::Read(Ok(_)) => {
+                    if let Err(close) = self.process_input() {
+                        return close;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decodes and handles every complete packet in the read buffer.
+    fn process_input(&mut self) -> Result<(), Close> {
+        let max_packet_size = self.state.config.mqtt.max_packet_size as usize;
+        loop {
+            let packet = match protocol::decode(&mut self.read_buf, Some(self.version), max_packet_size) {
+                Ok(Some(packet)) => packet,
+                Ok(None) => return Ok(()),
+                Err(error) => {
+                    metrics::protocol_error(error.reason.label());
+                    return Err(Close::Protocol(error));
+                }
+            };
+            self.last_packet_at = Instant::now();
+            self.handle_packet(packet).inspect_err(|close| {
+                if let Close::Protocol(error) = close {
+                    metrics::protocol_error(error.reason.label());
+                }
+            })?;
+        }
+    }
+
+    fn handle_packet(&mut self, packet: Packet) -> Result<(), Close> {
+        match packet {
+            Packet::Publish(publish) => self.handle_publish(publish)?,
+            Packet::PubAck { packet_id, .. } => {
+                if !self.session.inflight.on_puback(packet_id) {
+                    debug!(packet_id, "PUBACK for no in-flight QoS 1 message");
+                }
+            }
+            Packet::PubRec { packet_id, reason } => {
+                match self.session.inflight.on_pubrec(packet_id, reason >= 0x80) {
+                    PubRecOutcome::Release => self.ack(AckKind::PubRel, packet_id, 0),
+                    PubRecOutcome::Refused => {}
+                    PubRecOutcome::Unknown => self.ack(
+                        AckKind::PubRel,
+                        packet_id,
+                        ReasonCode::PacketIdentifierNotFound as u8,
+                    ),
+                }
+            }
+            Packet::PubComp { packet_id, .. } => {
+                if !self.session.inflight.on_pubcomp(packet_id) {
+                    debug!(packet_id, "PUBCOMP for no in-flight QoS 2 message");
+                }
+            }
+            Packet::PubRel { packet_id, .. } => {
+                // [MQTT-4.3.3-?] the packet id is released and may be reused by the client.
+                let reason = if self.session.inbound_qos2.remove(&packet_id) {
+                    0
+                } else {
+                    ReasonCode::PacketIdentifierNotFound as u8
+                };
+                self.ack(AckKind::PubComp, packet_id, reason);
+            }
+            Packet::Subscribe(subscribe) => self.handle_subscribe(subscribe),
+            Packet::Unsubscribe(unsubscribe) => self.handle_unsubscribe(unsubscribe),
+            Packet::PingReq => encode::pingresp(&mut self.write_buf),
+            Packet::Disconnect(disconnect) => return Err(self.handle_disconnect(disconnect)),
+            Packet::Connect(_) => {
+                return Err(Close::Protocol(ProtocolError::violation(
+                    "[MQTT-3.1.0-2] a second CONNECT on one connection",
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// v3 clients get acknowledgements without reason codes; `encode::ack` drops them.
+    fn ack(&mut self, kind: AckKind, packet_id: u16, reason: u8) {
+        encode::ack(self.version, kind, packet_id, reason, &mut self.write_buf);
+    }
+
+    fn handle_publish(&mut self, publish: Publish) -> Result<(), Close> {
+        metrics::message_received(publish.qos as u8);
+        let config = &self.state.config.mqtt;
+        let topic: Arc<str> = match publish.topic_alias {
+            Some(alias) if alias > config.topic_alias_maximum => {
+                return Err(Close::Protocol(ProtocolError::new(
+                    ReasonCode::TopicAliasInvalid,
+                    "[MQTT-3.3.2-9] topic alias greater than the broker's Topic Alias Maximum",
+                )))
+            }
+            Some(alias) if publish.topic.is_empty() => match self.inbound_aliases.get(&alias) {
+                Some(topic) => topic.clone(),
+                None => {
+                    return Err(Close::Protocol(ProtocolError::violation(
+                        "[MQTT-3.3.2-?] topic alias used before it was set",
+                    )))
+                }
+            },
+            Some(alias) => {
+                let topic: Arc<str> = publish.topic.into();
+                self.inbound_aliases.insert(alias, topic.clone());
+                topic
+            }
+            None => publish.topic.into(),
+        };
+        if publish.retain && !config.retain_available {
+            return Err(Close::Protocol(ProtocolError::new(
+                ReasonCode::RetainNotSupported,
+                "[MQTT-3.3.1-?] RETAIN set although Retain Available is 0",
+            )));
+        }
+        if publish.qos == QoS::ExactlyOnce {
+            if self.session.inbound_qos2.contains(&publish.packet_id) {
+                // A retransmission of a message already routed: acknowledge it again, but do not
+                // deliver it twice [MQTT-4.3.3-9].
+                self.ack(AckKind::PubRec, publish.packet_id, 0);
+                return Ok(());
+            }
+            if self.session.inbound_qos2.len() >= usize::from(config.receive_maximum) {
+                return Err(Close::Protocol(ProtocolError::new(
+                    ReasonCode::ReceiveMaximumExceeded,
+                    "[MQTT-3.3.4-9] more unacknowledged QoS 2 PUBLISH than Receive Maximum",
+                )));
+            }
+        }
+        let message = Message::new(
+            topic,
+            publish.payload,
+            publish.qos,
+            publish.retain,
+            publish.properties,
+            Some(self.client_id.clone()),
+        );
+        let matched = self.state.router.publish(Arc::new(message));
+        let reason = if matched == 0 {
+            ReasonCode::NoMatchingSubscribers as u8
+        } else {
+            0
+        };
+        match publish.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.ack(AckKind::PubAck, publish.packet_id, reason),
+            QoS::ExactlyOnce => {
+                self.session.inbound_qos2.insert(publish.packet_id);
+                self.ack(AckKind::PubRec, publish.packet_id, reason);
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_subscribe(&mut self, subscribe: Subscribe) {
+        let v5 = self.version.is_v5();
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut retained = Vec::new();
+        for request in subscribe.filters {
+            if split_shared(&request.filter).is_some() {
+                codes.push(ReasonCode::SharedSubscriptionsNotSupported as u8);
+                continue;
+            }
+            if !is_valid_filter(&request.filter) {
+                // [MQTT-4.7.1-2], [MQTT-4.7.1-3]: refused per filter, the others still apply.
+                codes.push(ReasonCode::TopicFilterInvalid as u8);
+                continue;
+            }
+            let options = SubscriptionOptions {
+                qos: request.qos,
+                no_local: v5 && request.no_local,
+                retain_as_published: v5 && request.retain_as_published,
+                retain_handling: if v5 {
+                    request.retain_handling
+                } else {
+                    RetainHandling::SendOnSubscribe
+                },
+                subscription_id: subscribe.subscription_id.filter(|_| v5),
+            };
+            let previous = self
+                .state
+                .router
+                .subscribe(&self.handle, &request.filter, options.clone());
+            let send_retained = match options.retain_handling {
+                RetainHandling::SendOnSubscribe => true,
+                RetainHandling::SendIfNewSubscription => previous.is_none(),
+                RetainHandling::DoNotSend => false,
+            };
+            if send_retained {
+                let now = Instant::now();
+                for message in self.state.router.retained_matching(&request.filter) {
+                    if message.remaining_expiry(now).is_err() {
+                        continue;
+                    }
+                    retained.push(Delivery {
+                        qos: message.qos.min(options.qos),
+                        retain: true,
+                        subscription_ids: options.subscription_id.into_iter().collect(),
+                        message,
+                    });
+                }
+            }
+            codes.push(options.qos as u8);
+            self.session.subscriptions.insert(request.filter, options);
+        }
+        // [MQTT-3.8.4-1] SUBACK before the retained messages it triggers.
+        encode::suback(self.version, subscribe.packet_id, &codes, &mut self.write_buf);
+        for delivery in retained {
+            self.state.router.enqueue(&self.handle, delivery);
+        }
+    }
+
+    fn handle_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        let mut codes = Vec::with_capacity(unsubscribe.filters.len());
+        for filter in &unsubscribe.filters {
+            let existed = self.session.subscriptions.remove(filter).is_some();
+            self.state.router.unsubscribe(&self.client_id, filter);
+            codes.push(if existed {
+                ReasonCode::Success as u8
+            } else {
+                ReasonCode::NoSubscriptionExisted as u8
+            });
+        }
+        // [MQTT-3.10.4-4] UNSUBACK even when nothing was removed.
+        encode::unsuback(self.version, unsubscribe.packet_id, &codes, &mut self.write_buf);
+    }
+
+    fn handle_disconnect(&mut self, disconnect: Disconnect) -> Close {
+        if let Some(expiry) = disconnect.session_expiry_interval {
+            if self.session_expiry_at_connect == 0 && expiry != 0 {
+                return Close::Protocol(ProtocolError::violation(
+                    "[MQTT-3.14.2-2] session expiry set on DISCONNECT after 0 in CONNECT",
+                ));
+            }
+            self.session_expiry = expiry.min(self.state.config.mqtt.max_session_expiry_interval);
+        }
+        if disconnect.reason != ReasonCode::DisconnectWithWill as u8 {
+            // [MQTT-3.1.2-10] a normal DISCONNECT discards the will.
+            self.will = None;
+        }
+        Close::ClientDisconnect
+    }
+
+    /// Moves deliveries from the mailbox into the write buffer while the client's receive window
+    /// and the buffer allow.
+    fn fill_from_mailbox(&mut self) {
+        let now = Instant::now();
+        while self.write_buf.len() < WRITE_HIGH_WATER {
+            let window_full = self.session.inflight.len() >= self.send_quota;
+            let Some(delivery) = self
+                .handle
+                .mailbox
+                .pop_if(|d| d.qos == QoS::AtMostOnce || !window_full)
+            else {
+                break;
+            };
+            self.send_delivery(delivery, now);
+        }
+    }
+
+    fn send_delivery(&mut self, delivery: Delivery, now: Instant) {
+        let message = delivery.message.clone();
+        let Ok(message_expiry_interval) = message.remaining_expiry(now) else {
+            // [MQTT-3.3.2-5] expired messages are not delivered.
+            metrics::message_dropped(metrics::DROP_EXPIRED);
+            return;
+        };
+        let mut publish = OutgoingPublish {
+            topic: &message.topic,
+            qos: delivery.qos,
+            retain: delivery.retain,
+            dup: false,
+            packet_id: 0,
+            payload: &message.payload,
+            properties: &message.properties,
+            message_expiry_interval,
+            topic_alias: None,
+            subscription_ids: &delivery.subscription_ids,
+        };
+        if encode::publish_size(self.version, &publish) > self.client_max_packet_size {
+            // [MQTT-3.1.2-25] discarded as if delivered.
+            metrics::message_dropped(metrics::DROP_TOO_LARGE_FOR_CLIENT);
+            return;
+        }
+        if self.version.is_v5() && self.client_topic_alias_max > 0 {
+            match self.outbound_aliases.get(&message.topic) {
+                Some(&alias) => {
+                    publish.topic = "";
+                    publish.topic_alias = Some(alias);
+                }
+                None if self.outbound_aliases.len() < usize::from(self.client_topic_alias_max) => {
+                    // [MQTT-3.3.2-12]: aliases stay within the client's Topic Alias Maximum.
+                    let alias = self.outbound_aliases.len() as u16 + 1;
+                    self.outbound_aliases.insert(message.topic.clone(), alias);
+                    publish.topic_alias = Some(alias);
+                }
+                None => {}
+            }
+        }
+        let stage = match delivery.qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => Some(Stage::AwaitingPubAck),
+            QoS::ExactlyOnce => Some(Stage::AwaitingPubRec),
+        };
+        if stage.is_some() {
+            let Some(packet_id) = self.session.inflight.allocate_packet_id() else {
+                metrics::message_dropped(metrics::DROP_QUEUE_FULL);
+                return;
+            };
+            publish.packet_id = packet_id;
+        }
+        encode::publish(self.version, &publish, &mut self.write_buf);
+        metrics::message_sent(delivery.qos as u8);
+        if let Some(stage) = stage {
+            let packet_id = publish.packet_id;
+            self.session.inflight.push(OutboundEntry {
+                packet_id,
+                stage,
+                delivery,
+            });
+        }
+    }
+
+    /// Tells a v5 client why it is being disconnected, flushes, hands the session back and
+    /// publishes the will where one is due.
+    async fn finish(mut self, close: Close) -> Close {
+        if self.version.is_v5() {
+            if let Some((reason, detail)) = close.disconnect_reason() {
+                encode::disconnect(reason, detail, &mut self.write_buf);
+            }
+        }
+        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
+            while !self.write_buf.is_empty() {
+                self.writer.write_buf(&mut self.write_buf).await?;
+            }
+            self.writer.shutdown().await
+        })
+        .await;
+
+        let will = self.will.take().map(|will| {
+            let delay = will.delay_interval;
+            (Arc::new(will_message(will, &self.client_id)), delay)
+        });
+        let state = std::mem::take(&mut self.session);
+        if let Some(will) = self.state.sessions.detach(
+            &self.state.router,
+            &self.handle,
+            self.connection_id,
+            state,
+            self.session_expiry,
+            will,
+        ) {
+            self.state.router.publish(will);
+        }
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
+        close
+    }
+}
+
+fn will_message(will: Will, client_id: &Arc<str>) -> Message {
+    Message::new(
+        will.topic.into(),
+        will.payload,
+        will.qos,
+        will.retain,
+        will.properties,
+        Some(client_id.clone()),
+    )
+}
+
+async fn sleep_until_or_forever(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,34 @@
+//! telemq — an MQTT 3.1, 3.1.1 and 5.0 broker for IoT telemetry.
+//!
+//! Data flow:
+//!
+//! ```text
+//! socket ─▶ transport (accept, spawn) ─▶ connection task ─▶ protocol (decode + validate)
+//!                                          │
+//!             CONNECT ─▶ session registry (new / resume / takeover, expiry, wills)
+//!             PUBLISH ─▶ router: retained store + trie match ─▶ each target session's mailbox
+//! mailbox ─▶ connection task ─▶ protocol (encode) ─▶ one write buffer ─▶ socket
+//! ```
+//!
+//! - [`transport`] accepts connections and spawns one task each.
+//! - [`connection`] runs a client's task: CONNECT handshake, packet handling, keep alive, close.
+//! - [`protocol`] is the only module that knows the wire format (and the only importer of the
+//!   codec crate).
+//! - [`session`] holds session state that outlives connections: in-flight windows, inbound QoS 2
+//!   ids, subscriptions, mailboxes, and the registry that attaches connections to sessions.
+//! - [`router`] matches topics against subscriptions and keeps retained messages.
+//! - [`broker`] wires it together and owns shutdown.
+
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod message;
+pub mod metrics;
+pub mod protocol;
+pub mod router;
+pub mod session;
+mod sync;
+pub mod transport;
+
+pub use broker::Broker;
+pub use config::Config;

@@ -1,0 +1,81 @@
+//! Application messages as the broker routes them.
+//!
+//! A published message is wrapped in an `Arc` once and shared by every subscriber queue, retained
+//! store entry and in-flight window that holds it; the payload is a `Bytes` and is never copied per
+//! subscriber.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::protocol::{MessageProperties, QoS};
+
+#[derive(Debug)]
+pub struct Message {
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    /// QoS the publisher sent it with; each subscriber gets at most its granted QoS.
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: MessageProperties,
+    /// Client that published it, for the No Local subscription option [MQTT-3.8.3-3].
+    pub publisher: Option<Arc<str>>,
+    /// When the Message Expiry Interval runs out.
+    pub expires_at: Option<Instant>,
+}
+
+impl Message {
+    pub fn new(
+        topic: Arc<str>,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        properties: MessageProperties,
+        publisher: Option<Arc<str>>,
+    ) -> Self {
+        let expires_at = properties
+            .message_expiry_interval
+            .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs)));
+        Self {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties,
+            publisher,
+            expires_at,
+        }
+    }
+
+    /// Seconds of the expiry interval left, `Some(0)`-free: `None` when there is no expiry and
+    /// `Err(())` when the message has expired and must not be delivered [MQTT-3.3.2-5].
+    pub fn remaining_expiry(&self, now: Instant) -> Result<Option<u32>, ()> {
+        match self.expires_at {
+            None => Ok(None),
+            Some(at) if at <= now => Err(()),
+            Some(at) => {
+                let left = at.duration_since(now).as_secs_f64().ceil() as u32;
+                Ok(Some(left.max(1)))
+            }
+        }
+    }
+
+    /// Rough bytes held in memory, for queue accounting.
+    pub fn footprint(&self) -> usize {
+        std::mem::size_of::<Self>() + self.topic.len() + self.payload.len()
+    }
+}
+
+/// A message on its way to one subscriber, with what that subscription decided about it.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub message: Arc<Message>,
+    /// min(message QoS, granted QoS) [MQTT-3.8.4-8].
+    pub qos: QoS,
+    /// The RETAIN flag to send: set for retained messages sent on subscribe [MQTT-3.3.1-8],
+    /// otherwise the publisher's flag only under Retain As Published [MQTT-3.3.1-12/13].
+    pub retain: bool,
+    /// Identifiers of every matching subscription that carried one (v5) [MQTT-3.3.4-3].
+    pub subscription_ids: Vec<u32>,
+}

@@ -1,0 +1,95 @@
+//! Every metric the broker records, by name, with its description.
+//!
+//! Names carry the `telemq_` prefix; labels are low-cardinality (never a client id or topic).
+//! Recording goes through the `metrics` facade, so without an installed exporter it costs an
+//! atomic load and nothing else.
+
+use metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
+
+pub const CONNECTIONS_TOTAL: &str = "telemq_connections_total";
+pub const CONNECTIONS_CURRENT: &str = "telemq_connections_current";
+pub const CONNECTIONS_CLOSED_TOTAL: &str = "telemq_connections_closed_total";
+pub const PROTOCOL_ERRORS_TOTAL: &str = "telemq_protocol_errors_total";
+pub const MESSAGES_RECEIVED_TOTAL: &str = "telemq_messages_received_total";
+pub const MESSAGES_SENT_TOTAL: &str = "telemq_messages_sent_total";
+pub const MESSAGES_DROPPED_TOTAL: &str = "telemq_messages_dropped_total";
+pub const SESSIONS_EXPIRED_TOTAL: &str = "telemq_sessions_expired_total";
+
+/// Drop reasons (`reason` label of [`MESSAGES_DROPPED_TOTAL`]).
+pub const DROP_QUEUE_FULL: &str = "queue_full";
+pub const DROP_QOS0_OFFLINE: &str = "qos0_offline";
+pub const DROP_EXPIRED: &str = "expired";
+pub const DROP_TOO_LARGE_FOR_CLIENT: &str = "too_large_for_client";
+
+pub fn describe() {
+    describe_counter!(CONNECTIONS_TOTAL, Unit::Count, "Network connections accepted");
+    describe_gauge!(CONNECTIONS_CURRENT, Unit::Count, "Network connections open now");
+    describe_counter!(
+        CONNECTIONS_CLOSED_TOTAL,
+        Unit::Count,
+        "Connections closed, by close reason"
+    );
+    describe_counter!(
+        PROTOCOL_ERRORS_TOTAL,
+        Unit::Count,
+        "Connections closed for a protocol violation, by reason code"
+    );
+    describe_counter!(
+        MESSAGES_RECEIVED_TOTAL,
+        Unit::Count,
+        "PUBLISH packets received from clients, by QoS"
+    );
+    describe_counter!(
+        MESSAGES_SENT_TOTAL,
+        Unit::Count,
+        "PUBLISH packets sent to clients, by QoS"
+    );
+    describe_counter!(
+        MESSAGES_DROPPED_TOTAL,
+        Unit::Count,
+        "Messages not delivered to a subscriber, by reason"
+    );
+    describe_counter!(
+        SESSIONS_EXPIRED_TOTAL,
+        Unit::Count,
+        "Offline sessions discarded because their expiry interval passed"
+    );
+}
+
+pub fn message_dropped(reason: &'static str) {
+    counter!(MESSAGES_DROPPED_TOTAL, "reason" => reason).increment(1);
+}
+
+pub fn protocol_error(reason: &'static str) {
+    counter!(PROTOCOL_ERRORS_TOTAL, "reason" => reason).increment(1);
+}
+
+pub fn connection_opened() {
+    counter!(CONNECTIONS_TOTAL).increment(1);
+    gauge!(CONNECTIONS_CURRENT).increment(1.0);
+}
+
+pub fn connection_closed(reason: &'static str) {
+    gauge!(CONNECTIONS_CURRENT).decrement(1.0);
+    counter!(CONNECTIONS_CLOSED_TOTAL, "reason" => reason).increment(1);
+}
+
+pub fn message_received(qos: u8) {
+    counter!(MESSAGES_RECEIVED_TOTAL, "qos" => qos_label(qos)).increment(1);
+}
+
+pub fn message_sent(qos: u8) {
+    counter!(MESSAGES_SENT_TOTAL, "qos" => qos_label(qos)).increment(1);
+}
+
+pub fn sessions_expired(count: usize) {
+    counter!(SESSIONS_EXPIRED_TOTAL).increment(count as u64);
+}
+
+fn qos_label(qos: u8) -> &'static str {
+    match qos {
+        0 => "0",
+        1 => "1",
+        _ => "2",
+    }
+}

@@ -1,0 +1,168 @@
+//! Session state that outlives a network connection (spec §4.1).
+//!
+//! A session has two parts. [`SessionHandle`] is shared: the router pushes deliveries into its
+//! bounded [`Mailbox`] whether or not a client is connected, and the registry keeps it while the
+//! session exists. [`SessionState`] (subscriptions, the outbound in-flight window, inbound QoS 2
+//! packet ids) is owned by exactly one party at a time: the live connection task while a client is
+//! connected, the handle while it is not. Both are plain data so that storage can persist them.
+
+pub mod inflight;
+mod registry;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::message::{Delivery, Message};
+use crate::router::SubscriptionOptions;
+use crate::sync::lock;
+
+pub use inflight::Inflight;
+pub use registry::{Attached, SessionRegistry};
+
+/// Session Expiry Interval value meaning "never expires" [MQTT-3.1.2-?, §3.1.2.11.2].
+pub const NEVER_EXPIRES: u32 = u32::MAX;
+
+#[derive(Clone, Debug, Default)]
+pub struct SessionState {
+    /// Topic filter → options, mirrored in the router's trie.
+    pub subscriptions: HashMap<String, SubscriptionOptions>,
+    pub inflight: Inflight,
+    /// QoS 2 packet ids received and acknowledged with PUBREC, awaiting PUBREL. A PUBLISH that
+    /// reuses one of them is a retransmission and is not routed again [MQTT-4.3.3-10].
+    pub inbound_qos2: HashSet<u16>,
+}
+
+/// Bounded queue of deliveries waiting to be written to the session's client.
+#[derive(Debug)]
+pub struct Mailbox {
+    queue: Mutex<VecDeque<Delivery>>,
+    notify: Notify,
+    capacity: usize,
+}
+
+impl Mailbox {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+            capacity,
+        }
+    }
+
+    /// Queues a delivery and wakes the connection; returns `false` (and drops it) when full.
+    pub fn push(&self, delivery: Delivery) -> bool {
+        {
+            let mut queue = lock(&self.queue);
+            if queue.len() >= self.capacity {
+                return false;
+            }
+            queue.push_back(delivery);
+        }
+        self.notify.notify_one();
+        true
+    }
+
+    /// Takes the front delivery if `accept` agrees to it.
+    pub fn pop_if(&self, accept: impl FnOnce(&Delivery) -> bool) -> Option<Delivery> {
+        let mut queue = lock(&self.queue);
+        if accept(queue.front()?) {
+            queue.pop_front()
+        } else {
+            None
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.queue).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Resolves once something was pushed since the last wake-up.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// A will message waiting out its Will Delay Interval [MQTT-3.1.3-9].
+#[derive(Debug)]
+pub struct PendingWill {
+    pub message: Arc<Message>,
+    pub publish_at: Instant,
+}
+
+/// The connection currently attached to a session.
+#[derive(Debug)]
+pub struct LiveConnection {
+    pub id: u64,
+    /// Cancelled to make the connection close (session takeover).
+    pub kick: CancellationToken,
+    /// Completes when that connection has handed the session state back.
+    pub done: oneshot::Receiver<()>,
+}
+
+#[derive(Debug)]
+pub struct SessionInner {
+    /// `None` while a connection owns the state.
+    pub state: Option<SessionState>,
+    pub live: Option<LiveConnection>,
+    /// Seconds after disconnect before the session is discarded.
+    pub expiry_interval: u32,
+    pub disconnected_at: Option<Instant>,
+    pub pending_will: Option<PendingWill>,
+}
+
+impl SessionInner {
+    pub fn expires_at(&self) -> Option<Instant> {
+        if self.expiry_interval == NEVER_EXPIRES {
+            return None;
+        }
+        self.disconnected_at
+            .map(|at| at + Duration::from_secs(u64::from(self.expiry_interval)))
+    }
+}
+
+#[derive(Debug)]
+pub struct SessionHandle {
+    pub client_id: Arc<str>,
+    pub mailbox: Mailbox,
+    /// Whether a client is connected; read on the publish path without taking `inner`.
+    online: AtomicBool,
+    inner: Mutex<SessionInner>,
+}
+
+impl SessionHandle {
+    pub fn new(client_id: Arc<str>, mailbox_capacity: usize) -> Self {
+        Self {
+            client_id,
+            mailbox: Mailbox::new(mailbox_capacity),
+            online: AtomicBool::new(false),
+            inner: Mutex::new(SessionInner {
+                state: None,
+                live: None,
+                expiry_interval: 0,
+                disconnected_at: None,
+                pending_will: None,
+            }),
+        }
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
+    }
+
+    fn set_online(&self, online: bool) {
+        self.online.store(online, Ordering::Release);
+    }
+
+    pub fn inner(&self) -> MutexGuard<'_, SessionInner> {
+        lock(&self.inner)
+    }
+}
