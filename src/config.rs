@@ -142,7 +142,9 @@ impl Config {
             ));
         }
         if mqtt.receive_maximum == 0 {
-            return Err(ConfigError::Invalid("mqtt.receive_maximum must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "mqtt.receive_maximum must be at least 1".into(),
+            ));
         }
         if mqtt.max_inflight_messages == 0 {
             return Err(ConfigError::Invalid(
@@ -160,7 +162,9 @@ impl Config {
             ));
         }
         if mqtt.connect_timeout.is_zero() {
-            return Err(ConfigError::Invalid("mqtt.connect_timeout must be positive".into()));
+            return Err(ConfigError::Invalid(
+                "mqtt.connect_timeout must be positive".into(),
+            ));
         }
         Ok(())
     }

@@ -9,7 +9,11 @@ use telemq::{Broker, Config};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
-#[command(name = "telemq", version, about = "MQTT 3.1.1 / 5.0 broker for IoT telemetry")]
+#[command(
+    name = "telemq",
+    version,
+    about = "MQTT 3.1.1 / 5.0 broker for IoT telemetry"
+)]
 struct Cli {
     /// Configuration file (TOML). Without one, the documented defaults apply.
     #[arg(long, short = 'c', global = true)]
@@ -65,9 +69,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("cannot listen for SIGTERM")?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
     tokio::select! {
         result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT")?,
         _ = terminate.recv() => {}

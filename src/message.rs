@@ -48,12 +48,12 @@ impl Message {
         }
     }
 
-    /// Seconds of the expiry interval left, `Some(0)`-free: `None` when there is no expiry and
-    /// `Err(())` when the message has expired and must not be delivered [MQTT-3.3.2-5].
-    pub fn remaining_expiry(&self, now: Instant) -> Result<Option<u32>, ()> {
+    /// Seconds of the expiry interval left (at least 1): `None` when there is no expiry, and
+    /// `Err(Expired)` when the message has expired and must not be delivered [MQTT-3.3.2-5].
+    pub fn remaining_expiry(&self, now: Instant) -> Result<Option<u32>, Expired> {
         match self.expires_at {
             None => Ok(None),
-            Some(at) if at <= now => Err(()),
+            Some(at) if at <= now => Err(Expired),
             Some(at) => {
                 let left = at.duration_since(now).as_secs_f64().ceil() as u32;
                 Ok(Some(left.max(1)))
@@ -66,6 +66,10 @@ impl Message {
         std::mem::size_of::<Self>() + self.topic.len() + self.payload.len()
     }
 }
+
+/// The message's expiry interval has run out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expired;
 
 /// A message on its way to one subscriber, with what that subscription decided about it.
 #[derive(Clone, Debug)]

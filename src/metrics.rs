@@ -22,8 +22,16 @@ pub const DROP_EXPIRED: &str = "expired";
 pub const DROP_TOO_LARGE_FOR_CLIENT: &str = "too_large_for_client";
 
 pub fn describe() {
-    describe_counter!(CONNECTIONS_TOTAL, Unit::Count, "Network connections accepted");
-    describe_gauge!(CONNECTIONS_CURRENT, Unit::Count, "Network connections open now");
+    describe_counter!(
+        CONNECTIONS_TOTAL,
+        Unit::Count,
+        "Network connections accepted"
+    );
+    describe_gauge!(
+        CONNECTIONS_CURRENT,
+        Unit::Count,
+        "Network connections open now"
+    );
     describe_counter!(
         CONNECTIONS_CLOSED_TOTAL,
         Unit::Count,

@@ -24,11 +24,11 @@ use crate::message::{Delivery, Message};
 use crate::metrics;
 use crate::protocol::encode::{self, AckKind, ConnAck, OutgoingPublish};
 use crate::protocol::validate::{is_valid_filter, split_shared};
+use crate::protocol::ReasonCode;
 use crate::protocol::{
     self, Connect, Disconnect, Packet, ProtocolError, ProtocolVersion, Publish, QoS,
     RetainHandling, Subscribe, Unsubscribe, Will,
 };
-use crate::protocol::ReasonCode;
 use crate::router::SubscriptionOptions;
 use crate::session::inflight::{OutboundEntry, PubRecOutcome, Stage};
 use crate::session::{SessionHandle, SessionState, NEVER_EXPIRES};
@@ -84,16 +84,26 @@ impl Close {
 }
 
 /// Serves one accepted connection until it closes.
-pub async fn serve<S>(stream: S, peer: SocketAddr, state: Arc<BrokerState>, shutdown: CancellationToken)
-where
+pub async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    state: Arc<BrokerState>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     metrics::connection_opened();
     let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty);
-    let close = run(stream, &state, &shutdown).instrument(span.clone()).await;
+    let close = run(stream, &state, &shutdown)
+        .instrument(span.clone())
+        .await;
     span.in_scope(|| {
         if let Close::Protocol(error) = &close {
-            info!(reason = close.label(), detail = error.detail, "connection closed");
+            info!(
+                reason = close.label(),
+                detail = error.detail,
+                "connection closed"
+            );
         } else {
             debug!(reason = close.label(), "connection closed");
         }
@@ -139,7 +149,12 @@ where
     let session_expiry = requested_expiry.min(config.max_session_expiry_interval);
     let attached = state
         .sessions
-        .attach(&state.router, client_id.clone(), connect.clean_start, session_expiry)
+        .attach(
+            &state.router,
+            client_id.clone(),
+            connect.clean_start,
+            session_expiry,
+        )
         .await;
     info!(
         version = version.label(),
@@ -180,7 +195,12 @@ where
         inbound_aliases: HashMap::new(),
         outbound_aliases: HashMap::new(),
     };
-    connection.send_connack(&connect, assigned, attached.session_present, requested_expiry);
+    connection.send_connack(
+        &connect,
+        assigned,
+        attached.session_present,
+        requested_expiry,
+    );
     if attached.session_present {
         connection.resend_inflight();
     }
@@ -333,14 +353,15 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     fn process_input(&mut self) -> Result<(), Close> {
         let max_packet_size = self.state.config.mqtt.max_packet_size as usize;
         loop {
-            let packet = match protocol::decode(&mut self.read_buf, Some(self.version), max_packet_size) {
-                Ok(Some(packet)) => packet,
-                Ok(None) => return Ok(()),
-                Err(error) => {
-                    metrics::protocol_error(error.reason.label());
-                    return Err(Close::Protocol(error));
-                }
-            };
+            let packet =
+                match protocol::decode(&mut self.read_buf, Some(self.version), max_packet_size) {
+                    Ok(Some(packet)) => packet,
+                    Ok(None) => return Ok(()),
+                    Err(error) => {
+                        metrics::protocol_error(error.reason.label());
+                        return Err(Close::Protocol(error));
+                    }
+                };
             self.last_packet_at = Instant::now();
             self.handle_packet(packet).inspect_err(|close| {
                 if let Close::Protocol(error) = close {
@@ -496,10 +517,10 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 },
                 subscription_id: subscribe.subscription_id.filter(|_| v5),
             };
-            let previous = self
-                .state
-                .router
-                .subscribe(&self.handle, &request.filter, options.clone());
+            let previous =
+                self.state
+                    .router
+                    .subscribe(&self.handle, &request.filter, options.clone());
             let send_retained = match options.retain_handling {
                 RetainHandling::SendOnSubscribe => true,
                 RetainHandling::SendIfNewSubscription => previous.is_none(),
@@ -523,7 +544,12 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             self.session.subscriptions.insert(request.filter, options);
         }
         // [MQTT-3.8.4-1] SUBACK before the retained messages it triggers.
-        encode::suback(self.version, subscribe.packet_id, &codes, &mut self.write_buf);
+        encode::suback(
+            self.version,
+            subscribe.packet_id,
+            &codes,
+            &mut self.write_buf,
+        );
         for delivery in retained {
             self.state.router.enqueue(&self.handle, delivery);
         }
@@ -541,7 +567,12 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             });
         }
         // [MQTT-3.10.4-4] UNSUBACK even when nothing was removed.
-        encode::unsuback(self.version, unsubscribe.packet_id, &codes, &mut self.write_buf);
+        encode::unsuback(
+            self.version,
+            unsubscribe.packet_id,
+            &codes,
+            &mut self.write_buf,
+        );
     }
 
     fn handle_disconnect(&mut self, disconnect: Disconnect) -> Close {

@@ -321,9 +321,8 @@ fn decode_connect(mut body: Bytes) -> Result<Connect, ProtocolError> {
             "[MQTT-3.1.2-11] will QoS or retain set without the will flag",
         ));
     }
-    let will_qos = QoS::from_u8(will_qos_bits).ok_or(ProtocolError::malformed(
-        "[MQTT-3.1.2-14] will QoS is 3",
-    ))?;
+    let will_qos = QoS::from_u8(will_qos_bits)
+        .ok_or(ProtocolError::malformed("[MQTT-3.1.2-14] will QoS is 3"))?;
     if !version.is_v5() && has_password && !has_username {
         return Err(ProtocolError::malformed(
             "[MQTT-3.1.2-22] password flag set without the user name flag",
@@ -352,7 +351,9 @@ fn decode_connect(mut body: Bytes) -> Result<Connect, ProtocolError> {
         let mut has_auth_data = false;
         read_properties(&mut body, |id, buf| {
             match id {
-                property::SESSION_EXPIRY_INTERVAL => connect.session_expiry_interval = read_u32(buf)?,
+                property::SESSION_EXPIRY_INTERVAL => {
+                    connect.session_expiry_interval = read_u32(buf)?
+                }
                 property::RECEIVE_MAXIMUM => {
                     connect.receive_maximum = read_u16(buf)?;
                     if connect.receive_maximum == 0 {
@@ -507,10 +508,11 @@ fn decode_publish(
     version: ProtocolVersion,
 ) -> Result<Publish, ProtocolError> {
     if !version.is_v5() {
-        let publish =
-            codec::v4::Packet::read(&mut frame, usize::MAX).map_err(map_codec_error)?;
+        let publish = codec::v4::Packet::read(&mut frame, usize::MAX).map_err(map_codec_error)?;
         let codec::v4::Packet::Publish(p) = publish else {
-            return Err(ProtocolError::malformed("[MQTT-2.1] PUBLISH did not decode"));
+            return Err(ProtocolError::malformed(
+                "[MQTT-2.1] PUBLISH did not decode",
+            ));
         };
         check_no_nul(&p.topic)?;
         check_topic_name(&p.topic)?;
@@ -531,7 +533,9 @@ fn decode_publish(
     scan_publish_properties(&frame, header)?;
     let publish = codec::v5::Packet::read(&mut frame, None).map_err(map_codec_error)?;
     let codec::v5::Packet::Publish(p) = publish else {
-        return Err(ProtocolError::malformed("[MQTT-2.1] PUBLISH did not decode"));
+        return Err(ProtocolError::malformed(
+            "[MQTT-2.1] PUBLISH did not decode",
+        ));
     };
     let topic = string_from_bytes(&p.topic)?;
     if !topic.is_empty() {
@@ -692,7 +696,11 @@ fn decode_subscribe(mut body: Bytes, version: ProtocolVersion) -> Result<Subscri
     while body.has_remaining() {
         let filter = read_string(&mut body)?;
         let options = read_u8(&mut body)?;
-        let reserved_mask = if version.is_v5() { 0b1100_0000 } else { 0b1111_1100 };
+        let reserved_mask = if version.is_v5() {
+            0b1100_0000
+        } else {
+            0b1111_1100
+        };
         if options & reserved_mask != 0 {
             return Err(ProtocolError::malformed(
                 "[MQTT-3.8.3-5] reserved bits of the subscription options are set",
@@ -777,7 +785,9 @@ fn decode_disconnect(
     }
     let packet = codec::v5::Packet::read(&mut frame, None).map_err(map_codec_error)?;
     let codec::v5::Packet::Disconnect(d) = packet else {
-        return Err(ProtocolError::malformed("[MQTT-2.1] DISCONNECT did not decode"));
+        return Err(ProtocolError::malformed(
+            "[MQTT-2.1] DISCONNECT did not decode",
+        ));
     };
     Ok(Disconnect {
         reason: d.reason_code as u8,

@@ -144,7 +144,13 @@ impl AckKind {
     }
 }
 
-pub fn ack(version: ProtocolVersion, kind: AckKind, packet_id: u16, reason: u8, out: &mut BytesMut) {
+pub fn ack(
+    version: ProtocolVersion,
+    kind: AckKind,
+    packet_id: u16,
+    reason: u8,
+    out: &mut BytesMut,
+) {
     if !version.is_v5() || reason == 0 {
         // v5 allows omitting a success reason code and empty properties (§3.4.2.1).
         write_fixed_header(out, kind.first_byte(), 2);

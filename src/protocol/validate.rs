@@ -62,10 +62,30 @@ mod tests {
 
     #[test]
     fn filters_follow_the_wildcard_rules_of_4_7_1() {
-        for good in ["#", "+", "a/#", "a/+/b", "+/+", "/", "a//b", "$SYS/#", "sport/tennis/+"] {
+        for good in [
+            "#",
+            "+",
+            "a/#",
+            "a/+/b",
+            "+/+",
+            "/",
+            "a//b",
+            "$SYS/#",
+            "sport/tennis/+",
+        ] {
             assert!(is_valid_filter(good), "{good} should be valid");
         }
-        for bad in ["", "a#", "a/#/b", "#/a", "a+", "a/b+", "+a/b", "sport/tennis#", "##"] {
+        for bad in [
+            "",
+            "a#",
+            "a/#/b",
+            "#/a",
+            "a+",
+            "a/b+",
+            "+a/b",
+            "sport/tennis#",
+            "##",
+        ] {
             assert!(!is_valid_filter(bad), "{bad} should be invalid");
         }
     }

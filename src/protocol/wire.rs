@@ -7,7 +7,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::reason::ProtocolError;
 
-const TRUNCATED: ProtocolError = ProtocolError::malformed("[MQTT-1.5] field runs past the end of the packet");
+const TRUNCATED: ProtocolError =
+    ProtocolError::malformed("[MQTT-1.5] field runs past the end of the packet");
 
 pub fn read_u8(buf: &mut Bytes) -> Result<u8, ProtocolError> {
     if buf.is_empty() {
@@ -112,7 +113,16 @@ mod tests {
 
     #[test]
     fn varint_round_trips_at_every_width_boundary() {
-        for value in [0usize, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, 268_435_455] {
+        for value in [
+            0usize,
+            127,
+            128,
+            16_383,
+            16_384,
+            2_097_151,
+            2_097_152,
+            268_435_455,
+        ] {
             let mut out = BytesMut::new();
             write_varint(&mut out, value);
             assert_eq!(out.len(), varint_len(value), "width of {value}");

@@ -171,7 +171,9 @@ impl Router {
     }
 
     pub fn unsubscribe(&self, client_id: &Arc<str>, filter: &str) -> bool {
-        write(&self.subscriptions).remove(filter, client_id).is_some()
+        write(&self.subscriptions)
+            .remove(filter, client_id)
+            .is_some()
     }
 
     pub fn subscription_count(&self) -> usize {

@@ -177,7 +177,10 @@ mod tests {
         let id = send(&mut inflight, QoS::ExactlyOnce);
         assert!(!inflight.on_puback(id), "PUBACK does not complete QoS 2");
         assert_eq!(inflight.on_pubrec(id, false), PubRecOutcome::Release);
-        assert_eq!(inflight.entries().next().unwrap().stage, Stage::AwaitingPubComp);
+        assert_eq!(
+            inflight.entries().next().unwrap().stage,
+            Stage::AwaitingPubComp
+        );
         assert_eq!(inflight.on_pubrec(id, false), PubRecOutcome::Unknown);
         assert_eq!(inflight.len(), 1, "still counts against receive maximum");
         assert!(inflight.on_pubcomp(id));
@@ -206,7 +209,9 @@ mod tests {
     #[test]
     fn resend_order_is_send_order() {
         let mut inflight = Inflight::new();
-        let ids: Vec<u16> = (0..5).map(|_| send(&mut inflight, QoS::AtLeastOnce)).collect();
+        let ids: Vec<u16> = (0..5)
+            .map(|_| send(&mut inflight, QoS::AtLeastOnce))
+            .collect();
         assert!(inflight.on_puback(ids[2]));
         let left: Vec<u16> = inflight.entries().map(|e| e.packet_id).collect();
         assert_eq!(left, vec![ids[0], ids[1], ids[3], ids[4]]);

@@ -1,0 +1,181 @@
+//! Shared test harness: a broker on port 0 and a raw-bytes MQTT client for the cases a real
+//! client library hides (malformed input, exact packet bytes, timing of the broker's own packets).
+#![allow(dead_code)]
+
+pub mod packets;
+pub mod rumqtt;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use telemq::{Broker, Config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long a test waits for something that should happen; generous because CI machines are slow.
+pub const WAIT: Duration = Duration::from_secs(5);
+/// How long a test waits to be confident something does NOT happen.
+pub const QUIET: Duration = Duration::from_millis(300);
+
+pub struct TestBroker {
+    broker: Option<Broker>,
+    pub addr: SocketAddr,
+}
+
+impl TestBroker {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config::default();
+        config.listener.bind = "127.0.0.1:0".parse().unwrap();
+        adjust(&mut config);
+        let broker = Broker::start(config).await.expect("broker starts");
+        let addr = broker.mqtt_addr();
+        Self {
+            broker: Some(broker),
+            addr,
+        }
+    }
+
+    pub fn broker(&self) -> &Broker {
+        self.broker.as_ref().unwrap()
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(broker) = self.broker.take() {
+            broker.shutdown().await;
+        }
+    }
+}
+
+/// A packet as read off the wire: first byte and body (everything after the remaining length).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawPacket {
+    pub first_byte: u8,
+    pub body: Vec<u8>,
+}
+
+impl RawPacket {
+    pub fn packet_type(&self) -> u8 {
+        self.first_byte >> 4
+    }
+}
+
+pub struct RawClient {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl RawClient {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.expect("tcp connect");
+        stream.set_nodelay(true).unwrap();
+        Self {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Sends without failing when the broker already closed the socket.
+    pub async fn send_lenient(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    fn try_parse(&mut self) -> Option<RawPacket> {
+        if self.buf.len() < 2 {
+            return None;
+        }
+        let mut len = 0usize;
+        let mut i = 1;
+        loop {
+            let byte = *self.buf.get(i)?;
+            len |= usize::from(byte & 0x7F) << (7 * (i - 1));
+            i += 1;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        if self.buf.len() < i + len {
+            return None;
+        }
+        let first_byte = self.buf[0];
+        self.buf.advance(i);
+        let body = self.buf.split_to(len).to_vec();
+        Some(RawPacket { first_byte, body })
+    }
+
+    /// The next packet, or `None` if the connection closed first. Panics after `WAIT`.
+    pub async fn recv(&mut self) -> Option<RawPacket> {
+        self.recv_within(WAIT)
+            .await
+            .expect("timed out waiting for a packet")
+    }
+
+    /// `Err(())` on timeout, `Ok(None)` when the connection closed.
+    pub async fn recv_within(&mut self, wait: Duration) -> Result<Option<RawPacket>, ()> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(packet) = self.try_parse() {
+                return Ok(Some(packet));
+            }
+            let read = tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await;
+            match read {
+                Err(_) => return Err(()),
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Next packet of a given type, skipping others (e.g. PUBLISH while waiting for an ack).
+    pub async fn recv_type(&mut self, packet_type: u8) -> RawPacket {
+        loop {
+            let packet = self.recv().await.expect("connection closed");
+            if packet.packet_type() == packet_type {
+                return packet;
+            }
+        }
+    }
+
+    /// Asserts the broker closes the connection within `WAIT`; returns the packets it sent first.
+    pub async fn expect_closed(&mut self) -> Vec<RawPacket> {
+        let mut before = Vec::new();
+        loop {
+            match self.recv_within(WAIT).await {
+                Ok(None) => return before,
+                Ok(Some(packet)) => before.push(packet),
+                Err(()) => panic!("broker did not close the connection; got {before:?}"),
+            }
+        }
+    }
+
+    /// Asserts nothing arrives for `QUIET`.
+    pub async fn expect_silence(&mut self) {
+        match self.recv_within(QUIET).await {
+            Err(()) => {}
+            Ok(other) => panic!("expected silence, got {other:?}"),
+        }
+    }
+
+    /// Connects with the given CONNECT bytes and asserts a successful CONNACK; returns it.
+    pub async fn handshake(addr: SocketAddr, connect: &[u8]) -> (Self, RawPacket) {
+        let mut client = Self::connect(addr).await;
+        client.send(connect).await;
+        let connack = client.recv().await.expect("CONNACK");
+        assert_eq!(
+            connack.packet_type(),
+            2,
+            "expected CONNACK, got {connack:?}"
+        );
+        let reason = connack.body[1];
+        assert_eq!(reason, 0, "CONNECT refused: {connack:?}");
+        (client, connack)
+    }
+}
