@@ -5,13 +5,16 @@
 //! subscriber.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 
 use crate::protocol::{MessageProperties, QoS};
 
-#[derive(Debug)]
+/// Plain data (serde) so that storage can persist it; expiry is wall-clock time so it survives a
+/// restart.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Message {
     pub topic: Arc<str>,
     pub payload: Bytes,
@@ -22,7 +25,7 @@ pub struct Message {
     /// Client that published it, for the No Local subscription option [MQTT-3.8.3-3].
     pub publisher: Option<Arc<str>>,
     /// When the Message Expiry Interval runs out.
-    pub expires_at: Option<Instant>,
+    pub expires_at: Option<SystemTime>,
 }
 
 impl Message {
@@ -36,7 +39,7 @@ impl Message {
     ) -> Self {
         let expires_at = properties
             .message_expiry_interval
-            .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs)));
+            .map(|secs| SystemTime::now() + Duration::from_secs(u64::from(secs)));
         Self {
             topic,
             payload,
@@ -50,12 +53,16 @@ impl Message {
 
     /// Seconds of the expiry interval left (at least 1): `None` when there is no expiry, and
     /// `Err(Expired)` when the message has expired and must not be delivered [MQTT-3.3.2-5].
-    pub fn remaining_expiry(&self, now: Instant) -> Result<Option<u32>, Expired> {
+    pub fn remaining_expiry(&self, now: SystemTime) -> Result<Option<u32>, Expired> {
         match self.expires_at {
             None => Ok(None),
             Some(at) if at <= now => Err(Expired),
             Some(at) => {
-                let left = at.duration_since(now).as_secs_f64().ceil() as u32;
+                let left = at
+                    .duration_since(now)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+                    .ceil() as u32;
                 Ok(Some(left.max(1)))
             }
         }
@@ -72,7 +79,7 @@ impl Message {
 pub struct Expired;
 
 /// A message on its way to one subscriber, with what that subscription decided about it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Delivery {
     pub message: Arc<Message>,
     /// min(message QoS, granted QoS) [MQTT-3.8.4-8].

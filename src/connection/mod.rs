@@ -11,7 +11,7 @@ mod handshake;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -305,7 +305,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                         payload: &message.payload,
                         properties: &message.properties,
                         message_expiry_interval: message
-                            .remaining_expiry(Instant::now())
+                            .remaining_expiry(SystemTime::now())
                             .unwrap_or(Some(1)),
                         topic_alias: None,
                         subscription_ids: &delivery.subscription_ids,
@@ -527,7 +527,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 RetainHandling::DoNotSend => false,
             };
             if send_retained {
-                let now = Instant::now();
+                let now = SystemTime::now();
                 for message in self.state.router.retained_matching(&request.filter) {
                     if message.remaining_expiry(now).is_err() {
                         continue;
@@ -594,7 +594,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     /// Moves deliveries from the mailbox into the write buffer while the client's receive window
     /// and the buffer allow.
     fn fill_from_mailbox(&mut self) {
-        let now = Instant::now();
+        let now = SystemTime::now();
         while self.write_buf.len() < WRITE_HIGH_WATER {
             let window_full = self.session.inflight.len() >= self.send_quota;
             let Some(delivery) = self
@@ -608,7 +608,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         }
     }
 
-    fn send_delivery(&mut self, delivery: Delivery, now: Instant) {
+    fn send_delivery(&mut self, delivery: Delivery, now: SystemTime) {
         let message = delivery.message.clone();
         let Ok(message_expiry_interval) = message.remaining_expiry(now) else {
             // [MQTT-3.3.2-5] expired messages are not delivered.
@@ -632,6 +632,20 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             metrics::message_dropped(metrics::DROP_TOO_LARGE_FOR_CLIENT);
             return;
         }
+        let stage = match delivery.qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => Some(Stage::AwaitingPubAck),
+            QoS::ExactlyOnce => Some(Stage::AwaitingPubRec),
+        };
+        if stage.is_some() {
+            let Some(packet_id) = self.session.inflight.allocate_packet_id() else {
+                metrics::message_dropped(metrics::DROP_QUEUE_FULL);
+                return;
+            };
+            publish.packet_id = packet_id;
+        }
+        // Aliases are assigned only once the packet is certain to be sent: an alias the client
+        // never saw would make every later use of it unresolvable.
         if self.version.is_v5() && self.client_topic_alias_max > 0 {
             match self.outbound_aliases.get(&message.topic) {
                 Some(&alias) => {
@@ -646,18 +660,6 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 }
                 None => {}
             }
-        }
-        let stage = match delivery.qos {
-            QoS::AtMostOnce => None,
-            QoS::AtLeastOnce => Some(Stage::AwaitingPubAck),
-            QoS::ExactlyOnce => Some(Stage::AwaitingPubRec),
-        };
-        if stage.is_some() {
-            let Some(packet_id) = self.session.inflight.allocate_packet_id() else {
-                metrics::message_dropped(metrics::DROP_QUEUE_FULL);
-                return;
-            };
-            publish.packet_id = packet_id;
         }
         encode::publish(self.version, &publish, &mut self.write_buf);
         metrics::message_sent(delivery.qos as u8);

@@ -19,7 +19,7 @@ use retained::RetainedTree;
 use trie::SubscriptionTrie;
 
 /// What a client asked for when it subscribed to one filter.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SubscriptionOptions {
     /// Maximum QoS granted.
     pub qos: QoS,

@@ -7,10 +7,12 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 use crate::message::Delivery;
 
 /// Where an outbound QoS 1/2 delivery stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stage {
     /// QoS 1 PUBLISH sent, PUBACK outstanding.
     AwaitingPubAck,
@@ -20,7 +22,7 @@ pub enum Stage {
     AwaitingPubComp,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OutboundEntry {
     pub packet_id: u16,
     pub stage: Stage,
@@ -38,7 +40,7 @@ pub enum PubRecOutcome {
     Unknown,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Inflight {
     entries: VecDeque<OutboundEntry>,
     last_packet_id: u16,

@@ -27,7 +27,7 @@ pub use registry::{Attached, SessionRegistry};
 /// Session Expiry Interval value meaning "never expires" [MQTT-3.1.2-?, §3.1.2.11.2].
 pub const NEVER_EXPIRES: u32 = u32::MAX;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct SessionState {
     /// Topic filter → options, mirrored in the router's trie.
     pub subscriptions: HashMap<String, SubscriptionOptions>,
