@@ -1,9 +1,10 @@
 //! Wiring: builds the shared state, binds listeners, runs background tasks and shuts it all down.
 //! No protocol logic lives here.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -11,10 +12,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, StorageEngine};
+use crate::message::Delivery;
 use crate::metrics;
+use crate::persist;
 use crate::router::Router;
-use crate::session::SessionRegistry;
+use crate::session::{PendingWill, SessionRegistry, SessionState, Swept, NEVER_EXPIRES};
+use crate::storage::{keys, Cf, Op, Recovered, Storage, StorageError, StoredMessage};
 use crate::transport;
 
 /// How often offline sessions are checked for expiry and delayed wills for being due.
@@ -28,12 +32,16 @@ pub struct BrokerState {
     pub config: Config,
     pub router: Router,
     pub sessions: SessionRegistry,
+    /// `None` with `storage.engine = "memory"`.
+    pub storage: Option<Arc<Storage>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("cannot open storage in {path}: {source}")]
+    Storage { path: String, source: StorageError },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -55,6 +63,22 @@ impl Broker {
     pub async fn start(config: Config) -> Result<Self, StartError> {
         config.validate()?;
         metrics::describe();
+        let (storage, recovered) = match config.storage.engine {
+            StorageEngine::Memory => (None, None),
+            StorageEngine::RocksDb => {
+                let path = config.storage.data_dir.clone();
+                let durability = config.storage.durability;
+                let storage_error = |source| StartError::Storage {
+                    path: config.storage.data_dir.display().to_string(),
+                    source,
+                };
+                let opened = tokio::task::spawn_blocking(move || Storage::open(&path, durability))
+                    .await
+                    .map_err(|e| storage_error(StorageError::Rocks(e.to_string().into())))?
+                    .map_err(storage_error)?;
+                (Some(Arc::new(opened.0)), Some(opened.1))
+            }
+        };
         let bind = config.listener.bind;
         let listener = TcpListener::bind(bind)
             .await
@@ -67,7 +91,17 @@ impl Broker {
             router: Router::new(config.mqtt.queue_qos0_offline),
             sessions: SessionRegistry::new(config.mqtt.max_queued_messages),
             config,
+            storage,
         });
+        if let Some(recovered) = recovered {
+            let cleanup = restore(&state, recovered);
+            persist::write(&state, cleanup)
+                .await
+                .map_err(|source| StartError::Storage {
+                    path: state.config.storage.data_dir.display().to_string(),
+                    source,
+                })?;
+        }
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(state.config.listener.max_connections));
@@ -106,6 +140,19 @@ impl Broker {
         self.state.router.subscription_count()
     }
 
+    /// Keys per storage column family (a scan; for tests and diagnostics).
+    pub async fn storage_key_counts(&self) -> Vec<(&'static str, usize)> {
+        match &self.state.storage {
+            Some(storage) => {
+                let storage = storage.clone();
+                tokio::task::spawn_blocking(move || storage.key_counts())
+                    .await
+                    .unwrap_or_default()
+            }
+            None => Vec::new(),
+        }
+    }
+
     /// Stops accepting, disconnects every client (v5 clients with reason 0x8B) and waits for
     /// every task to finish.
     pub async fn shutdown(self) {
@@ -116,6 +163,9 @@ impl Broker {
             .is_err()
         {
             warn!("some connections did not close within the shutdown grace period");
+        }
+        if let Some(storage) = &self.state.storage {
+            storage.close().await;
         }
         info!("broker stopped");
     }
@@ -129,9 +179,129 @@ async fn sweep_sessions(state: Arc<BrokerState>, shutdown: CancellationToken) {
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let expired = state.sessions.sweep(&state.router, Instant::now());
-        if expired > 0 {
-            metrics::sessions_expired(expired);
+        let Swept { ended, due_wills } = state.sessions.sweep(&state.router, SystemTime::now());
+        if !ended.is_empty() {
+            metrics::sessions_expired(ended.len());
+        }
+        persist::finish_ended_sessions(&state, ended).await;
+        for will in due_wills {
+            persist::publish(&state, will).await;
         }
     }
+}
+
+/// Rebuilds retained messages and persistent sessions from what storage held. Returns the
+/// operations that clean up what expired while the broker was down and what nothing references.
+fn restore(state: &BrokerState, recovered: Recovered) -> Vec<Op> {
+    let now = SystemTime::now();
+    let mut cleanup = Vec::new();
+    let retained = recovered.retained.len();
+    for message in recovered.retained {
+        if message.remaining_expiry(now).is_err() {
+            cleanup.push(Op::Delete(Cf::Retained, keys::retained(&message.topic)));
+        } else {
+            state.router.restore_retained(Arc::new(message));
+        }
+    }
+
+    let is_expired = |expiry: u32, disconnected_at: SystemTime| {
+        expiry != NEVER_EXPIRES && disconnected_at + Duration::from_secs(u64::from(expiry)) <= now
+    };
+    let mut refs: HashMap<u64, usize> = HashMap::new();
+    for session in &recovered.sessions {
+        let record = &session.record;
+        if is_expired(
+            record.expiry_interval,
+            record.disconnected_at.unwrap_or(now),
+        ) {
+            continue;
+        }
+        for (_, entry) in &session.queue {
+            if recovered.messages.contains_key(&entry.message_id) {
+                *refs.entry(entry.message_id).or_default() += 1;
+            }
+        }
+    }
+    let stored: HashMap<u64, Arc<StoredMessage>> = refs
+        .iter()
+        .map(|(&id, &count)| (id, Arc::new(StoredMessage::new(id, count))))
+        .collect();
+    let referenced: HashSet<u64> = refs.into_keys().collect();
+    for id in recovered
+        .messages
+        .keys()
+        .filter(|id| !referenced.contains(id))
+    {
+        cleanup.push(Op::Delete(Cf::Messages, keys::message(*id)));
+    }
+
+    let (mut restored, mut expired) = (0usize, 0usize);
+    for session in recovered.sessions {
+        let client_id: Arc<str> = session.client_id.as_str().into();
+        let record = session.record;
+        let disconnected_at = record.disconnected_at.unwrap_or(now);
+        if is_expired(record.expiry_interval, disconnected_at) {
+            expired += 1;
+            let prefix = keys::client_prefix(&client_id);
+            let end = keys::prefix_end(&prefix);
+            cleanup.push(Op::Delete(Cf::Sessions, keys::session(&client_id)));
+            for cf in [Cf::Subscriptions, Cf::Queue, Cf::Inbound] {
+                cleanup.push(Op::DeleteRange(cf, prefix.clone(), end.clone()));
+            }
+            continue;
+        }
+        restored += 1;
+        let next_seq = session.queue.last().map_or(0, |(seq, _)| seq + 1);
+        let handle = Arc::new(state.sessions.new_handle(client_id.clone(), next_seq));
+        let mut session_state = SessionState::default();
+        for (filter, options) in session.subscriptions {
+            state.router.subscribe(&handle, &filter, options.clone());
+            session_state.subscriptions.insert(filter, options);
+        }
+        session_state.inbound_qos2.extend(session.inbound_qos2);
+        let mut deliveries = Vec::with_capacity(session.queue.len());
+        for (seq, entry) in session.queue {
+            let (Some(message), Some(stored)) = (
+                recovered.messages.get(&entry.message_id),
+                stored.get(&entry.message_id),
+            ) else {
+                cleanup.push(Op::Delete(Cf::Queue, keys::queue(&client_id, seq)));
+                continue;
+            };
+            let mut delivery = Delivery::new(
+                message.clone(),
+                entry.qos,
+                entry.retain,
+                entry.subscription_ids,
+                seq,
+            );
+            delivery.stored = Some(stored.clone());
+            // It may have gone out before the restart [MQTT-3.3.1-1].
+            delivery.dup = true;
+            delivery.awaiting_pubcomp = entry.awaiting_pubcomp;
+            deliveries.push(delivery);
+        }
+        handle.mailbox.restore(deliveries);
+        {
+            let mut inner = handle.inner();
+            inner.state = Some(session_state);
+            // A client connected at the crash lost its connection abnormally: its will is due
+            // after its delay, counted from now [MQTT-3.1.2-8].
+            inner.pending_will = record.will.map(|will| PendingWill {
+                publish_at: will
+                    .publish_at
+                    .unwrap_or(now + Duration::from_secs(u64::from(will.delay_interval))),
+                delay_interval: will.delay_interval,
+                message: Arc::new(will.message),
+            });
+        }
+        state
+            .sessions
+            .restore(handle, record.expiry_interval, disconnected_at);
+    }
+    info!(
+        sessions = restored,
+        expired, retained, "state restored from storage"
+    );
+    cleanup
 }

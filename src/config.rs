@@ -5,10 +5,12 @@
 //! file printed by `telemq print-default-config`; a test keeps it equal to `Config::default()`.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::storage::Durability;
 
 /// The default configuration, documented. `telemq print-default-config` prints it.
 pub const DEFAULT_CONFIG: &str = r#"# telemq configuration. Every key is optional; the values below are the defaults.
@@ -43,6 +45,17 @@ topic_alias_maximum = 64
 max_session_expiry_interval = 4294967295
 # Whether retained messages are supported (advertised as Retain Available).
 retain_available = true
+
+[storage]
+# "rocksdb": retained messages, persistent sessions, their subscriptions, queues and QoS 2 state
+# survive restarts and crashes. "memory": nothing is written to disk.
+engine = "rocksdb"
+# Where RocksDB keeps its files. One broker per directory (it is locked while in use).
+data_dir = "./data"
+# "process": acknowledged messages are in the write-ahead log before the ack leaves, surviving a
+# crash or kill -9 of the broker. "fsync": additionally synced to disk (survives power loss);
+# concurrent writes share one sync (group commit).
+durability = "process"
 "#;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +63,33 @@ retain_available = true
 pub struct Config {
     pub listener: ListenerConfig,
     pub mqtt: MqttConfig,
+    pub storage: StorageConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageEngine {
+    #[default]
+    RocksDb,
+    Memory,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub engine: StorageEngine,
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            engine: StorageEngine::RocksDb,
+            data_dir: PathBuf::from("./data"),
+            durability: Durability::Process,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -17,6 +17,8 @@
 //! - [`session`] holds session state that outlives connections: in-flight windows, inbound QoS 2
 //!   ids, subscriptions, mailboxes, and the registry that attaches connections to sessions.
 //! - [`router`] matches topics against subscriptions and keeps retained messages.
+//! - [`storage`] keeps retained messages and persistent sessions in RocksDB; [`persist`] turns
+//!   state changes into its write operations.
 //! - [`broker`] wires it together and owns shutdown.
 
 pub mod broker;
@@ -24,9 +26,11 @@ pub mod config;
 pub mod connection;
 pub mod message;
 pub mod metrics;
+pub mod persist;
 pub mod protocol;
 pub mod router;
 pub mod session;
+pub mod storage;
 mod sync;
 pub mod transport;
 

@@ -44,7 +44,10 @@ fn main() -> anyhow::Result<()> {
         Some(directives) => EnvFilter::try_new(directives).context("invalid --log filter")?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
 
     let mut config = match &cli.config {
         Some(path) => Config::load(path)?,

@@ -8,13 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 use crate::protocol::{MessageProperties, QoS};
+use crate::storage::StoredMessage;
 
-/// Plain data (serde) so that storage can persist it; expiry is wall-clock time so it survives a
-/// restart.
-#[derive(Debug, Serialize, Deserialize)]
+/// Expiry is wall-clock time so that it survives a restart.
+#[derive(Debug)]
 pub struct Message {
     pub topic: Arc<str>,
     pub payload: Bytes,
@@ -79,7 +78,7 @@ impl Message {
 pub struct Expired;
 
 /// A message on its way to one subscriber, with what that subscription decided about it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug)]
 pub struct Delivery {
     pub message: Arc<Message>,
     /// min(message QoS, granted QoS) [MQTT-3.8.4-8].
@@ -89,4 +88,34 @@ pub struct Delivery {
     pub retain: bool,
     /// Identifiers of every matching subscription that carried one (v5) [MQTT-3.3.4-3].
     pub subscription_ids: Vec<u32>,
+    /// Position in the session's queue. The outbound packet id is derived from it, so a
+    /// delivery recovered after a restart goes out with the packet id it may have had before.
+    pub seq: u64,
+    /// The stored message record, when this delivery is persisted for a persistent session.
+    pub stored: Option<Arc<StoredMessage>>,
+    /// Recovered after a restart, so it may have been sent already: sent with DUP.
+    pub dup: bool,
+    /// Recovered past PUBREC: only PUBREL is re-sent.
+    pub awaiting_pubcomp: bool,
+}
+
+impl Delivery {
+    pub fn new(
+        message: Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        subscription_ids: Vec<u32>,
+        seq: u64,
+    ) -> Self {
+        Self {
+            message,
+            qos,
+            retain,
+            subscription_ids,
+            seq,
+            stored: None,
+            dup: false,
+            awaiting_pubcomp: false,
+        }
+    }
 }

@@ -4,7 +4,9 @@
 //! Recording goes through the `metrics` facade, so without an installed exporter it costs an
 //! atomic load and nothing else.
 
-use metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
 
 pub const CONNECTIONS_TOTAL: &str = "telemq_connections_total";
 pub const CONNECTIONS_CURRENT: &str = "telemq_connections_current";
@@ -20,6 +22,14 @@ pub const DROP_QUEUE_FULL: &str = "queue_full";
 pub const DROP_QOS0_OFFLINE: &str = "qos0_offline";
 pub const DROP_EXPIRED: &str = "expired";
 pub const DROP_TOO_LARGE_FOR_CLIENT: &str = "too_large_for_client";
+pub const DROP_STORAGE_FAILED: &str = "storage_failed";
+pub const DROP_SESSION_ENDED: &str = "session_ended";
+
+pub const STORAGE_BATCHES_TOTAL: &str = "telemq_storage_batches_total";
+pub const STORAGE_BATCH_REQUESTS: &str = "telemq_storage_batch_requests";
+pub const STORAGE_WRITE_SECONDS: &str = "telemq_storage_write_seconds";
+pub const STORAGE_WRITE_ERRORS_TOTAL: &str = "telemq_storage_write_errors_total";
+pub const RECOVERY_SECONDS: &str = "telemq_recovery_seconds";
 
 pub fn describe() {
     describe_counter!(
@@ -58,10 +68,48 @@ pub fn describe() {
         "Messages not delivered to a subscriber, by reason"
     );
     describe_counter!(
+        STORAGE_BATCHES_TOTAL,
+        Unit::Count,
+        "Write batches committed to storage (group commit)"
+    );
+    describe_histogram!(
+        STORAGE_BATCH_REQUESTS,
+        Unit::Count,
+        "Write requests folded into one storage batch"
+    );
+    describe_histogram!(
+        STORAGE_WRITE_SECONDS,
+        Unit::Seconds,
+        "Time to write (and with durability = fsync, sync) one storage batch"
+    );
+    describe_counter!(
+        STORAGE_WRITE_ERRORS_TOTAL,
+        Unit::Count,
+        "Storage batches that failed; their clients were refused"
+    );
+    describe_gauge!(
+        RECOVERY_SECONDS,
+        Unit::Seconds,
+        "Time the last start-up took to read back stored state"
+    );
+    describe_counter!(
         SESSIONS_EXPIRED_TOTAL,
         Unit::Count,
         "Offline sessions discarded because their expiry interval passed"
     );
+}
+
+pub fn storage_batch(requests: usize, seconds: f64, ok: bool) {
+    counter!(STORAGE_BATCHES_TOTAL).increment(1);
+    histogram!(STORAGE_BATCH_REQUESTS).record(requests as f64);
+    histogram!(STORAGE_WRITE_SECONDS).record(seconds);
+    if !ok {
+        counter!(STORAGE_WRITE_ERRORS_TOTAL).increment(1);
+    }
+}
+
+pub fn recovery_seconds(seconds: f64) {
+    gauge!(RECOVERY_SECONDS).set(seconds);
 }
 
 pub fn message_dropped(reason: &'static str) {

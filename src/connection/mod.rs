@@ -8,7 +8,7 @@
 
 mod handshake;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -22,6 +22,7 @@ use tracing::{debug, info, Instrument};
 use crate::broker::BrokerState;
 use crate::message::{Delivery, Message};
 use crate::metrics;
+use crate::persist;
 use crate::protocol::encode::{self, AckKind, ConnAck, OutgoingPublish};
 use crate::protocol::validate::{is_valid_filter, split_shared};
 use crate::protocol::ReasonCode;
@@ -29,9 +30,10 @@ use crate::protocol::{
     self, Connect, Disconnect, Packet, ProtocolError, ProtocolVersion, Publish, QoS,
     RetainHandling, Subscribe, Unsubscribe, Will,
 };
-use crate::router::SubscriptionOptions;
-use crate::session::inflight::{OutboundEntry, PubRecOutcome, Stage};
-use crate::session::{SessionHandle, SessionState, NEVER_EXPIRES};
+use crate::router::{SubscriptionOptions, Target};
+use crate::session::inflight::{packet_id_for, OutboundEntry, PubRecOutcome, Stage};
+use crate::session::{Detached, SessionHandle, SessionState, NEVER_EXPIRES};
+use crate::storage::{Completion, Op, StorageError};
 
 /// Deliveries are encoded into the write buffer only while it holds less than this, so a client
 /// that reads slowly leaves messages in its (bounded) mailbox rather than in memory here.
@@ -39,6 +41,8 @@ const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// Past this much unwritten output the task stops reading, so a client that publishes without
 /// reading its acknowledgements is slowed down instead of growing the buffer.
 const WRITE_BACKLOG_LIMIT: usize = 1024 * 1024;
+/// Packets waiting for storage before the task stops reading more from the client.
+const PENDING_LIMIT: usize = 4096;
 /// Time allowed to flush the last packets (DISCONNECT) of a closing connection.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -54,6 +58,8 @@ pub(crate) enum Close {
     ServerShuttingDown,
     Refused(ReasonCode),
     Protocol(ProtocolError),
+    /// Storage could not make something durable that the client is owed an answer for.
+    StorageFailure,
 }
 
 impl Close {
@@ -68,6 +74,7 @@ impl Close {
             Self::ServerShuttingDown => "server_shutting_down",
             Self::Refused(reason) => reason.label(),
             Self::Protocol(error) => error.reason.label(),
+            Self::StorageFailure => "storage_failure",
         }
     }
 
@@ -78,6 +85,10 @@ impl Close {
             Self::TakenOver => Some((ReasonCode::SessionTakenOver, None)),
             Self::ServerShuttingDown => Some((ReasonCode::ServerShuttingDown, None)),
             Self::Protocol(error) => Some((error.reason, Some(error.detail))),
+            Self::StorageFailure => Some((
+                ReasonCode::UnspecifiedError,
+                Some("the broker could not store the session state"),
+            )),
             _ => None,
         }
     }
@@ -162,6 +173,27 @@ where
         session_present = attached.session_present,
         "client connected"
     );
+    if let Some(ended) = attached.ended {
+        persist::finish_ended_sessions(state, vec![ended]).await;
+    }
+    // The session exists on disk before the client is told it does.
+    let persisted_session = if session_expiry > 0 && state.storage.is_some() {
+        let will = connect
+            .will
+            .as_ref()
+            .map(|will| (will_message(will.clone(), &client_id), will.delay_interval));
+        let op = persist::session_put(
+            &client_id,
+            version,
+            session_expiry,
+            None,
+            will.as_ref()
+                .map(|(message, delay)| (message, *delay, None)),
+        );
+        persist::write(state, vec![op]).await
+    } else {
+        Ok(())
+    };
 
     let keep_alive_secs = match (version, config.server_keep_alive) {
         (ProtocolVersion::V5, Some(server)) => server,
@@ -194,7 +226,13 @@ where
         client_topic_alias_max: connect.topic_alias_maximum,
         inbound_aliases: HashMap::new(),
         outbound_aliases: HashMap::new(),
+        pending: VecDeque::new(),
+        releases: Vec::new(),
     };
+    if let Err(error) = persisted_session {
+        tracing::error!(%error, "cannot persist the session");
+        return connection.finish(Close::StorageFailure).await;
+    }
     connection.send_connack(
         &connect,
         assigned,
@@ -216,6 +254,7 @@ enum Event {
     KeepAliveExpired,
     Kicked,
     Shutdown,
+    Stored(Result<(), StorageError>),
 }
 
 struct Connection<S> {
@@ -242,6 +281,34 @@ struct Connection<S> {
     client_topic_alias_max: u16,
     inbound_aliases: HashMap<u16, Arc<str>>,
     outbound_aliases: HashMap<Arc<str>, u16>,
+    /// Work waiting for storage, in the order the client's packets arrived: acknowledgements
+    /// leave only once what they acknowledge is durable, and in order [MQTT-4.6.0-2].
+    pending: VecDeque<Pending>,
+    /// Storage releases of deliveries dropped while filling the write buffer, written behind
+    /// on the next turn of the event loop.
+    releases: Vec<Op>,
+}
+
+/// Something to finish once its storage write completes.
+struct Pending {
+    /// `None` when nothing had to be written but earlier work is still waiting.
+    completion: Option<Completion>,
+    action: Action,
+}
+
+enum Action {
+    /// Route a received message and acknowledge it.
+    Publish {
+        message: Arc<Message>,
+        targets: Vec<Target>,
+        ack: Option<(AckKind, u16, u8)>,
+        qos2_packet_id: Option<u16>,
+    },
+    /// Send an encoded reply, then queue deliveries for this session (retained on subscribe).
+    Reply {
+        bytes: BytesMut,
+        deliveries: Vec<Delivery>,
+    },
 }
 
 impl<S: AsyncRead + AsyncWrite> Connection<S> {
@@ -319,38 +386,46 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     async fn event_loop(&mut self, shutdown: &CancellationToken) -> Close {
         loop {
             self.fill_from_mailbox();
+            if !self.releases.is_empty() {
+                persist::write_behind(&self.state, std::mem::take(&mut self.releases)).await;
+            }
             let keep_alive_deadline = self
                 .keep_alive
                 .map(|keep_alive| tokio::time::Instant::from_std(self.last_packet_at + keep_alive));
-            let can_read = self.write_buf.len() < WRITE_BACKLOG_LIMIT;
+            let can_read =
+                self.write_buf.len() < WRITE_BACKLOG_LIMIT && self.pending.len() < PENDING_LIMIT;
+            let awaiting_storage = self
+                .pending
+                .front()
+                .is_some_and(|pending| pending.completion.is_some());
             let event = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Event::Shutdown,
                 _ = self.kick.cancelled() => Event::Kicked,
+                stored = first_completion(&mut self.pending), if awaiting_storage => Event::Stored(stored),
                 wrote = self.writer.write_buf(&mut self.write_buf), if !self.write_buf.is_empty() => Event::Wrote(wrote),
                 read = self.reader.read_buf(&mut self.read_buf), if can_read => Event::Read(read),
                 _ = self.handle.mailbox.notified() => Event::MailboxReady,
                 _ = sleep_until_or_forever(keep_alive_deadline) => Event::KeepAliveExpired,
             };
-            match event {
-                Event::Shutdown => return Close::ServerShuttingDown,
-                Event::Kicked => return Close::TakenOver,
-                Event::KeepAliveExpired => return Close::KeepAliveTimeout,
-                Event::MailboxReady => {}
-                Event::Wrote(Ok(_)) => {}
-                Event::Wrote(Err(_)) | Event::Read(Err(_)) => return Close::Io,
-                Event::Read(Ok(0)) => return Close::PeerClosed,
-                Event::Read(Ok(_)) => {
-                    if let Err(close) = self.process_input() {
-                        return close;
-                    }
-                }
+            let outcome = match event {
+                Event::Shutdown => Err(Close::ServerShuttingDown),
+                Event::Kicked => Err(Close::TakenOver),
+                Event::KeepAliveExpired => Err(Close::KeepAliveTimeout),
+                Event::MailboxReady | Event::Wrote(Ok(_)) => Ok(()),
+                Event::Wrote(Err(_)) | Event::Read(Err(_)) => Err(Close::Io),
+                Event::Read(Ok(0)) => Err(Close::PeerClosed),
+                Event::Read(Ok(_)) => self.process_input().await,
+                Event::Stored(result) => self.complete_pending(result).await,
+            };
+            if let Err(close) = outcome {
+                return close;
             }
         }
     }
 
     /// Decodes and handles every complete packet in the read buffer.
-    fn process_input(&mut self) -> Result<(), Close> {
+    async fn process_input(&mut self) -> Result<(), Close> {
         let max_packet_size = self.state.config.mqtt.max_packet_size as usize;
         loop {
             let packet =
@@ -363,27 +438,42 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                     }
                 };
             self.last_packet_at = Instant::now();
-            self.handle_packet(packet).inspect_err(|close| {
-                if let Close::Protocol(error) = close {
+            if let Err(close) = self.handle_packet(packet).await {
+                if let Close::Protocol(error) = &close {
                     metrics::protocol_error(error.reason.label());
                 }
-            })?;
+                return Err(close);
+            }
         }
     }
 
-    fn handle_packet(&mut self, packet: Packet) -> Result<(), Close> {
+    async fn handle_packet(&mut self, packet: Packet) -> Result<(), Close> {
         match packet {
-            Packet::Publish(publish) => self.handle_publish(publish)?,
-            Packet::PubAck { packet_id, .. } => {
-                if !self.session.inflight.on_puback(packet_id) {
-                    debug!(packet_id, "PUBACK for no in-flight QoS 1 message");
-                }
-            }
+            Packet::Publish(publish) => self.handle_publish(publish).await?,
+            Packet::PubAck { packet_id, .. } => match self.session.inflight.on_puback(packet_id) {
+                Some(entry) => self.release(&entry.delivery).await,
+                None => debug!(packet_id, "PUBACK for no in-flight QoS 1 message"),
+            },
             Packet::PubRec { packet_id, reason } => {
                 match self.session.inflight.on_pubrec(packet_id, reason >= 0x80) {
-                    PubRecOutcome::Release => self.ack(AckKind::PubRel, packet_id, 0),
-                    PubRecOutcome::Refused => {}
-                    PubRecOutcome::Unknown => self.ack(
+                    (PubRecOutcome::Release, _) => {
+                        let ops = self
+                            .session
+                            .inflight
+                            .get(packet_id)
+                            .map(|entry| persist::pubrec_ops(&self.client_id, &entry.delivery))
+                            .unwrap_or_default();
+                        self.reply_after(ops, |out, version| {
+                            encode::ack(version, AckKind::PubRel, packet_id, 0, out)
+                        })
+                        .await?;
+                    }
+                    (PubRecOutcome::Refused, entry) => {
+                        if let Some(entry) = entry {
+                            self.release(&entry.delivery).await;
+                        }
+                    }
+                    (PubRecOutcome::Unknown, _) => self.ack(
                         AckKind::PubRel,
                         packet_id,
                         ReasonCode::PacketIdentifierNotFound as u8,
@@ -391,21 +481,32 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 }
             }
             Packet::PubComp { packet_id, .. } => {
-                if !self.session.inflight.on_pubcomp(packet_id) {
-                    debug!(packet_id, "PUBCOMP for no in-flight QoS 2 message");
+                match self.session.inflight.on_pubcomp(packet_id) {
+                    Some(entry) => self.release(&entry.delivery).await,
+                    None => debug!(packet_id, "PUBCOMP for no in-flight QoS 2 message"),
                 }
             }
             Packet::PubRel { packet_id, .. } => {
-                // [MQTT-4.3.3-?] the packet id is released and may be reused by the client.
-                let reason = if self.session.inbound_qos2.remove(&packet_id) {
+                // The packet id is released: a later PUBLISH reusing it is a new message, so the
+                // release is durable before PUBCOMP tells the client so [MQTT-4.3.3-11].
+                let known = self.session.inbound_qos2.remove(&packet_id);
+                let reason = if known {
                     0
                 } else {
                     ReasonCode::PacketIdentifierNotFound as u8
                 };
-                self.ack(AckKind::PubComp, packet_id, reason);
+                let ops = if known && self.handle.is_persistent() {
+                    vec![persist::inbound_delete(&self.client_id, packet_id)]
+                } else {
+                    Vec::new()
+                };
+                self.reply_after(ops, |out, version| {
+                    encode::ack(version, AckKind::PubComp, packet_id, reason, out)
+                })
+                .await?;
             }
-            Packet::Subscribe(subscribe) => self.handle_subscribe(subscribe),
-            Packet::Unsubscribe(unsubscribe) => self.handle_unsubscribe(unsubscribe),
+            Packet::Subscribe(subscribe) => self.handle_subscribe(subscribe).await?,
+            Packet::Unsubscribe(unsubscribe) => self.handle_unsubscribe(unsubscribe).await?,
             Packet::PingReq => encode::pingresp(&mut self.write_buf),
             Packet::Disconnect(disconnect) => return Err(self.handle_disconnect(disconnect)),
             Packet::Connect(_) => {
@@ -422,7 +523,129 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         encode::ack(self.version, kind, packet_id, reason, &mut self.write_buf);
     }
 
-    fn handle_publish(&mut self, publish: Publish) -> Result<(), Close> {
+    /// Releases the storage of a finished delivery (written behind: losing it after a crash
+    /// means a redelivery, which QoS 1 allows and QoS 2's PUBREL state covers).
+    async fn release(&self, delivery: &Delivery) {
+        let mut ops = Vec::new();
+        persist::release_ops(&self.client_id, delivery, &mut ops);
+        persist::write_behind(&self.state, ops).await;
+    }
+
+    /// Queues `action` behind everything already waiting; when `ops` must be written first, it
+    /// completes once they are durable. With nothing to wait for it runs at once.
+    async fn submit(&mut self, ops: Vec<Op>, action: Action) -> Result<(), Close> {
+        let completion = match &self.state.storage {
+            Some(storage) if !ops.is_empty() => Some(storage.write(ops).await),
+            _ => None,
+        };
+        if completion.is_none() && self.pending.is_empty() {
+            return self.apply(action, Ok(())).await;
+        }
+        self.pending.push_back(Pending { completion, action });
+        Ok(())
+    }
+
+    /// Sends a reply once `ops` are durable.
+    async fn reply_after(
+        &mut self,
+        ops: Vec<Op>,
+        encode_reply: impl FnOnce(&mut BytesMut, ProtocolVersion),
+    ) -> Result<(), Close> {
+        let mut bytes = BytesMut::new();
+        encode_reply(&mut bytes, self.version);
+        self.submit(
+            ops,
+            Action::Reply {
+                bytes,
+                deliveries: Vec::new(),
+            },
+        )
+        .await
+    }
+
+    /// The front of the queue finished writing: run it and everything behind it that is ready.
+    async fn complete_pending(&mut self, first: Result<(), StorageError>) -> Result<(), Close> {
+        let mut result = Some(first);
+        while let Some(front) = self.pending.front_mut() {
+            let outcome = match (result.take(), front.completion.as_mut()) {
+                (Some(outcome), _) => outcome,
+                (None, None) => Ok(()),
+                (None, Some(completion)) => match completion.try_recv() {
+                    Ok(outcome) => outcome,
+                    Err(oneshot::error::TryRecvError::Empty) => break,
+                    Err(oneshot::error::TryRecvError::Closed) => Err(StorageError::Closed),
+                },
+            };
+            let Some(pending) = self.pending.pop_front() else {
+                break;
+            };
+            self.apply(pending.action, outcome).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for and runs everything still queued (the connection is closing; routing of
+    /// messages already made durable must still happen).
+    async fn drain_pending(&mut self) {
+        while let Some(pending) = self.pending.pop_front() {
+            let outcome = match pending.completion {
+                Some(completion) => completion.await.unwrap_or(Err(StorageError::Closed)),
+                None => Ok(()),
+            };
+            let _ = self.apply(pending.action, outcome).await;
+        }
+    }
+
+    async fn apply(
+        &mut self,
+        action: Action,
+        outcome: Result<(), StorageError>,
+    ) -> Result<(), Close> {
+        match action {
+            Action::Publish {
+                message,
+                targets,
+                ack,
+                qos2_packet_id,
+            } => {
+                if let Err(error) = outcome {
+                    tracing::error!(%error, "message not accepted: storage failed");
+                    metrics::message_dropped(metrics::DROP_STORAGE_FAILED);
+                    if let Some(packet_id) = qos2_packet_id {
+                        self.session.inbound_qos2.remove(&packet_id);
+                    }
+                    let Some((kind, packet_id, _)) = ack else {
+                        return Ok(());
+                    };
+                    if !self.version.is_v5() {
+                        // 3.1.1 cannot refuse a PUBLISH: closing makes the client retransmit.
+                        return Err(Close::StorageFailure);
+                    }
+                    self.ack(kind, packet_id, ReasonCode::UnspecifiedError as u8);
+                    return Ok(());
+                }
+                let dropped = self.state.router.apply(&message, targets);
+                persist::release_dropped(&self.state, dropped).await;
+                if let Some((kind, packet_id, reason)) = ack {
+                    self.ack(kind, packet_id, reason);
+                }
+                Ok(())
+            }
+            Action::Reply { bytes, deliveries } => {
+                if let Err(error) = outcome {
+                    tracing::error!(%error, "request not completed: storage failed");
+                    return Err(Close::StorageFailure);
+                }
+                self.write_buf.extend_from_slice(&bytes);
+                for delivery in deliveries {
+                    let _ = self.state.router.enqueue(&self.handle, delivery);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn handle_publish(&mut self, publish: Publish) -> Result<(), Close> {
         metrics::message_received(publish.qos as u8);
         let config = &self.state.config.mqtt;
         let topic: Arc<str> = match publish.topic_alias {
@@ -455,10 +678,14 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         }
         if publish.qos == QoS::ExactlyOnce {
             if self.session.inbound_qos2.contains(&publish.packet_id) {
-                // A retransmission of a message already routed: acknowledge it again, but do not
-                // deliver it twice [MQTT-4.3.3-9].
-                self.ack(AckKind::PubRec, publish.packet_id, 0);
-                return Ok(());
+                // A retransmission of a message already accepted: acknowledge it again (after
+                // anything still being written), but do not deliver it twice [MQTT-4.3.3-9].
+                let packet_id = publish.packet_id;
+                return self
+                    .reply_after(Vec::new(), |out, version| {
+                        encode::ack(version, AckKind::PubRec, packet_id, 0, out)
+                    })
+                    .await;
             }
             if self.session.inbound_qos2.len() >= usize::from(config.receive_maximum) {
                 return Err(Close::Protocol(ProtocolError::new(
@@ -467,35 +694,58 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 )));
             }
         }
-        let message = Message::new(
+        let message = Arc::new(Message::new(
             topic,
             publish.payload,
             publish.qos,
             publish.retain,
             publish.properties,
             Some(self.client_id.clone()),
-        );
-        let matched = self.state.router.publish(Arc::new(message));
-        let reason = if matched == 0 {
+        ));
+        let mut targets = self.state.router.plan(&message);
+        let reason = if targets.is_empty() {
             ReasonCode::NoMatchingSubscribers as u8
         } else {
             0
         };
-        match publish.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.ack(AckKind::PubAck, publish.packet_id, reason),
+        let mut ops = match &self.state.storage {
+            Some(storage) => persist::publish_ops(storage, &message, &mut targets),
+            None => Vec::new(),
+        };
+        let (ack, qos2_packet_id) = match publish.qos {
+            QoS::AtMostOnce => (None, None),
+            QoS::AtLeastOnce => (Some((AckKind::PubAck, publish.packet_id, reason)), None),
             QoS::ExactlyOnce => {
+                // Remembered now, so a retransmission arriving while this one is still being
+                // written is recognised.
                 self.session.inbound_qos2.insert(publish.packet_id);
-                self.ack(AckKind::PubRec, publish.packet_id, reason);
+                if self.handle.is_persistent() {
+                    ops.push(persist::inbound_put(&self.client_id, publish.packet_id));
+                }
+                (
+                    Some((AckKind::PubRec, publish.packet_id, reason)),
+                    Some(publish.packet_id),
+                )
             }
-        }
-        Ok(())
+        };
+        self.submit(
+            ops,
+            Action::Publish {
+                message,
+                targets,
+                ack,
+                qos2_packet_id,
+            },
+        )
+        .await
     }
 
-    fn handle_subscribe(&mut self, subscribe: Subscribe) {
+    async fn handle_subscribe(&mut self, subscribe: Subscribe) -> Result<(), Close> {
         let v5 = self.version.is_v5();
+        let persistent = self.handle.is_persistent();
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut retained = Vec::new();
+        let mut ops = Vec::new();
         for request in subscribe.filters {
             if split_shared(&request.filter).is_some() {
                 codes.push(ReasonCode::SharedSubscriptionsNotSupported as u8);
@@ -532,34 +782,49 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                     if message.remaining_expiry(now).is_err() {
                         continue;
                     }
-                    retained.push(Delivery {
-                        qos: message.qos.min(options.qos),
-                        retain: true,
-                        subscription_ids: options.subscription_id.into_iter().collect(),
-                        message,
-                    });
+                    retained.push(Delivery::new(
+                        message.clone(),
+                        message.qos.min(options.qos),
+                        true,
+                        options.subscription_id.into_iter().collect(),
+                        self.handle.next_seq(),
+                    ));
                 }
+            }
+            if persistent {
+                ops.push(persist::subscription_put(
+                    &self.client_id,
+                    &request.filter,
+                    &options,
+                ));
             }
             codes.push(options.qos as u8);
             self.session.subscriptions.insert(request.filter, options);
         }
-        // [MQTT-3.8.4-1] SUBACK before the retained messages it triggers.
-        encode::suback(
-            self.version,
-            subscribe.packet_id,
-            &codes,
-            &mut self.write_buf,
-        );
-        for delivery in retained {
-            self.state.router.enqueue(&self.handle, delivery);
-        }
+        // [MQTT-3.8.4-1] SUBACK once the subscriptions are durable, before the retained
+        // messages they trigger.
+        let mut bytes = BytesMut::new();
+        encode::suback(self.version, subscribe.packet_id, &codes, &mut bytes);
+        self.submit(
+            ops,
+            Action::Reply {
+                bytes,
+                deliveries: retained,
+            },
+        )
+        .await
     }
 
-    fn handle_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+    async fn handle_unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Close> {
+        let persistent = self.handle.is_persistent();
         let mut codes = Vec::with_capacity(unsubscribe.filters.len());
+        let mut ops = Vec::new();
         for filter in &unsubscribe.filters {
             let existed = self.session.subscriptions.remove(filter).is_some();
             self.state.router.unsubscribe(&self.client_id, filter);
+            if existed && persistent {
+                ops.push(persist::subscription_delete(&self.client_id, filter));
+            }
             codes.push(if existed {
                 ReasonCode::Success as u8
             } else {
@@ -567,12 +832,11 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             });
         }
         // [MQTT-3.10.4-4] UNSUBACK even when nothing was removed.
-        encode::unsuback(
-            self.version,
-            unsubscribe.packet_id,
-            &codes,
-            &mut self.write_buf,
-        );
+        let packet_id = unsubscribe.packet_id;
+        self.reply_after(ops, |out, version| {
+            encode::unsuback(version, packet_id, &codes, out)
+        })
+        .await
     }
 
     fn handle_disconnect(&mut self, disconnect: Disconnect) -> Close {
@@ -595,32 +859,60 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     /// and the buffer allow.
     fn fill_from_mailbox(&mut self) {
         let now = SystemTime::now();
+        let mut expired = Vec::new();
         while self.write_buf.len() < WRITE_HIGH_WATER {
             let window_full = self.session.inflight.len() >= self.send_quota;
-            let Some(delivery) = self
-                .handle
-                .mailbox
-                .pop_if(|d| d.qos == QoS::AtMostOnce || !window_full)
-            else {
+            let inflight = &self.session.inflight;
+            let Some(delivery) = self.handle.mailbox.pop_if(|d| {
+                d.qos == QoS::AtMostOnce
+                    || (!window_full && !inflight.is_in_use(packet_id_for(d.seq)))
+            }) else {
                 break;
             };
-            self.send_delivery(delivery, now);
+            if let Some(dropped) = self.send_delivery(delivery, now) {
+                expired.push(dropped);
+            }
+        }
+        for delivery in &expired {
+            persist::release_ops(&self.client_id, delivery, &mut self.releases);
         }
     }
 
-    fn send_delivery(&mut self, delivery: Delivery, now: SystemTime) {
+    /// Encodes one delivery; returns it back if it was dropped instead (expired, too large).
+    fn send_delivery(&mut self, delivery: Delivery, now: SystemTime) -> Option<Delivery> {
         let message = delivery.message.clone();
         let Ok(message_expiry_interval) = message.remaining_expiry(now) else {
             // [MQTT-3.3.2-5] expired messages are not delivered.
             metrics::message_dropped(metrics::DROP_EXPIRED);
-            return;
+            return Some(delivery);
         };
+        let stage = match delivery.qos {
+            QoS::AtMostOnce => None,
+            _ if delivery.awaiting_pubcomp => Some(Stage::AwaitingPubComp),
+            QoS::AtLeastOnce => Some(Stage::AwaitingPubAck),
+            QoS::ExactlyOnce => Some(Stage::AwaitingPubRec),
+        };
+        let packet_id = if stage.is_some() {
+            packet_id_for(delivery.seq)
+        } else {
+            0
+        };
+        if stage == Some(Stage::AwaitingPubComp) {
+            // Recovered past PUBREC: only the release is repeated.
+            self.ack(AckKind::PubRel, packet_id, 0);
+            self.session.inflight.push(OutboundEntry {
+                packet_id,
+                stage: Stage::AwaitingPubComp,
+                delivery,
+            });
+            return None;
+        }
         let mut publish = OutgoingPublish {
             topic: &message.topic,
             qos: delivery.qos,
             retain: delivery.retain,
-            dup: false,
-            packet_id: 0,
+            dup: delivery.dup && stage.is_some(),
+            packet_id,
             payload: &message.payload,
             properties: &message.properties,
             message_expiry_interval,
@@ -630,19 +922,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         if encode::publish_size(self.version, &publish) > self.client_max_packet_size {
             // [MQTT-3.1.2-25] discarded as if delivered.
             metrics::message_dropped(metrics::DROP_TOO_LARGE_FOR_CLIENT);
-            return;
-        }
-        let stage = match delivery.qos {
-            QoS::AtMostOnce => None,
-            QoS::AtLeastOnce => Some(Stage::AwaitingPubAck),
-            QoS::ExactlyOnce => Some(Stage::AwaitingPubRec),
-        };
-        if stage.is_some() {
-            let Some(packet_id) = self.session.inflight.allocate_packet_id() else {
-                metrics::message_dropped(metrics::DROP_QUEUE_FULL);
-                return;
-            };
-            publish.packet_id = packet_id;
+            return Some(delivery);
         }
         // Aliases are assigned only once the packet is certain to be sent: an alias the client
         // never saw would make every later use of it unresolvable.
@@ -664,18 +944,20 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         encode::publish(self.version, &publish, &mut self.write_buf);
         metrics::message_sent(delivery.qos as u8);
         if let Some(stage) = stage {
-            let packet_id = publish.packet_id;
             self.session.inflight.push(OutboundEntry {
                 packet_id,
                 stage,
                 delivery,
             });
         }
+        None
     }
 
     /// Tells a v5 client why it is being disconnected, flushes, hands the session back and
     /// publishes the will where one is due.
     async fn finish(mut self, close: Close) -> Close {
+        self.drain_pending().await;
+        persist::write_behind(&self.state, std::mem::take(&mut self.releases)).await;
         if self.version.is_v5() {
             if let Some((reason, detail)) = close.disconnect_reason() {
                 encode::disconnect(reason, detail, &mut self.write_buf);
@@ -694,20 +976,60 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             (Arc::new(will_message(will, &self.client_id)), delay)
         });
         let state = std::mem::take(&mut self.session);
-        if let Some(will) = self.state.sessions.detach(
+        let detached = self.state.sessions.detach(
             &self.state.router,
             &self.handle,
             self.connection_id,
             state,
             self.session_expiry,
             will,
-        ) {
-            self.state.router.publish(will);
+        );
+        match detached {
+            Detached::Kept { will_now } => {
+                if self.handle.is_persistent() {
+                    let pending = {
+                        let inner = self.handle.inner();
+                        inner
+                            .pending_will
+                            .as_ref()
+                            .map(|w| (w.message.clone(), w.delay_interval, w.publish_at))
+                    };
+                    let op = persist::session_put(
+                        &self.client_id,
+                        self.version,
+                        self.session_expiry,
+                        Some(SystemTime::now()),
+                        pending
+                            .as_ref()
+                            .map(|(message, delay, at)| (&**message, *delay, Some(*at))),
+                    );
+                    persist::write_behind(&self.state, vec![op]).await;
+                }
+                if let Some(will) = will_now {
+                    persist::publish(&self.state, will).await;
+                }
+            }
+            Detached::Ended(ended) => {
+                persist::finish_ended_sessions(&self.state, vec![ended]).await
+            }
+            Detached::Stale { will } => {
+                if let Some(will) = will {
+                    persist::publish(&self.state, will).await;
+                }
+            }
         }
         if let Some(done) = self.done.take() {
             let _ = done.send(());
         }
         close
+    }
+}
+
+/// Resolves when the storage write at the front of `pending` completes.
+async fn first_completion(pending: &mut VecDeque<Pending>) -> Result<(), StorageError> {
+    match pending.front_mut().and_then(|p| p.completion.as_mut()) {
+        Some(completion) => completion.await.unwrap_or(Err(StorageError::Closed)),
+        None => std::future::pending().await,
     }
 }
 

@@ -19,7 +19,7 @@ use retained::RetainedTree;
 use trie::SubscriptionTrie;
 
 /// What a client asked for when it subscribed to one filter.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubscriptionOptions {
     /// Maximum QoS granted.
     pub qos: QoS,
@@ -36,11 +36,18 @@ pub struct Subscriber {
 }
 
 /// One matching subscription while a message is being routed.
-struct Target {
+struct Match {
     session: Arc<SessionHandle>,
     qos: QoS,
     retain: bool,
     subscription_id: Option<u32>,
+}
+
+/// A session a message is routed to, with the delivery made for it.
+#[derive(Debug)]
+pub struct Target {
+    pub session: Arc<SessionHandle>,
+    pub delivery: Delivery,
 }
 
 #[derive(Debug)]
@@ -61,13 +68,11 @@ impl Router {
         }
     }
 
-    /// Routes `message` to every matching subscription and updates the retained store.
-    /// Returns the number of sessions it was queued for.
-    pub fn publish(&self, message: Arc<Message>) -> usize {
-        if message.retain {
-            self.store_retained(&message);
-        }
-        let mut targets: Vec<Target> = Vec::new();
+    /// Finds every session `message` goes to and makes its delivery (with a queue sequence
+    /// number reserved). Nothing is queued yet: the caller persists what must be durable first,
+    /// then calls [`Router::apply`].
+    pub fn plan(&self, message: &Arc<Message>) -> Vec<Target> {
+        let mut matches: Vec<Match> = Vec::new();
         {
             let trie = read(&self.subscriptions);
             trie.for_each_match(&message.topic, |client_id, subscriber| {
@@ -76,7 +81,7 @@ impl Router {
                 if options.no_local && message.publisher.as_deref() == Some(&**client_id) {
                     return;
                 }
-                targets.push(Target {
+                matches.push(Match {
                     session: subscriber.session.clone(),
                     qos: message.qos.min(options.qos),
                     // [MQTT-3.3.1-12], [MQTT-3.3.1-13]; 3.1.1 always clears it [MQTT-3.3.1-9].
@@ -85,46 +90,80 @@ impl Router {
                 });
             });
         }
-        if targets.len() > 1 {
+        if matches.len() > 1 {
             // Overlapping subscriptions of one client yield one copy with the highest QoS and
             // every subscription identifier [MQTT-3.3.4-2], [MQTT-3.3.4-3].
-            targets.sort_by_key(|t| Arc::as_ptr(&t.session) as usize);
+            matches.sort_by_key(|m| Arc::as_ptr(&m.session) as usize);
         }
-        let mut queued = 0;
+        let mut targets = Vec::with_capacity(matches.len());
         let mut i = 0;
-        while i < targets.len() {
+        while i < matches.len() {
             let mut j = i + 1;
-            while j < targets.len() && Arc::ptr_eq(&targets[j].session, &targets[i].session) {
+            while j < matches.len() && Arc::ptr_eq(&matches[j].session, &matches[i].session) {
                 j += 1;
             }
-            let group = &targets[i..j];
-            let mut delivery = Delivery {
-                message: message.clone(),
-                qos: group.iter().map(|t| t.qos).max().unwrap_or(QoS::AtMostOnce),
-                retain: group.iter().any(|t| t.retain),
-                subscription_ids: group.iter().filter_map(|t| t.subscription_id).collect(),
-            };
-            delivery.subscription_ids.sort_unstable();
-            if self.enqueue(&group[0].session, delivery) {
-                queued += 1;
-            }
+            let group = &matches[i..j];
+            let session = group[0].session.clone();
+            let qos = group.iter().map(|m| m.qos).max().unwrap_or(QoS::AtMostOnce);
             i = j;
+            if qos == QoS::AtMostOnce && !self.queue_qos0_offline && !session.is_online() {
+                metrics::message_dropped(metrics::DROP_QOS0_OFFLINE);
+                continue;
+            }
+            let mut subscription_ids: Vec<u32> =
+                group.iter().filter_map(|m| m.subscription_id).collect();
+            subscription_ids.sort_unstable();
+            let delivery = Delivery::new(
+                message.clone(),
+                qos,
+                group.iter().any(|m| m.retain),
+                subscription_ids,
+                session.next_seq(),
+            );
+            targets.push(Target { session, delivery });
         }
-        queued
+        targets
+    }
+
+    /// Updates the retained store and queues the planned deliveries. Returns the deliveries that
+    /// could not be queued (full mailbox, session gone) so the caller can release their storage.
+    pub fn apply(&self, message: &Arc<Message>, targets: Vec<Target>) -> Vec<Target> {
+        if message.retain {
+            self.store_retained(message);
+        }
+        let mut dropped = Vec::new();
+        for target in targets {
+            if let Err(delivery) = self.enqueue(&target.session, target.delivery) {
+                dropped.push(Target {
+                    session: target.session,
+                    delivery,
+                });
+            }
+        }
+        dropped
+    }
+
+    /// Routes a message whose deliveries need no persistence; returns how many were queued.
+    pub fn publish(&self, message: Arc<Message>) -> usize {
+        let targets = self.plan(&message);
+        let planned = targets.len();
+        planned - self.apply(&message, targets).len()
     }
 
     /// Puts a delivery into a session's mailbox, counting it when it has to be dropped.
-    pub fn enqueue(&self, session: &SessionHandle, delivery: Delivery) -> bool {
-        if delivery.qos == QoS::AtMostOnce && !self.queue_qos0_offline && !session.is_online() {
-            metrics::message_dropped(metrics::DROP_QOS0_OFFLINE);
-            return false;
+    pub fn enqueue(&self, session: &SessionHandle, delivery: Delivery) -> Result<(), Delivery> {
+        if session.is_ended() {
+            return Err(delivery);
         }
-        if session.mailbox.push(delivery) {
-            true
-        } else {
+        session.mailbox.push(delivery).inspect_err(|_| {
             metrics::message_dropped(metrics::DROP_QUEUE_FULL);
-            false
-        }
+        })
+    }
+
+    /// Adds a retained message recovered from storage.
+    pub fn restore_retained(&self, message: Arc<Message>) {
+        let topic = message.topic.clone();
+        write(&self.retained).insert(&topic, message);
     }
 
     fn store_retained(&self, message: &Arc<Message>) {
@@ -174,6 +213,18 @@ impl Router {
         write(&self.subscriptions)
             .remove(filter, client_id)
             .is_some()
+    }
+
+    /// Removes `session`'s subscription on `filter`, but not one a newer session of the same
+    /// client id has made since.
+    pub fn unsubscribe_session(&self, session: &Arc<SessionHandle>, filter: &str) {
+        let mut trie = write(&self.subscriptions);
+        let owned = trie
+            .get_mut(filter, &session.client_id)
+            .is_some_and(|subscriber| Arc::ptr_eq(&subscriber.session, session));
+        if owned {
+            trie.remove(filter, &session.client_id);
+        }
     }
 
     pub fn subscription_count(&self) -> usize {

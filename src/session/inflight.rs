@@ -1,18 +1,21 @@
-//! Outbound QoS 1 and QoS 2 state of one session: the packet identifier allocator and the window
-//! of PUBLISH packets sent to the client and not yet completed.
+//! Outbound QoS 1 and QoS 2 state of one session: the window of PUBLISH packets sent to the
+//! client and not yet completed.
 //!
 //! Entries stay in the order they were first sent so that a resumed session re-sends them in that
 //! order [MQTT-4.6.0-1]; the window never holds more entries than the client's Receive Maximum
 //! allows [MQTT-4.9.0-1], which the connection checks with [`Inflight::len`] before sending.
+//!
+//! Packet identifiers are derived from the delivery's queue sequence number rather than
+//! allocated, so a delivery recovered from storage after a restart is re-sent with the packet id
+//! it may already have gone out with, and the client's QoS 2 de-duplication recognises it. The
+//! only cost: a delivery whose derived id is still in use waits until it is free.
 
-use std::collections::VecDeque;
-
-use serde::{Deserialize, Serialize};
+use std::collections::{HashSet, VecDeque};
 
 use crate::message::Delivery;
 
 /// Where an outbound QoS 1/2 delivery stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
     /// QoS 1 PUBLISH sent, PUBACK outstanding.
     AwaitingPubAck,
@@ -22,7 +25,7 @@ pub enum Stage {
     AwaitingPubComp,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug)]
 pub struct OutboundEntry {
     pub packet_id: u16,
     pub stage: Stage,
@@ -40,24 +43,20 @@ pub enum PubRecOutcome {
     Unknown,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Inflight {
-    entries: VecDeque<OutboundEntry>,
-    last_packet_id: u16,
+/// The non-zero packet identifier of the delivery with queue sequence `seq` [MQTT-2.3.1-1].
+pub fn packet_id_for(seq: u64) -> u16 {
+    (seq % u64::from(u16::MAX)) as u16 + 1
 }
 
-impl Default for Inflight {
-    fn default() -> Self {
-        Self::new()
-    }
+#[derive(Clone, Debug, Default)]
+pub struct Inflight {
+    entries: VecDeque<OutboundEntry>,
+    in_use: HashSet<u16>,
 }
 
 impl Inflight {
     pub fn new() -> Self {
-        Self {
-            entries: VecDeque::new(),
-            last_packet_id: 0,
-        }
+        Self::default()
     }
 
     pub fn len(&self) -> usize {
@@ -72,23 +71,30 @@ impl Inflight {
         self.entries.iter()
     }
 
-    /// The next packet identifier not used by an in-flight entry [MQTT-2.3.1-2], or `None` when
-    /// all 65,535 are in use.
-    pub fn allocate_packet_id(&mut self) -> Option<u16> {
-        if self.entries.len() >= usize::from(u16::MAX) {
-            return None;
-        }
-        loop {
-            self.last_packet_id = self.last_packet_id.checked_add(1).unwrap_or(1);
-            let candidate = self.last_packet_id;
-            if !self.entries.iter().any(|e| e.packet_id == candidate) {
-                return Some(candidate);
-            }
-        }
+    /// Empties the window (the session is ending).
+    pub fn drain(&mut self) -> impl Iterator<Item = OutboundEntry> + '_ {
+        self.in_use.clear();
+        self.entries.drain(..)
+    }
+
+    /// Whether `packet_id` belongs to an unfinished delivery [MQTT-2.3.1-2].
+    pub fn is_in_use(&self, packet_id: u16) -> bool {
+        self.in_use.contains(&packet_id)
     }
 
     pub fn push(&mut self, entry: OutboundEntry) {
+        self.in_use.insert(entry.packet_id);
         self.entries.push_back(entry);
+    }
+
+    pub fn get(&self, packet_id: u16) -> Option<&OutboundEntry> {
+        self.entries.iter().find(|e| e.packet_id == packet_id)
+    }
+
+    fn remove_at(&mut self, index: usize) -> Option<OutboundEntry> {
+        let entry = self.entries.remove(index)?;
+        self.in_use.remove(&entry.packet_id);
+        Some(entry)
     }
 
     fn position(&self, packet_id: u16, stage: Stage) -> Option<usize> {
@@ -98,30 +104,32 @@ impl Inflight {
             .position(|e| e.packet_id == packet_id && e.stage == stage)
     }
 
-    /// PUBACK completes a QoS 1 delivery; returns whether one was waiting for it.
-    pub fn on_puback(&mut self, packet_id: u16) -> bool {
-        self.position(packet_id, Stage::AwaitingPubAck)
-            .and_then(|i| self.entries.remove(i))
-            .is_some()
+    /// PUBACK completes a QoS 1 delivery; returns it if one was waiting.
+    pub fn on_puback(&mut self, packet_id: u16) -> Option<OutboundEntry> {
+        let index = self.position(packet_id, Stage::AwaitingPubAck)?;
+        self.remove_at(index)
     }
 
-    pub fn on_pubrec(&mut self, packet_id: u16, refused: bool) -> PubRecOutcome {
-        let Some(i) = self.position(packet_id, Stage::AwaitingPubRec) else {
-            return PubRecOutcome::Unknown;
+    /// PUBREC moves a QoS 2 delivery on; a refused one is removed and returned with the outcome.
+    pub fn on_pubrec(
+        &mut self,
+        packet_id: u16,
+        refused: bool,
+    ) -> (PubRecOutcome, Option<OutboundEntry>) {
+        let Some(index) = self.position(packet_id, Stage::AwaitingPubRec) else {
+            return (PubRecOutcome::Unknown, None);
         };
         if refused {
-            self.entries.remove(i);
-            return PubRecOutcome::Refused;
+            return (PubRecOutcome::Refused, self.remove_at(index));
         }
-        self.entries[i].stage = Stage::AwaitingPubComp;
-        PubRecOutcome::Release
+        self.entries[index].stage = Stage::AwaitingPubComp;
+        (PubRecOutcome::Release, None)
     }
 
-    /// PUBCOMP completes a QoS 2 delivery; returns whether one was waiting for it.
-    pub fn on_pubcomp(&mut self, packet_id: u16) -> bool {
-        self.position(packet_id, Stage::AwaitingPubComp)
-            .and_then(|i| self.entries.remove(i))
-            .is_some()
+    /// PUBCOMP completes a QoS 2 delivery; returns it if one was waiting.
+    pub fn on_pubcomp(&mut self, packet_id: u16) -> Option<OutboundEntry> {
+        let index = self.position(packet_id, Stage::AwaitingPubComp)?;
+        self.remove_at(index)
     }
 }
 
@@ -132,24 +140,21 @@ mod tests {
     use crate::protocol::{MessageProperties, QoS};
     use std::sync::Arc;
 
-    fn delivery(qos: QoS) -> Delivery {
-        Delivery {
-            message: Arc::new(Message::new(
-                "t".into(),
-                bytes::Bytes::from_static(b"p"),
-                qos,
-                false,
-                MessageProperties::default(),
-                None,
-            )),
+    fn delivery(qos: QoS, seq: u64) -> Delivery {
+        let message = Arc::new(Message::new(
+            "t".into(),
+            bytes::Bytes::from_static(b"p"),
             qos,
-            retain: false,
-            subscription_ids: Vec::new(),
-        }
+            false,
+            MessageProperties::default(),
+            None,
+        ));
+        Delivery::new(message, qos, false, Vec::new(), seq)
     }
 
-    fn send(inflight: &mut Inflight, qos: QoS) -> u16 {
-        let packet_id = inflight.allocate_packet_id().unwrap();
+    fn send(inflight: &mut Inflight, qos: QoS, seq: u64) -> u16 {
+        let packet_id = packet_id_for(seq);
+        assert!(!inflight.is_in_use(packet_id));
         let stage = if qos == QoS::AtLeastOnce {
             Stage::AwaitingPubAck
         } else {
@@ -158,7 +163,7 @@ mod tests {
         inflight.push(OutboundEntry {
             packet_id,
             stage,
-            delivery: delivery(qos),
+            delivery: delivery(qos, seq),
         });
         packet_id
     }
@@ -166,55 +171,63 @@ mod tests {
     #[test]
     fn qos1_completes_on_puback_only_once() {
         let mut inflight = Inflight::new();
-        let id = send(&mut inflight, QoS::AtLeastOnce);
-        assert!(!inflight.on_pubcomp(id), "PUBCOMP does not complete QoS 1");
-        assert!(inflight.on_puback(id));
-        assert!(!inflight.on_puback(id));
+        let id = send(&mut inflight, QoS::AtLeastOnce, 0);
+        assert!(
+            inflight.on_pubcomp(id).is_none(),
+            "PUBCOMP does not complete QoS 1"
+        );
+        assert!(inflight.on_puback(id).is_some());
+        assert!(inflight.on_puback(id).is_none());
         assert!(inflight.is_empty());
+        assert!(!inflight.is_in_use(id));
     }
 
     #[test]
     fn qos2_walks_pubrec_then_pubcomp() {
         let mut inflight = Inflight::new();
-        let id = send(&mut inflight, QoS::ExactlyOnce);
-        assert!(!inflight.on_puback(id), "PUBACK does not complete QoS 2");
-        assert_eq!(inflight.on_pubrec(id, false), PubRecOutcome::Release);
-        assert_eq!(
-            inflight.entries().next().unwrap().stage,
-            Stage::AwaitingPubComp
+        let id = send(&mut inflight, QoS::ExactlyOnce, 5);
+        assert!(
+            inflight.on_puback(id).is_none(),
+            "PUBACK does not complete QoS 2"
         );
-        assert_eq!(inflight.on_pubrec(id, false), PubRecOutcome::Unknown);
+        assert_eq!(inflight.on_pubrec(id, false).0, PubRecOutcome::Release);
+        assert_eq!(inflight.get(id).unwrap().stage, Stage::AwaitingPubComp);
+        assert_eq!(inflight.on_pubrec(id, false).0, PubRecOutcome::Unknown);
         assert_eq!(inflight.len(), 1, "still counts against receive maximum");
-        assert!(inflight.on_pubcomp(id));
+        assert!(inflight.on_pubcomp(id).is_some());
         assert!(inflight.is_empty());
     }
 
     #[test]
     fn refused_pubrec_ends_the_flow() {
         let mut inflight = Inflight::new();
-        let id = send(&mut inflight, QoS::ExactlyOnce);
-        assert_eq!(inflight.on_pubrec(id, true), PubRecOutcome::Refused);
+        let id = send(&mut inflight, QoS::ExactlyOnce, 1);
+        let (outcome, entry) = inflight.on_pubrec(id, true);
+        assert_eq!(outcome, PubRecOutcome::Refused);
+        assert_eq!(entry.unwrap().packet_id, id);
         assert!(inflight.is_empty());
     }
 
     #[test]
-    fn packet_ids_skip_zero_and_ids_in_use_when_wrapping() {
+    fn packet_ids_are_never_zero_and_repeat_every_65535_sequences() {
+        assert_eq!(packet_id_for(0), 1);
+        assert_eq!(packet_id_for(65_534), 65_535);
+        assert_eq!(packet_id_for(65_535), 1);
         let mut inflight = Inflight::new();
-        let first = send(&mut inflight, QoS::AtLeastOnce);
-        assert_eq!(first, 1);
-        inflight.last_packet_id = u16::MAX - 1;
-        assert_eq!(inflight.allocate_packet_id(), Some(u16::MAX));
-        // Wraps past 0 and past id 1, which is still in flight.
-        assert_eq!(inflight.allocate_packet_id(), Some(2));
+        send(&mut inflight, QoS::AtLeastOnce, 0);
+        assert!(
+            inflight.is_in_use(packet_id_for(65_535)),
+            "the wrap collides while in use"
+        );
     }
 
     #[test]
     fn resend_order_is_send_order() {
         let mut inflight = Inflight::new();
         let ids: Vec<u16> = (0..5)
-            .map(|_| send(&mut inflight, QoS::AtLeastOnce))
+            .map(|seq| send(&mut inflight, QoS::AtLeastOnce, seq))
             .collect();
-        assert!(inflight.on_puback(ids[2]));
+        assert!(inflight.on_puback(ids[2]).is_some());
         let left: Vec<u16> = inflight.entries().map(|e| e.packet_id).collect();
         assert_eq!(left, vec![ids[0], ids[1], ids[3], ids[4]]);
     }

@@ -10,9 +10,9 @@ pub mod inflight;
 mod registry;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -22,12 +22,12 @@ use crate::router::SubscriptionOptions;
 use crate::sync::lock;
 
 pub use inflight::Inflight;
-pub use registry::{Attached, SessionRegistry};
+pub use registry::{Attached, Detached, EndedSession, SessionRegistry, Swept, WillWithDelay};
 
 /// Session Expiry Interval value meaning "never expires" [MQTT-3.1.2-?, §3.1.2.11.2].
 pub const NEVER_EXPIRES: u32 = u32::MAX;
 
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default)]
 pub struct SessionState {
     /// Topic filter → options, mirrored in the router's trie.
     pub subscriptions: HashMap<String, SubscriptionOptions>,
@@ -54,17 +54,29 @@ impl Mailbox {
         }
     }
 
-    /// Queues a delivery and wakes the connection; returns `false` (and drops it) when full.
-    pub fn push(&self, delivery: Delivery) -> bool {
+    /// Queues a delivery and wakes the connection; hands it back when the queue is full.
+    pub fn push(&self, delivery: Delivery) -> Result<(), Delivery> {
         {
             let mut queue = lock(&self.queue);
             if queue.len() >= self.capacity {
-                return false;
+                return Err(delivery);
             }
             queue.push_back(delivery);
         }
         self.notify.notify_one();
-        true
+        Ok(())
+    }
+
+    /// Puts back deliveries recovered from storage, in order, whatever the capacity: they were
+    /// accepted before the restart.
+    pub fn restore(&self, deliveries: impl IntoIterator<Item = Delivery>) {
+        lock(&self.queue).extend(deliveries);
+        self.notify.notify_one();
+    }
+
+    /// Takes everything out (the session is ending).
+    pub fn drain(&self) -> Vec<Delivery> {
+        lock(&self.queue).drain(..).collect()
     }
 
     /// Takes the front delivery if `accept` agrees to it.
@@ -95,7 +107,8 @@ impl Mailbox {
 #[derive(Debug)]
 pub struct PendingWill {
     pub message: Arc<Message>,
-    pub publish_at: Instant,
+    pub delay_interval: u32,
+    pub publish_at: SystemTime,
 }
 
 /// The connection currently attached to a session.
@@ -115,12 +128,12 @@ pub struct SessionInner {
     pub live: Option<LiveConnection>,
     /// Seconds after disconnect before the session is discarded.
     pub expiry_interval: u32,
-    pub disconnected_at: Option<Instant>,
+    pub disconnected_at: Option<SystemTime>,
     pub pending_will: Option<PendingWill>,
 }
 
 impl SessionInner {
-    pub fn expires_at(&self) -> Option<Instant> {
+    pub fn expires_at(&self) -> Option<SystemTime> {
         if self.expiry_interval == NEVER_EXPIRES {
             return None;
         }
@@ -135,15 +148,28 @@ pub struct SessionHandle {
     pub mailbox: Mailbox,
     /// Whether a client is connected; read on the publish path without taking `inner`.
     online: AtomicBool,
+    /// Whether the session outlives its connection (expiry > 0), so its QoS 1/2 deliveries
+    /// are persisted.
+    persistent: AtomicBool,
+    /// Whether the session was ever persistent, so storage may hold some of it.
+    ever_persistent: AtomicBool,
+    /// Set once the session is discarded: deliveries still arriving for it are released.
+    ended: AtomicBool,
+    /// Next queue sequence number.
+    next_seq: AtomicU64,
     inner: Mutex<SessionInner>,
 }
 
 impl SessionHandle {
-    pub fn new(client_id: Arc<str>, mailbox_capacity: usize) -> Self {
+    pub fn new(client_id: Arc<str>, mailbox_capacity: usize, first_seq: u64) -> Self {
         Self {
             client_id,
             mailbox: Mailbox::new(mailbox_capacity),
             online: AtomicBool::new(false),
+            persistent: AtomicBool::new(false),
+            ever_persistent: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+            next_seq: AtomicU64::new(first_seq),
             inner: Mutex::new(SessionInner {
                 state: None,
                 live: None,
@@ -160,6 +186,39 @@ impl SessionHandle {
 
     fn set_online(&self, online: bool) {
         self.online.store(online, Ordering::Release);
+    }
+
+    pub fn is_persistent(&self) -> bool {
+        self.persistent.load(Ordering::Acquire)
+    }
+
+    fn set_persistent(&self, persistent: bool) {
+        if persistent {
+            self.ever_persistent.store(true, Ordering::Release);
+        }
+        self.persistent.store(persistent, Ordering::Release);
+    }
+
+    /// Whether storage may hold anything of this session.
+    pub fn may_be_stored(&self) -> bool {
+        self.ever_persistent.load(Ordering::Acquire)
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    fn set_ended(&self) {
+        self.ended.store(true, Ordering::Release);
+    }
+
+    /// Reserves the next queue sequence number.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn peek_next_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::Relaxed)
     }
 
     pub fn inner(&self) -> MutexGuard<'_, SessionInner> {

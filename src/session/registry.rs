@@ -1,5 +1,9 @@
 //! The registry of sessions by client identifier: attaching a connection to a session (new,
-//! resumed or taken over), detaching it, and expiring sessions and delayed wills.
+//! resumed or taken over), detaching it, restoring sessions from storage, and expiring sessions
+//! and delayed wills.
+//!
+//! It only changes memory. What it ended or kept is returned to the caller, which has the
+//! storage handle and persists it.
 //!
 //! Lock order: registry map → `SessionHandle::inner` → router trie → mailbox. Nothing here is
 //! held across an `.await`.
@@ -7,13 +11,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::{LiveConnection, PendingWill, SessionHandle, SessionState};
-use crate::message::Message;
+use crate::message::{Delivery, Message};
 use crate::router::Router;
 use crate::sync::lock;
 
@@ -31,6 +35,43 @@ pub struct Attached {
     pub kick: CancellationToken,
     /// Sent when the connection has detached, so a waiting takeover can proceed.
     pub done: oneshot::Sender<()>,
+    /// The previous session of this client id, discarded by Clean Start or expiry.
+    pub ended: Option<EndedSession>,
+}
+
+/// A session that no longer exists: what it still held, for storage clean-up, and its will.
+#[derive(Debug)]
+pub struct EndedSession {
+    pub client_id: Arc<str>,
+    /// Deliveries that were queued or in flight; their storage references must be released.
+    pub deliveries: Vec<Delivery>,
+    /// Its will, due now that the session is over [MQTT-3.1.3-9].
+    pub will: Option<Arc<Message>>,
+    /// Whether anything of it was in storage.
+    pub was_persistent: bool,
+}
+
+/// A will message with its Will Delay Interval in seconds.
+pub type WillWithDelay = (Arc<Message>, u32);
+
+/// What a sweep of the registry found.
+#[derive(Debug, Default)]
+pub struct Swept {
+    /// Sessions whose expiry passed.
+    pub ended: Vec<EndedSession>,
+    /// Delayed wills now due.
+    pub due_wills: Vec<Arc<Message>>,
+}
+
+/// What became of a session when its connection went away.
+#[derive(Debug)]
+pub enum Detached {
+    /// The session lives on; `will_now` is a will without delay, to publish now.
+    Kept { will_now: Option<Arc<Message>> },
+    /// The session ended with the connection (expiry 0).
+    Ended(EndedSession),
+    /// Another connection owns the session already; only the will is left to publish.
+    Stale { will: Option<Arc<Message>> },
 }
 
 #[derive(Debug)]
@@ -61,6 +102,27 @@ impl SessionRegistry {
         lock(&self.sessions).contains_key(client_id)
     }
 
+    /// Adds an offline session rebuilt from storage.
+    pub fn restore(
+        &self,
+        handle: Arc<SessionHandle>,
+        expiry_interval: u32,
+        disconnected_at: SystemTime,
+    ) {
+        {
+            let mut inner = handle.inner();
+            inner.expiry_interval = expiry_interval;
+            inner.disconnected_at = Some(disconnected_at);
+        }
+        handle.set_persistent(true);
+        lock(&self.sessions).insert(handle.client_id.clone(), handle);
+    }
+
+    /// A fresh, empty handle for a client id (not registered).
+    pub fn new_handle(&self, client_id: Arc<str>, first_seq: u64) -> SessionHandle {
+        SessionHandle::new(client_id, self.mailbox_capacity, first_seq)
+    }
+
     /// Attaches a new connection to the session of `client_id`, closing any connection that
     /// holds it now [MQTT-3.1.4-3]. With `clean_start`, or when the old session has expired, the
     /// old session is discarded [MQTT-3.1.2-4]; otherwise it is resumed [MQTT-3.1.2-5].
@@ -75,7 +137,7 @@ impl SessionRegistry {
         loop {
             let previous = {
                 let mut sessions = lock(&self.sessions);
-                let now = Instant::now();
+                let now = SystemTime::now();
                 let existing = sessions.get(&client_id).cloned();
                 let mut taken_over = None;
                 let mut resumed = None;
@@ -102,19 +164,19 @@ impl SessionRegistry {
                         kick: kick.clone(),
                         done: done_rx,
                     };
+                    let mut ended = None;
                     let (handle, state, session_present) = match (existing, resumed) {
                         (Some(handle), Some(state)) => (handle, state, true),
                         (existing, _) => {
+                            let mut first_seq = 0;
                             if let Some(old) = existing {
                                 sessions.remove(&client_id);
-                                if let Some(will) = end_session(router, &old) {
-                                    router.publish(will);
-                                }
+                                // Continue the old numbering: late writes for the old session
+                                // can never land on keys of the new one.
+                                first_seq = old.peek_next_seq();
+                                ended = Some(end_session(router, &old, None));
                             }
-                            let handle = Arc::new(SessionHandle::new(
-                                client_id.clone(),
-                                self.mailbox_capacity,
-                            ));
+                            let handle = Arc::new(self.new_handle(client_id.clone(), first_seq));
                             sessions.insert(client_id.clone(), handle.clone());
                             (handle, SessionState::default(), false)
                         }
@@ -125,6 +187,7 @@ impl SessionRegistry {
                         inner.expiry_interval = expiry_interval;
                         inner.disconnected_at = None;
                     }
+                    handle.set_persistent(expiry_interval > 0);
                     handle.set_online(true);
                     return Attached {
                         handle,
@@ -133,6 +196,7 @@ impl SessionRegistry {
                         connection_id,
                         kick,
                         done,
+                        ended,
                     };
                 }
             };
@@ -146,7 +210,7 @@ impl SessionRegistry {
         }
     }
 
-    /// Hands the session back when a connection ends. Returns a will to publish now, if any.
+    /// Hands the session back when a connection ends.
     ///
     /// `will` is the connection's will when it closed without a normal DISCONNECT; with a Will
     /// Delay Interval it waits in the session until the delay or the session ends, whichever is
@@ -158,14 +222,15 @@ impl SessionRegistry {
         connection_id: u64,
         state: SessionState,
         expiry_interval: u32,
-        will: Option<(Arc<Message>, u32)>,
-    ) -> Option<Arc<Message>> {
+        will: Option<WillWithDelay>,
+    ) -> Detached {
         let mut sessions = lock(&self.sessions);
         let mut inner = handle.inner();
         match &inner.live {
             Some(live) if live.id != connection_id => {
-                // Another connection already owns this session; our state is stale.
-                return will.map(|(message, _)| message);
+                return Detached::Stale {
+                    will: will.map(|(message, _)| message),
+                };
             }
             Some(_) => inner.live = None,
             None => {}
@@ -179,73 +244,86 @@ impl SessionRegistry {
                 sessions.remove(&handle.client_id);
             }
             drop(inner);
-            for filter in state.subscriptions.keys() {
-                router.unsubscribe(&handle.client_id, filter);
-            }
-            return will.map(|(message, _)| message);
+            return Detached::Ended(end_session(router, handle, Some((state, will))));
         }
+        let now = SystemTime::now();
         inner.state = Some(state);
         inner.expiry_interval = expiry_interval;
-        inner.disconnected_at = Some(Instant::now());
-        match will {
+        inner.disconnected_at = Some(now);
+        let will_now = match will {
             Some((message, delay)) if delay > 0 => {
                 inner.pending_will = Some(PendingWill {
                     message,
-                    publish_at: Instant::now() + Duration::from_secs(u64::from(delay)),
+                    delay_interval: delay,
+                    publish_at: now + Duration::from_secs(u64::from(delay)),
                 });
                 None
             }
             Some((message, _)) => Some(message),
             None => None,
-        }
+        };
+        Detached::Kept { will_now }
     }
 
-    /// Discards expired offline sessions and publishes wills whose delay has passed. Returns
-    /// how many sessions expired.
-    pub fn sweep(&self, router: &Router, now: Instant) -> usize {
+    /// Discards expired offline sessions and takes wills whose delay has passed.
+    pub fn sweep(&self, router: &Router, now: SystemTime) -> Swept {
+        let mut ended = Vec::new();
         let mut due_wills = Vec::new();
-        let mut expired = 0;
-        {
-            let mut sessions = lock(&self.sessions);
-            sessions.retain(|_, handle| {
-                let mut inner = handle.inner();
-                if inner.live.is_some() {
-                    return true;
+        let mut sessions = lock(&self.sessions);
+        sessions.retain(|_, handle| {
+            let mut inner = handle.inner();
+            if inner.live.is_some() {
+                return true;
+            }
+            if inner.expires_at().is_some_and(|at| at <= now) {
+                drop(inner);
+                ended.push(end_session(router, handle, None));
+                return false;
+            }
+            if inner
+                .pending_will
+                .as_ref()
+                .is_some_and(|will| will.publish_at <= now)
+            {
+                if let Some(will) = inner.pending_will.take() {
+                    due_wills.push(will.message);
                 }
-                if inner.expires_at().is_some_and(|at| at <= now) {
-                    drop(inner);
-                    expired += 1;
-                    due_wills.extend(end_session(router, handle));
-                    return false;
-                }
-                if inner
-                    .pending_will
-                    .as_ref()
-                    .is_some_and(|will| will.publish_at <= now)
-                {
-                    due_wills.extend(inner.pending_will.take().map(|w| w.message));
-                }
-                true
-            });
-        }
-        for will in due_wills {
-            router.publish(will);
-        }
-        expired
+            }
+            true
+        });
+        Swept { ended, due_wills }
     }
 }
 
-/// Removes an offline session's subscriptions; returns its pending will, which is published when
-/// the session ends even if its delay has not passed [MQTT-3.1.3-9].
-fn end_session(router: &Router, handle: &SessionHandle) -> Option<Arc<Message>> {
+/// Discards a session: removes its subscriptions, collects what it held and its will. `live`
+/// carries the state and will of the connection that is ending it, if any.
+fn end_session(
+    router: &Router,
+    handle: &Arc<SessionHandle>,
+    live: Option<(SessionState, Option<WillWithDelay>)>,
+) -> EndedSession {
+    handle.set_ended();
+    let was_persistent = handle.may_be_stored();
+    handle.set_persistent(false);
     let (state, will) = {
         let mut inner = handle.inner();
-        (inner.state.take(), inner.pending_will.take())
-    };
-    if let Some(state) = state {
-        for filter in state.subscriptions.keys() {
-            router.unsubscribe(&handle.client_id, filter);
+        let pending = inner.pending_will.take().map(|w| w.message);
+        match live {
+            Some((state, will)) => (Some(state), will.map(|(message, _)| message).or(pending)),
+            None => (inner.state.take(), pending),
         }
+    };
+    let mut deliveries = handle.mailbox.drain();
+    if let Some(mut state) = state {
+        for filter in state.subscriptions.keys() {
+            router.unsubscribe_session(handle, filter);
+        }
+        deliveries.extend(state.inflight.drain().map(|entry| entry.delivery));
     }
-    will.map(|w| w.message)
+    EndedSession {
+        client_id: handle.client_id.clone(),
+        deliveries,
+        will,
+        was_persistent,
+    }
 }

@@ -21,6 +21,8 @@ pub const QUIET: Duration = Duration::from_millis(300);
 pub struct TestBroker {
     broker: Option<Broker>,
     pub addr: SocketAddr,
+    /// The RocksDB directory; kept for the life of the test (and across restarts).
+    pub data_dir: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl TestBroker {
@@ -29,15 +31,33 @@ impl TestBroker {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let data_dir = std::sync::Arc::new(tempfile::tempdir().expect("temp dir"));
+        Self::start_in(data_dir, adjust).await
+    }
+
+    /// Starts a broker on an existing data directory (a restart).
+    pub async fn start_in(
+        data_dir: std::sync::Arc<tempfile::TempDir>,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Self {
         let mut config = Config::default();
         config.listener.bind = "127.0.0.1:0".parse().unwrap();
+        config.storage.data_dir = data_dir.path().to_path_buf();
         adjust(&mut config);
         let broker = Broker::start(config).await.expect("broker starts");
         let addr = broker.mqtt_addr();
         Self {
             broker: Some(broker),
             addr,
+            data_dir,
         }
+    }
+
+    /// Shuts down gracefully and starts again on the same data directory.
+    pub async fn restart(self) -> Self {
+        let data_dir = self.data_dir.clone();
+        self.shutdown().await;
+        Self::start_in(data_dir, |_| {}).await
     }
 
     pub fn broker(&self) -> &Broker {

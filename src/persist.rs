@@ -1,0 +1,238 @@
+//! Turns broker state changes into storage operations, and publishes messages durably on
+//! behalf of the broker itself (wills).
+//!
+//! The rule everything here serves: a change the broker acknowledges to a client is written
+//! before the acknowledgement leaves. Connection tasks submit these operations and hold the
+//! acknowledgement until the write completes; releases of acknowledged state are written
+//! behind, since losing one only means a redelivery after a crash.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::broker::BrokerState;
+use crate::message::{Delivery, Message};
+use crate::metrics;
+use crate::protocol::{ProtocolVersion, QoS};
+use crate::router::{SubscriptionOptions, Target};
+use crate::session::EndedSession;
+use crate::storage::records::{self, QueueEntry, SessionRecord, StoredWill};
+use crate::storage::{keys, Cf, Op, Storage, StorageError, StoredMessage};
+
+/// Operations that make a routed message durable: the retained store change and, for every
+/// persistent session taking it at QoS 1 or 2, one queue entry referencing a single stored copy.
+/// Marks those deliveries as stored.
+pub fn publish_ops(storage: &Storage, message: &Arc<Message>, targets: &mut [Target]) -> Vec<Op> {
+    let mut ops = Vec::new();
+    if message.retain {
+        let key = keys::retained(&message.topic);
+        if message.payload.is_empty() {
+            ops.push(Op::Delete(Cf::Retained, key));
+        } else {
+            ops.push(Op::Put(Cf::Retained, key, records::encode_message(message)));
+        }
+    }
+    let durable = targets
+        .iter()
+        .filter(|t| t.delivery.qos != QoS::AtMostOnce && t.session.is_persistent())
+        .count();
+    if durable == 0 {
+        return ops;
+    }
+    let stored = Arc::new(StoredMessage::new(storage.next_message_id(), durable));
+    ops.push(Op::Put(
+        Cf::Messages,
+        keys::message(stored.id),
+        records::encode_message(message),
+    ));
+    for target in targets
+        .iter_mut()
+        .filter(|t| t.delivery.qos != QoS::AtMostOnce && t.session.is_persistent())
+    {
+        target.delivery.stored = Some(stored.clone());
+        ops.push(queue_put(
+            &target.session.client_id,
+            &target.delivery,
+            false,
+        ));
+    }
+    ops
+}
+
+fn queue_put(client_id: &str, delivery: &Delivery, awaiting_pubcomp: bool) -> Op {
+    let message_id = delivery.stored.as_ref().map_or(0, |s| s.id);
+    let entry = QueueEntry {
+        message_id,
+        qos: delivery.qos,
+        retain: delivery.retain,
+        awaiting_pubcomp,
+        subscription_ids: delivery.subscription_ids.clone(),
+    };
+    Op::Put(
+        Cf::Queue,
+        keys::queue(client_id, delivery.seq),
+        records::encode_queue_entry(&entry),
+    )
+}
+
+/// The delivery reached PUBREC: on a restart only PUBREL may be re-sent, never the message
+/// (the client may already have passed it on and forgotten its packet id after PUBREL).
+pub fn pubrec_ops(client_id: &str, delivery: &Delivery) -> Vec<Op> {
+    if delivery.stored.is_none() {
+        return Vec::new();
+    }
+    vec![queue_put(client_id, delivery, true)]
+}
+
+/// The delivery is complete (or dropped): its queue entry goes, and the message record with
+/// its last reference.
+pub fn release_ops(client_id: &str, delivery: &Delivery, ops: &mut Vec<Op>) {
+    let Some(stored) = &delivery.stored else {
+        return;
+    };
+    ops.push(Op::Delete(Cf::Queue, keys::queue(client_id, delivery.seq)));
+    if stored.release() {
+        ops.push(Op::Delete(Cf::Messages, keys::message(stored.id)));
+    }
+}
+
+pub fn inbound_put(client_id: &str, packet_id: u16) -> Op {
+    Op::Put(Cf::Inbound, keys::inbound(client_id, packet_id), Vec::new())
+}
+
+pub fn inbound_delete(client_id: &str, packet_id: u16) -> Op {
+    Op::Delete(Cf::Inbound, keys::inbound(client_id, packet_id))
+}
+
+pub fn subscription_put(client_id: &str, filter: &str, options: &SubscriptionOptions) -> Op {
+    Op::Put(
+        Cf::Subscriptions,
+        keys::subscription(client_id, filter),
+        records::encode_subscription(options),
+    )
+}
+
+pub fn subscription_delete(client_id: &str, filter: &str) -> Op {
+    Op::Delete(Cf::Subscriptions, keys::subscription(client_id, filter))
+}
+
+fn protocol_level(version: ProtocolVersion) -> u8 {
+    match version {
+        ProtocolVersion::V3_1 => 3,
+        ProtocolVersion::V3_1_1 => 4,
+        ProtocolVersion::V5 => 5,
+    }
+}
+
+/// The session record of a persistent session. `will` is (message, delay, when due once the
+/// connection is gone).
+pub fn session_put(
+    client_id: &str,
+    version: ProtocolVersion,
+    expiry_interval: u32,
+    disconnected_at: Option<SystemTime>,
+    will: Option<(&Message, u32, Option<SystemTime>)>,
+) -> Op {
+    let record = SessionRecord {
+        protocol_level: protocol_level(version),
+        expiry_interval,
+        disconnected_at,
+        will: will.map(|(message, delay_interval, publish_at)| StoredWill {
+            message: clone_message(message),
+            delay_interval,
+            publish_at,
+        }),
+    };
+    Op::Put(
+        Cf::Sessions,
+        keys::session(client_id),
+        records::encode_session(&record),
+    )
+}
+
+fn clone_message(message: &Message) -> Message {
+    Message {
+        topic: message.topic.clone(),
+        payload: message.payload.clone(),
+        qos: message.qos,
+        retain: message.retain,
+        properties: message.properties.clone(),
+        publisher: message.publisher.clone(),
+        expires_at: message.expires_at,
+    }
+}
+
+/// Everything of an ended session goes: its record, subscriptions, queue and QoS 2 state, and
+/// the message records only it still referenced.
+pub fn end_session_ops(ended: &EndedSession) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for delivery in &ended.deliveries {
+        if let Some(stored) = &delivery.stored {
+            if stored.release() {
+                ops.push(Op::Delete(Cf::Messages, keys::message(stored.id)));
+            }
+        }
+    }
+    if ended.was_persistent {
+        let prefix = keys::client_prefix(&ended.client_id);
+        let end = keys::prefix_end(&prefix);
+        ops.push(Op::Delete(Cf::Sessions, keys::session(&ended.client_id)));
+        for cf in [Cf::Subscriptions, Cf::Queue, Cf::Inbound] {
+            ops.push(Op::DeleteRange(cf, prefix.clone(), end.clone()));
+        }
+    }
+    ops
+}
+
+/// Writes `ops` and waits until they are durable. Without storage there is nothing to wait for.
+pub async fn write(state: &BrokerState, ops: Vec<Op>) -> Result<(), StorageError> {
+    match &state.storage {
+        Some(storage) if !ops.is_empty() => storage
+            .write(ops)
+            .await
+            .await
+            .unwrap_or(Err(StorageError::Closed)),
+        _ => Ok(()),
+    }
+}
+
+/// Writes `ops` without waiting.
+pub async fn write_behind(state: &BrokerState, ops: Vec<Op>) {
+    if let Some(storage) = &state.storage {
+        storage.write_behind(ops).await;
+    }
+}
+
+/// Releases the storage of deliveries that were routed but could not be queued.
+pub async fn release_dropped(state: &BrokerState, dropped: Vec<Target>) {
+    let mut ops = Vec::new();
+    for target in &dropped {
+        release_ops(&target.session.client_id, &target.delivery, &mut ops);
+    }
+    write_behind(state, ops).await;
+}
+
+/// Publishes a message on the broker's own behalf (a will): durably for persistent
+/// subscribers, then into the mailboxes.
+pub async fn publish(state: &BrokerState, message: Arc<Message>) {
+    let mut targets = state.router.plan(&message);
+    if let Some(storage) = &state.storage {
+        let ops = publish_ops(storage, &message, &mut targets);
+        if let Err(error) = write(state, ops).await {
+            metrics::message_dropped(metrics::DROP_STORAGE_FAILED);
+            tracing::error!(%error, topic = %message.topic, "will not published: storage failed");
+            return;
+        }
+    }
+    let dropped = state.router.apply(&message, targets);
+    release_dropped(state, dropped).await;
+}
+
+/// Persists the end of sessions and publishes their wills.
+pub async fn finish_ended_sessions(state: &BrokerState, ended: Vec<EndedSession>) {
+    for session in ended {
+        write_behind(state, end_session_ops(&session)).await;
+        if let Some(will) = session.will {
+            publish(state, will).await;
+        }
+    }
+}

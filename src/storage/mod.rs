@@ -1,0 +1,351 @@
+//! Durable state in RocksDB: retained messages, persistent sessions with their subscriptions,
+//! queues and inbound QoS 2 state, and the messages those queues reference.
+//!
+//! All RocksDB calls run off the async workers. Writes go through one bounded channel to a
+//! writer thread that groups every request waiting at that moment into one `WriteBatch` (group
+//! commit) and completes each request when its batch is in the WAL (and, with
+//! `durability = "fsync"`, synced). Callers send acknowledgements only after that completion,
+//! which is what makes "acknowledged" mean "survives kill -9". Reads happen once, at start-up.
+
+pub mod keys;
+pub mod records;
+mod recovery;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rocksdb::{ColumnFamilyDescriptor, DBCompressionType, Options, WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics;
+
+pub use recovery::{Recovered, RecoveredSession};
+
+/// Requests waiting for the writer thread; a full channel makes publishers wait, which pushes
+/// back on their sockets.
+const WRITE_QUEUE: usize = 4096;
+/// Most requests folded into one batch.
+const MAX_BATCH_REQUESTS: usize = 2048;
+
+/// When a write counts as done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// In the WAL, not synced: survives the broker process dying, not the machine.
+    #[default]
+    Process,
+    /// In the WAL and fsynced before acknowledgement: survives power loss.
+    Fsync,
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage error: {0}")]
+    Rocks(Arc<str>),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("storage is shut down")]
+    Closed,
+}
+
+impl From<rocksdb::Error> for StorageError {
+    fn from(error: rocksdb::Error) -> Self {
+        Self::Rocks(error.into_string().into())
+    }
+}
+
+/// Column families, one per record kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cf {
+    Meta,
+    Sessions,
+    Subscriptions,
+    Queue,
+    Inbound,
+    Messages,
+    Retained,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 7] = [
+        Cf::Meta,
+        Cf::Sessions,
+        Cf::Subscriptions,
+        Cf::Queue,
+        Cf::Inbound,
+        Cf::Messages,
+        Cf::Retained,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Meta => "meta",
+            Cf::Sessions => "sessions",
+            Cf::Subscriptions => "subscriptions",
+            Cf::Queue => "queue",
+            Cf::Inbound => "inbound",
+            Cf::Messages => "messages",
+            Cf::Retained => "retained",
+        }
+    }
+}
+
+/// One change; a request's changes are applied atomically with the rest of its batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Put(Cf, Vec<u8>, Vec<u8>),
+    Delete(Cf, Vec<u8>),
+    DeleteRange(Cf, Vec<u8>, Vec<u8>),
+}
+
+/// A message record shared by the queue entries that reference it; the record is deleted
+/// when the last reference is released.
+#[derive(Debug)]
+pub struct StoredMessage {
+    pub id: u64,
+    refs: AtomicUsize,
+}
+
+impl StoredMessage {
+    pub fn new(id: u64, refs: usize) -> Self {
+        Self {
+            id,
+            refs: AtomicUsize::new(refs),
+        }
+    }
+
+    /// Drops one reference; returns true when it was the last (the record must go).
+    pub fn release(&self) -> bool {
+        self.refs.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+}
+
+/// Completes when the write is durable (or failed).
+pub type Completion = oneshot::Receiver<Result<(), StorageError>>;
+
+enum Request {
+    Write {
+        ops: Vec<Op>,
+        done: Option<oneshot::Sender<Result<(), StorageError>>>,
+    },
+    /// Flush and stop after everything queued before it.
+    Close(oneshot::Sender<()>),
+}
+
+#[derive(Debug)]
+pub struct Storage {
+    db: Arc<DB>,
+    requests: mpsc::Sender<Request>,
+    next_message_id: AtomicU64,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Request::Write { .. } => "Write",
+            Request::Close(_) => "Close",
+        })
+    }
+}
+
+impl Storage {
+    /// Opens (creating if needed) the database in `path` and reads back everything stored.
+    /// Blocking: call it from `spawn_blocking` or before the runtime serves clients.
+    pub fn open(path: &Path, durability: Durability) -> Result<(Self, Recovered), StorageError> {
+        std::fs::create_dir_all(path).map_err(|e| {
+            StorageError::Rocks(format!("cannot create {}: {e}", path.display()).into())
+        })?;
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.set_compression_type(DBCompressionType::Lz4);
+        options.set_bottommost_compression_type(DBCompressionType::Zstd);
+        // Cross-column-family batches must be recovered all-or-nothing.
+        options.set_atomic_flush(true);
+        options.set_keep_log_file_num(4);
+        let descriptors = Cf::ALL.iter().map(|cf| {
+            let mut cf_options = Options::default();
+            cf_options.set_compression_type(DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(cf.name(), cf_options)
+        });
+        let db = Arc::new(DB::open_cf_descriptors(&options, path, descriptors)?);
+        let started = Instant::now();
+        let recovered = recovery::load(&db)?;
+        tracing::info!(
+            path = %path.display(),
+            sessions = recovered.sessions.len(),
+            retained = recovered.retained.len(),
+            queued = recovered.queued_messages(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "storage recovered"
+        );
+        metrics::recovery_seconds(started.elapsed().as_secs_f64());
+
+        let (requests, receiver) = mpsc::channel(WRITE_QUEUE);
+        let writer_db = db.clone();
+        let writer = std::thread::Builder::new()
+            .name("telemq-storage".into())
+            .spawn(move || write_loop(&writer_db, receiver, durability))
+            .map_err(|e| StorageError::Rocks(format!("cannot start writer thread: {e}").into()))?;
+        let storage = Self {
+            db,
+            requests,
+            next_message_id: AtomicU64::new(recovered.next_message_id),
+            writer: Mutex::new(Some(writer)),
+            path: path.to_path_buf(),
+        };
+        Ok((storage, recovered))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn next_message_id(&self) -> u64 {
+        self.next_message_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queues `ops` for the writer; the returned completion resolves once they are durable.
+    /// Waits while the writer's queue is full.
+    pub async fn write(&self, ops: Vec<Op>) -> Completion {
+        let (done, completion) = oneshot::channel();
+        let request = Request::Write {
+            ops,
+            done: Some(done),
+        };
+        if let Err(mpsc::error::SendError(Request::Write {
+            done: Some(done), ..
+        })) = self.requests.send(request).await
+        {
+            let _ = done.send(Err(StorageError::Closed));
+        }
+        completion
+    }
+
+    /// Queues `ops` without waiting for durability: for state whose loss is harmless (deleting
+    /// what was acknowledged; a lost delete only means a redelivery after a crash).
+    pub async fn write_behind(&self, ops: Vec<Op>) {
+        if ops.is_empty() {
+            return;
+        }
+        let _ = self.requests.send(Request::Write { ops, done: None }).await;
+    }
+
+    /// Writes everything queued, syncs the WAL and stops the writer thread.
+    pub async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.requests.send(Request::Close(done)).await.is_ok() {
+            let _ = closed.await;
+        }
+        let writer = crate::sync::lock(&self.writer).take();
+        if let Some(writer) = writer {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
+    }
+
+    /// Number of keys in each column family (scans; for tests and diagnostics).
+    pub fn key_counts(&self) -> Vec<(&'static str, usize)> {
+        Cf::ALL
+            .iter()
+            .filter_map(|&cf| {
+                let handle = self.db.cf_handle(cf.name())?;
+                let count = self
+                    .db
+                    .iterator_cf(handle, rocksdb::IteratorMode::Start)
+                    .filter(Result::is_ok)
+                    .count();
+                Some((cf.name(), count))
+            })
+            .collect()
+    }
+
+    /// Flushes memtables to SST files (tests grep the files for plaintext).
+    pub fn flush(&self) -> Result<(), StorageError> {
+        let handles: Vec<_> = Cf::ALL
+            .iter()
+            .filter_map(|cf| self.db.cf_handle(cf.name()))
+            .collect();
+        self.db
+            .flush_cfs_opt(&handles, &rocksdb::FlushOptions::default())?;
+        Ok(())
+    }
+}
+
+fn write_loop(db: &DB, mut receiver: mpsc::Receiver<Request>, durability: Durability) {
+    let mut write_options = WriteOptions::default();
+    write_options.set_sync(durability == Durability::Fsync);
+    let mut waiters = Vec::with_capacity(MAX_BATCH_REQUESTS);
+    while let Some(first) = receiver.blocking_recv() {
+        let mut batch = WriteBatch::default();
+        let mut close = None;
+        let mut requests = 0usize;
+        let mut next = Some(first);
+        while let Some(request) = next.take() {
+            match request {
+                Request::Write { ops, done } => {
+                    requests += 1;
+                    for op in ops {
+                        add_to_batch(db, &mut batch, op);
+                    }
+                    waiters.extend(done);
+                }
+                Request::Close(done) => {
+                    close = Some(done);
+                    break;
+                }
+            }
+            if requests < MAX_BATCH_REQUESTS {
+                next = receiver.try_recv().ok();
+            }
+        }
+        let result = if batch.is_empty() {
+            Ok(())
+        } else {
+            let started = Instant::now();
+            let result = db
+                .write_opt(batch, &write_options)
+                .map_err(StorageError::from);
+            metrics::storage_batch(requests, started.elapsed().as_secs_f64(), result.is_ok());
+            if let Err(error) = &result {
+                tracing::error!(%error, requests, "storage write failed; clients are told");
+            }
+            result
+        };
+        for waiter in waiters.drain(..) {
+            let _ = waiter.send(result.clone());
+        }
+        if let Some(done) = close {
+            if let Err(error) = db.flush_wal(true) {
+                tracing::error!(error = %error, "final WAL sync failed");
+            }
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+fn add_to_batch(db: &DB, batch: &mut WriteBatch, op: Op) {
+    let cf_of = |cf: Cf| db.cf_handle(cf.name());
+    match op {
+        Op::Put(cf, key, value) => {
+            if let Some(handle) = cf_of(cf) {
+                batch.put_cf(handle, key, value);
+            }
+        }
+        Op::Delete(cf, key) => {
+            if let Some(handle) = cf_of(cf) {
+                batch.delete_cf(handle, key);
+            }
+        }
+        Op::DeleteRange(cf, from, to) => {
+            if let Some(handle) = cf_of(cf) {
+                batch.delete_range_cf(handle, from, to);
+            }
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! What survives a restart of the broker (graceful here; `crash.rs` kills the process), what is
+//! cleaned up, and how start-up fails on a data directory it cannot use.
+
+mod common;
+
+use std::time::Duration;
+
+use common::packets::{self, parse_publish};
+use common::{RawClient, TestBroker, WAIT};
+use telemq::{Broker, Config};
+
+const PUBLISH: u8 = 3;
+const SUBACK: u8 = 9;
+
+async fn persistent_subscriber(addr: std::net::SocketAddr, id: &str, filter: &str, qos: u8) {
+    let (mut client, connack) =
+        RawClient::handshake(addr, &packets::connect_v4(id, false, 60)).await;
+    assert_eq!(connack.body[0], 0, "new session");
+    client.send(&packets::subscribe(1, filter, qos, None)).await;
+    client.recv_type(SUBACK).await;
+    client.send(&packets::DISCONNECT).await;
+    client.expect_closed().await;
+}
+
+async fn publish_qos1(addr: std::net::SocketAddr, topic: &str, payloads: &[&[u8]], retain: bool) {
+    let (mut client, _) = RawClient::handshake(addr, &packets::connect_v4("pub", true, 60)).await;
+    for (i, payload) in payloads.iter().enumerate() {
+        let packet_id = i as u16 + 1;
+        client
+            .send(&packets::publish(
+                topic, 1, packet_id, retain, false, None, payload,
+            ))
+            .await;
+        let ack = client.recv_type(4).await;
+        assert_eq!(ack.body, packet_id.to_be_bytes());
+    }
+}
+
+#[tokio::test]
+async fn queued_messages_subscriptions_and_retained_survive_a_restart() {
+    let broker = TestBroker::start().await;
+    persistent_subscriber(broker.addr, "keeper", "keep/#", 1).await;
+    publish_qos1(broker.addr, "keep/a", &[b"1", b"2", b"3"], false).await;
+    publish_qos1(broker.addr, "keep/status", &[b"retained"], true).await;
+
+    let broker = broker.restart().await;
+    assert_eq!(broker.broker().retained_count(), 1);
+
+    // The subscription came back too: a message published after the restart is queued.
+    publish_qos1(broker.addr, "keep/b", &[b"4"], false).await;
+
+    let (mut client, connack) =
+        RawClient::handshake(broker.addr, &packets::connect_v4("keeper", false, 60)).await;
+    assert_eq!(connack.body[0], 1, "session present after restart");
+    let mut received = Vec::new();
+    while received.len() < 5 {
+        let publish = parse_publish(&client.recv_type(PUBLISH).await, false);
+        client.send(&packets::puback(publish.packet_id)).await;
+        received.push((publish.topic, publish.payload));
+    }
+    let expected: Vec<(String, Vec<u8>)> = [
+        ("keep/a", &b"1"[..]),
+        ("keep/a", b"2"),
+        ("keep/a", b"3"),
+        ("keep/status", b"retained"),
+        ("keep/b", b"4"),
+    ]
+    .iter()
+    .map(|(t, p)| (t.to_string(), p.to_vec()))
+    .collect();
+    assert_eq!(received, expected, "in order, none lost");
+    client.expect_silence().await;
+
+    let (mut late, _) =
+        RawClient::handshake(broker.addr, &packets::connect_v4("late", true, 60)).await;
+    late.send(&packets::subscribe(1, "keep/+", 0, None)).await;
+    late.recv_type(SUBACK).await;
+    let retained = parse_publish(&late.recv_type(PUBLISH).await, false);
+    assert!(retained.retain);
+    assert_eq!(retained.payload, b"retained");
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_cleared_retained_message_stays_cleared_after_restart() {
+    let broker = TestBroker::start().await;
+    publish_qos1(broker.addr, "gone/x", &[b"v"], true).await;
+    publish_qos1(broker.addr, "gone/x", &[b""], true).await;
+    let broker = broker.restart().await;
+    assert_eq!(broker.broker().retained_count(), 0);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_session_that_expired_while_the_broker_was_down_is_gone() {
+    let broker = TestBroker::start().await;
+    // v5 sessions: one expiring after 1 s, one after an hour.
+    for (id, expiry) in [("short", 1u32), ("long", 3600)] {
+        let mut props = vec![0x11];
+        props.extend(expiry.to_be_bytes());
+        let (mut client, _) =
+            RawClient::handshake(broker.addr, &packets::connect_v5(id, true, 60, &props)).await;
+        client.send(&packets::DISCONNECT).await;
+        client.expect_closed().await;
+    }
+    let data_dir = broker.data_dir.clone();
+    broker.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let broker = TestBroker::start_in(data_dir, |_| {}).await;
+    assert_eq!(broker.broker().session_count(), 1);
+    let counts = broker.broker().storage_key_counts().await;
+    assert!(counts.contains(&("sessions", 1)), "{counts:?}");
+
+    for (id, present) in [("short", 0u8), ("long", 1u8)] {
+        let (_client, connack) = RawClient::handshake(
+            broker.addr,
+            &packets::connect_v5(id, false, 60, &[0x11, 0, 0, 0, 60]),
+        )
+        .await;
+        assert_eq!(connack.body[0], present, "session present for {id}");
+    }
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn acknowledged_deliveries_leave_storage_and_it_does_not_grow() {
+    let broker = TestBroker::start().await;
+    let (mut subscriber, _) =
+        RawClient::handshake(broker.addr, &packets::connect_v4("drain", false, 60)).await;
+    subscriber
+        .send(&packets::subscribe(1, "flow/#", 2, None))
+        .await;
+    subscriber.recv_type(SUBACK).await;
+    let (mut publisher, _) =
+        RawClient::handshake(broker.addr, &packets::connect_v4("flow-pub", false, 60)).await;
+
+    const COUNT: u16 = 500;
+    for i in 1..=COUNT {
+        let qos = if i % 2 == 0 { 1 } else { 2 };
+        publisher
+            .send(&packets::publish(
+                "flow/x",
+                qos,
+                i,
+                false,
+                false,
+                None,
+                &i.to_be_bytes(),
+            ))
+            .await;
+    }
+    let mut delivered = 0;
+    let mut publisher_done = 0;
+    while delivered < COUNT || publisher_done < COUNT {
+        tokio::select! {
+            packet = subscriber.recv() => {
+                let packet = packet.expect("subscriber connected");
+                match packet.packet_type() {
+                    3 => {
+                        let publish = parse_publish(&packet, false);
+                        if publish.qos == 1 {
+                            subscriber.send(&packets::puback(publish.packet_id)).await;
+                            delivered += 1;
+                        } else {
+                            subscriber.send(&packets::pubrec(publish.packet_id)).await;
+                        }
+                    }
+                    6 => {
+                        let id = u16::from_be_bytes([packet.body[0], packet.body[1]]);
+                        subscriber.send(&packets::pubcomp(id)).await;
+                        delivered += 1;
+                    }
+                    other => panic!("unexpected packet type {other}"),
+                }
+            }
+            packet = publisher.recv() => {
+                let packet = packet.expect("publisher connected");
+                match packet.packet_type() {
+                    4 | 7 => publisher_done += 1,
+                    5 => {
+                        let id = u16::from_be_bytes([packet.body[0], packet.body[1]]);
+                        publisher.send(&packets::pubrel(id)).await;
+                    }
+                    other => panic!("unexpected packet type {other}"),
+                }
+            }
+        }
+    }
+    // Releases are written behind the acknowledgements; wait for them to land.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let counts = broker.broker().storage_key_counts().await;
+        let count = |cf: &str| {
+            counts
+                .iter()
+                .find(|(name, _)| *name == cf)
+                .map_or(0, |c| c.1)
+        };
+        if count("queue") == 0 && count("messages") == 0 && count("inbound") == 0 {
+            assert_eq!(count("sessions"), 2);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "storage still holds acknowledged state: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_clean_session_leaves_nothing_in_storage() {
+    let broker = TestBroker::start().await;
+    persistent_subscriber(broker.addr, "temp", "t/#", 1).await;
+    publish_qos1(broker.addr, "t/1", &[b"x"], false).await;
+    // Clean session over the persistent one discards it, queue and all.
+    let (mut client, connack) =
+        RawClient::handshake(broker.addr, &packets::connect_v4("temp", true, 60)).await;
+    assert_eq!(connack.body[0], 0);
+    client.send(&packets::DISCONNECT).await;
+    client.expect_closed().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let counts = broker.broker().storage_key_counts().await;
+        if counts.iter().all(|(_, n)| *n == 0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "left behind: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_second_broker_on_the_same_data_dir_is_refused_clearly() {
+    let broker = TestBroker::start().await;
+    let mut config = Config::default();
+    config.listener.bind = "127.0.0.1:0".parse().unwrap();
+    config.storage.data_dir = broker.data_dir.path().to_path_buf();
+    let error = Broker::start(config).await.expect_err("must refuse");
+    let text = error.to_string();
+    assert!(text.contains("cannot open storage"), "{text}");
+    assert!(text.to_lowercase().contains("lock"), "{text}");
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_data_dir_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("CURRENT"), b"MANIFEST-999999\n").unwrap();
+    let mut config = Config::default();
+    config.listener.bind = "127.0.0.1:0".parse().unwrap();
+    config.storage.data_dir = dir.path().to_path_buf();
+    let error = Broker::start(config).await.expect_err("must refuse");
+    assert!(error.to_string().contains("cannot open storage"), "{error}");
+}
+
+#[tokio::test]
+async fn memory_engine_keeps_nothing_across_restarts() {
+    let broker = TestBroker::start_with(|c| {
+        c.storage.engine = telemq::config::StorageEngine::Memory;
+    })
+    .await;
+    publish_qos1(broker.addr, "m/x", &[b"v"], true).await;
+    assert_eq!(broker.broker().retained_count(), 1);
+    let data_dir = broker.data_dir.clone();
+    broker.shutdown().await;
+    assert_eq!(std::fs::read_dir(data_dir.path()).unwrap().count(), 0);
+}
