@@ -59,9 +59,18 @@ impl BrokerProcess {
         Self { child, addr }
     }
 
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
+    /// SIGKILL: no shutdown, no flush.
+    fn kill(self) {
+        drop(self);
+    }
+}
+
+impl Drop for BrokerProcess {
+    // Also on a failing assertion: an orphaned broker would outlive the test and hold its
+    // output pipe open.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -41,6 +41,10 @@ const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// Past this much unwritten output the task stops reading, so a client that publishes without
 /// reading its acknowledgements is slowed down instead of growing the buffer.
 const WRITE_BACKLOG_LIMIT: usize = 1024 * 1024;
+/// A read at least this long marks a busy client whose buffer is kept and grown.
+const READ_BUSY: usize = 1024;
+/// Room made for the next read of a busy client.
+const READ_CHUNK: usize = 16 * 1024;
 /// Packets waiting for storage before the task stops reading more from the client.
 const PENDING_LIMIT: usize = 4096;
 /// Time allowed to flush the last packets (DISCONNECT) of a closing connection.
@@ -199,11 +203,15 @@ where
         (ProtocolVersion::V5, Some(server)) => server,
         _ => connect.keep_alive,
     };
+    if read_buf.is_empty() {
+        // The 4 KiB that CONNECT was read into is not kept for an idle session.
+        read_buf = BytesMut::new();
+    }
     let mut connection = Connection {
         reader,
         writer,
         read_buf,
-        write_buf: BytesMut::with_capacity(4096),
+        write_buf: BytesMut::new(),
         state: state.clone(),
         version,
         client_id,
@@ -412,15 +420,38 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 Event::Shutdown => Err(Close::ServerShuttingDown),
                 Event::Kicked => Err(Close::TakenOver),
                 Event::KeepAliveExpired => Err(Close::KeepAliveTimeout),
-                Event::MailboxReady | Event::Wrote(Ok(_)) => Ok(()),
+                Event::MailboxReady => Ok(()),
+                Event::Wrote(Ok(_)) => {
+                    if self.write_buf.is_empty() {
+                        // Idle connections hold no output buffer; a busy one gets a new one
+                        // on its next wake-up, which costs far less than the write did.
+                        self.write_buf = BytesMut::new();
+                    }
+                    Ok(())
+                }
                 Event::Wrote(Err(_)) | Event::Read(Err(_)) => Err(Close::Io),
                 Event::Read(Ok(0)) => Err(Close::PeerClosed),
-                Event::Read(Ok(_)) => self.process_input().await,
+                Event::Read(Ok(read)) => {
+                    let outcome = self.process_input().await;
+                    self.size_read_buffer(read);
+                    outcome
+                }
                 Event::Stored(result) => self.complete_pending(result).await,
             };
             if let Err(close) = outcome {
                 return close;
             }
+        }
+    }
+
+    /// Keeps the read buffer small for quiet clients and large for busy ones: after a short
+    /// read that left nothing unparsed it is released (the next read starts with a 64-byte
+    /// allocation), after a long one it gets room for a large next read.
+    fn size_read_buffer(&mut self, last_read: usize) {
+        if self.read_buf.is_empty() && last_read < READ_BUSY {
+            self.read_buf = BytesMut::new();
+        } else if self.read_buf.capacity() - self.read_buf.len() < READ_BUSY {
+            self.read_buf.reserve(READ_CHUNK);
         }
     }
 
