@@ -13,7 +13,7 @@ use crate::protocol::{MessageProperties, QoS};
 use crate::storage::StoredMessage;
 
 /// Expiry is wall-clock time so that it survives a restart.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Message {
     pub topic: Arc<str>,
     pub payload: Bytes,

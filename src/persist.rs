@@ -137,7 +137,7 @@ pub fn session_put(
         expiry_interval,
         disconnected_at,
         will: will.map(|(message, delay_interval, publish_at)| StoredWill {
-            message: clone_message(message),
+            message: message.clone(),
             delay_interval,
             publish_at,
         }),
@@ -147,18 +147,6 @@ pub fn session_put(
         keys::session(client_id),
         records::encode_session(&record),
     )
-}
-
-fn clone_message(message: &Message) -> Message {
-    Message {
-        topic: message.topic.clone(),
-        payload: message.payload.clone(),
-        qos: message.qos,
-        retain: message.retain,
-        properties: message.properties.clone(),
-        publisher: message.publisher.clone(),
-        expires_at: message.expires_at,
-    }
 }
 
 /// Everything of an ended session goes: its record, subscriptions, queue and QoS 2 state, and

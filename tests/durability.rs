@@ -12,6 +12,32 @@ use telemq::{Broker, Config};
 const PUBLISH: u8 = 3;
 const SUBACK: u8 = 9;
 
+/// Polls the storage key counts until `done` holds (writes behind acknowledgements land a
+/// little later); fails after `WAIT` with the last counts.
+async fn wait_for_storage(
+    broker: &TestBroker,
+    done: impl Fn(&dyn Fn(&str) -> usize) -> bool,
+) -> Vec<(&'static str, usize)> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let counts = broker.broker().storage_key_counts().await;
+        let count = |cf: &str| {
+            counts
+                .iter()
+                .find(|(name, _)| *name == cf)
+                .map_or(0, |c| c.1)
+        };
+        if done(&count) {
+            return counts;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "storage still holds: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn persistent_subscriber(addr: std::net::SocketAddr, id: &str, filter: &str, qos: u8) {
     let (mut client, connack) =
         RawClient::handshake(addr, &packets::connect_v4(id, false, 60)).await;
@@ -187,25 +213,11 @@ async fn acknowledged_deliveries_leave_storage_and_it_does_not_grow() {
         }
     }
     // Releases are written behind the acknowledgements; wait for them to land.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let counts = broker.broker().storage_key_counts().await;
-        let count = |cf: &str| {
-            counts
-                .iter()
-                .find(|(name, _)| *name == cf)
-                .map_or(0, |c| c.1)
-        };
-        if count("queue") == 0 && count("messages") == 0 && count("inbound") == 0 {
-            assert_eq!(count("sessions"), 2);
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "storage still holds acknowledged state: {counts:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let counts = wait_for_storage(&broker, |count| {
+        count("queue") == 0 && count("messages") == 0 && count("inbound") == 0
+    })
+    .await;
+    assert!(counts.contains(&("sessions", 2)), "{counts:?}");
     broker.shutdown().await;
 }
 
@@ -220,18 +232,19 @@ async fn a_clean_session_leaves_nothing_in_storage() {
     assert_eq!(connack.body[0], 0);
     client.send(&packets::DISCONNECT).await;
     client.expect_closed().await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let counts = broker.broker().storage_key_counts().await;
-        if counts.iter().all(|(_, n)| *n == 0) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "left behind: {counts:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_storage(&broker, |count| {
+        [
+            "sessions",
+            "subscriptions",
+            "queue",
+            "inbound",
+            "messages",
+            "retained",
+        ]
+        .iter()
+        .all(|cf| count(cf) == 0)
+    })
+    .await;
     broker.shutdown().await;
 }
 
