@@ -284,3 +284,32 @@ async fn memory_engine_keeps_nothing_across_restarts() {
     broker.shutdown().await;
     assert_eq!(std::fs::read_dir(data_dir.path()).unwrap().count(), 0);
 }
+
+#[tokio::test]
+async fn a_message_for_many_persistent_sessions_is_stored_once() {
+    let broker = TestBroker::start().await;
+    for id in ["fan-1", "fan-2", "fan-3"] {
+        persistent_subscriber(broker.addr, id, "fan/#", 1).await;
+    }
+    publish_qos1(broker.addr, "fan/x", &[b"shared payload"], false).await;
+    // The PUBACK came after the write, so the counts are final now.
+    let counts = broker.broker().storage_key_counts().await;
+    assert!(counts.contains(&("messages", 1)), "{counts:?}");
+    assert!(counts.contains(&("queue", 3)), "{counts:?}");
+
+    // Each session's acknowledgement releases one reference; the record goes with the last.
+    for (i, id) in ["fan-1", "fan-2", "fan-3"].into_iter().enumerate() {
+        let (mut client, _) =
+            RawClient::handshake(broker.addr, &packets::connect_v4(id, false, 60)).await;
+        let publish = parse_publish(&client.recv_type(PUBLISH).await, false);
+        client.send(&packets::puback(publish.packet_id)).await;
+        client.send(&packets::DISCONNECT).await;
+        client.expect_closed().await;
+        let left = 2 - i;
+        wait_for_storage(&broker, |count| {
+            count("queue") == left && count("messages") == usize::from(left > 0)
+        })
+        .await;
+    }
+    broker.shutdown().await;
+}
