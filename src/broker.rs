@@ -184,8 +184,11 @@ async fn sweep_sessions(state: Arc<BrokerState>, shutdown: CancellationToken) {
             metrics::sessions_expired(ended.len());
         }
         persist::finish_ended_sessions(&state, ended).await;
-        for will in due_wills {
-            persist::publish(&state, will).await;
+        for due in due_wills {
+            persist::publish(&state, due.message).await;
+            if let Some(op) = persist::session_without_will(&due.session) {
+                persist::write_behind(&state, vec![op]).await;
+            }
         }
     }
 }
@@ -285,6 +288,7 @@ fn restore(state: &BrokerState, recovered: Recovered) -> Vec<Op> {
         {
             let mut inner = handle.inner();
             inner.state = Some(session_state);
+            inner.protocol_level = record.protocol_level;
             // A client connected at the crash lost its connection abnormally: its will is due
             // after its delay, counted from now [MQTT-3.1.2-8].
             inner.pending_will = record.will.map(|will| PendingWill {

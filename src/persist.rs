@@ -14,7 +14,7 @@ use crate::message::{Delivery, Message};
 use crate::metrics;
 use crate::protocol::{ProtocolVersion, QoS};
 use crate::router::{SubscriptionOptions, Target};
-use crate::session::EndedSession;
+use crate::session::{EndedSession, SessionHandle};
 use crate::storage::records::{self, QueueEntry, SessionRecord, StoredWill};
 use crate::storage::{keys, Cf, Op, Storage, StorageError, StoredMessage};
 
@@ -115,12 +115,32 @@ pub fn subscription_delete(client_id: &str, filter: &str) -> Op {
     Op::Delete(Cf::Subscriptions, keys::subscription(client_id, filter))
 }
 
-fn protocol_level(version: ProtocolVersion) -> u8 {
+pub fn protocol_level(version: ProtocolVersion) -> u8 {
     match version {
         ProtocolVersion::V3_1 => 3,
         ProtocolVersion::V3_1_1 => 4,
         ProtocolVersion::V5 => 5,
     }
+}
+
+/// The record of an offline session whose delayed will was just published: without the will,
+/// so a restart does not publish it again.
+pub fn session_without_will(session: &SessionHandle) -> Option<Op> {
+    if !session.is_persistent() || session.is_ended() {
+        return None;
+    }
+    let inner = session.inner();
+    let record = SessionRecord {
+        protocol_level: inner.protocol_level,
+        expiry_interval: inner.expiry_interval,
+        disconnected_at: inner.disconnected_at,
+        will: None,
+    };
+    Some(Op::Put(
+        Cf::Sessions,
+        keys::session(&session.client_id),
+        records::encode_session(&record),
+    ))
 }
 
 /// The session record of a persistent session. `will` is (message, delay, when due once the

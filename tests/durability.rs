@@ -313,3 +313,44 @@ async fn a_message_for_many_persistent_sessions_is_stored_once() {
     }
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_delayed_will_is_published_once_even_across_a_restart() {
+    let broker = TestBroker::start().await;
+    let (mut watcher, _) =
+        RawClient::handshake(broker.addr, &packets::connect_v4("will-watcher", false, 60)).await;
+    watcher
+        .send(&packets::subscribe(1, "wills/#", 1, None))
+        .await;
+    watcher.recv_type(SUBACK).await;
+
+    // v5 client: session expiry 60 s, will delay 1 s.
+    let mut body = packets::string("MQTT");
+    body.push(5);
+    body.push(0x04 | 0x08); // will flag, will QoS 1
+    body.extend(60u16.to_be_bytes());
+    body.extend([5, 0x11, 0, 0, 0, 60]);
+    body.extend(packets::string("dying"));
+    body.extend([5, 0x18, 0, 0, 0, 1]);
+    body.extend(packets::string("wills/dying"));
+    body.extend(packets::binary(b"gone"));
+    let (dying, _) = RawClient::handshake(broker.addr, &packets::frame(0x10, &body)).await;
+    drop(dying); // no DISCONNECT: the will is due after its delay
+
+    let will = parse_publish(&watcher.recv_type(PUBLISH).await, false);
+    assert_eq!(will.topic, "wills/dying");
+    watcher.send(&packets::puback(will.packet_id)).await;
+    watcher.send(&packets::DISCONNECT).await;
+    watcher.expect_closed().await;
+
+    let broker = broker.restart().await;
+    let (mut watcher, connack) =
+        RawClient::handshake(broker.addr, &packets::connect_v4("will-watcher", false, 60)).await;
+    assert_eq!(connack.body[0], 1);
+    // A will published twice would arrive now (queued for the offline watcher on start-up).
+    match watcher.recv_within(Duration::from_millis(1500)).await {
+        Err(()) => {}
+        Ok(packet) => panic!("will delivered again after restart: {packet:?}"),
+    }
+    broker.shutdown().await;
+}

@@ -169,6 +169,7 @@ where
             client_id.clone(),
             connect.clean_start,
             session_expiry,
+            persist::protocol_level(version),
         )
         .await;
     info!(

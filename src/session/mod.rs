@@ -22,7 +22,9 @@ use crate::router::SubscriptionOptions;
 use crate::sync::lock;
 
 pub use inflight::Inflight;
-pub use registry::{Attached, Detached, EndedSession, SessionRegistry, Swept, WillWithDelay};
+pub use registry::{
+    Attached, Detached, DueWill, EndedSession, SessionRegistry, Swept, WillWithDelay,
+};
 
 /// Session Expiry Interval value meaning "never expires" [MQTT-3.1.2-?, §3.1.2.11.2].
 pub const NEVER_EXPIRES: u32 = u32::MAX;
@@ -130,6 +132,8 @@ pub struct SessionInner {
     pub expiry_interval: u32,
     pub disconnected_at: Option<SystemTime>,
     pub pending_will: Option<PendingWill>,
+    /// Protocol level (3, 4, 5) of the last connection, kept in the stored session record.
+    pub protocol_level: u8,
 }
 
 impl SessionInner {
@@ -176,6 +180,7 @@ impl SessionHandle {
                 expiry_interval: 0,
                 disconnected_at: None,
                 pending_will: None,
+                protocol_level: 0,
             }),
         }
     }

@@ -60,7 +60,14 @@ pub struct Swept {
     /// Sessions whose expiry passed.
     pub ended: Vec<EndedSession>,
     /// Delayed wills now due.
-    pub due_wills: Vec<Arc<Message>>,
+    pub due_wills: Vec<DueWill>,
+}
+
+/// A delayed will whose time has come, and the (offline) session it belonged to.
+#[derive(Debug)]
+pub struct DueWill {
+    pub session: Arc<SessionHandle>,
+    pub message: Arc<Message>,
 }
 
 /// What became of a session when its connection went away.
@@ -132,6 +139,7 @@ impl SessionRegistry {
         client_id: Arc<str>,
         clean_start: bool,
         expiry_interval: u32,
+        protocol_level: u8,
     ) -> Attached {
         let connection_id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
         loop {
@@ -184,6 +192,7 @@ impl SessionRegistry {
                     {
                         let mut inner = handle.inner();
                         inner.live = Some(live);
+                        inner.protocol_level = protocol_level;
                         inner.expiry_interval = expiry_interval;
                         inner.disconnected_at = None;
                     }
@@ -286,7 +295,10 @@ impl SessionRegistry {
                 .is_some_and(|will| will.publish_at <= now)
             {
                 if let Some(will) = inner.pending_will.take() {
-                    due_wills.push(will.message);
+                    due_wills.push(DueWill {
+                        session: handle.clone(),
+                        message: will.message,
+                    });
                 }
             }
             true
