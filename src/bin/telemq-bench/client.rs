@@ -153,6 +153,18 @@ impl Client {
         .await;
     }
 
+    /// Reads what arrives within `wait` into `rbuf`: `Ok(false)` when nothing came in time, an
+    /// error when the broker closed the connection.
+    pub async fn read_within(&mut self, wait: Duration) -> anyhow::Result<bool> {
+        self.reserve_read();
+        match timeout(wait, self.stream.read_buf(&mut self.rbuf)).await {
+            Err(_) => Ok(false),
+            Ok(Ok(0)) => bail!("connection closed by the broker"),
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) => Err(e.into()),
+        }
+    }
+
     /// Makes room for a large read.
     pub fn reserve_read(&mut self) {
         if self.rbuf.capacity() - self.rbuf.len() < READ_BUF / 4 {

@@ -11,7 +11,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tokio::time::{sleep, sleep_until, timeout, timeout_at, MissedTickBehavior};
+use tokio::time::{sleep, sleep_until, timeout_at, MissedTickBehavior};
 
 use crate::client::{Client, ConnectOptions};
 use crate::codec::{self, Packet, Stamp};
@@ -587,18 +587,7 @@ async fn publish_loop(
                     timeout_at(deadline, client.stream.write_all(&ctrl)).await??;
                     ctrl.clear();
                 }
-                client.reserve_read();
-                match timeout(
-                    Duration::from_millis(50),
-                    client.stream.read_buf(&mut client.rbuf),
-                )
-                .await
-                {
-                    Err(_) => {}
-                    Ok(Ok(0)) => bail!("connection closed by the broker"),
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(e.into()),
-                }
+                client.read_within(Duration::from_millis(50)).await?;
                 let acked = window.on_packets(&mut client.rbuf, qos, &mut ctrl)?;
                 ctl.acked.fetch_add(acked, Relaxed);
                 continue;
@@ -734,18 +723,7 @@ async fn subscribe_loop(
         if ctl.stop_sub.load(Relaxed) {
             return Ok(());
         }
-        client.reserve_read();
-        match timeout(
-            Duration::from_millis(100),
-            client.stream.read_buf(&mut client.rbuf),
-        )
-        .await
-        {
-            Err(_) => {}
-            Ok(Ok(0)) => bail!("connection closed by the broker"),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e.into()),
-        }
+        client.read_within(Duration::from_millis(100)).await?;
     }
 }
 
@@ -1342,18 +1320,13 @@ async fn drain_session(
         if last_message.elapsed() >= Duration::from_secs(1) {
             break;
         }
-        client.reserve_read();
-        match timeout_at(
-            deadline.min(tokio::time::Instant::now() + Duration::from_millis(200)),
-            client.stream.read_buf(&mut client.rbuf),
-        )
-        .await
+        let wait = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(Duration::from_millis(200));
+        if !anyhow::Context::context(client.read_within(wait).await, "draining")?
+            && tokio::time::Instant::now() >= deadline
         {
-            Err(_) if tokio::time::Instant::now() >= deadline => break,
-            Err(_) => {}
-            Ok(Ok(0)) => bail!("connection closed while draining"),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e.into()),
+            break;
         }
     }
     let drain_s = last_message.duration_since(started).as_secs_f64();
