@@ -13,11 +13,15 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError, StorageEngine};
+use crate::delayed::{self, DelayedMessages};
 use crate::message::Delivery;
 use crate::metrics;
+use crate::overload::MemoryGuard;
 use crate::persist;
 use crate::router::Router;
-use crate::session::{PendingWill, SessionRegistry, SessionState, Swept, NEVER_EXPIRES};
+use crate::session::{
+    PendingWill, QueueLimits, SessionRegistry, SessionState, Swept, NEVER_EXPIRES,
+};
 use crate::storage::{keys, Cf, Op, Recovered, Storage, StorageError, StoredMessage};
 use crate::transport;
 
@@ -32,6 +36,10 @@ pub struct BrokerState {
     pub config: Config,
     pub router: Router,
     pub sessions: SessionRegistry,
+    /// Messages published to `$delayed/...`, waiting to fall due.
+    pub delayed: DelayedMessages,
+    /// Bytes queued in all mailboxes; publishers pause while it is above its high-water mark.
+    pub memory: Arc<MemoryGuard>,
     /// `None` with `storage.engine = "memory"`.
     pub storage: Option<Arc<Storage>>,
 }
@@ -87,9 +95,21 @@ impl Broker {
             .local_addr()
             .map_err(|source| StartError::Bind { addr: bind, source })?;
 
+        let memory = Arc::new(MemoryGuard::new(
+            config.queue.memory_high_watermark,
+            config.queue.memory_low_watermark,
+        ));
+        let limits = QueueLimits {
+            max_messages: config.queue.max_messages,
+            max_bytes: config.queue.max_bytes,
+            qos0_first: config.queue.qos0_first,
+        };
+        let first_delayed_id = recovered.as_ref().map_or(1, |r| r.next_message_id);
         let state = Arc::new(BrokerState {
-            router: Router::new(config.mqtt.queue_qos0_offline),
-            sessions: SessionRegistry::new(config.mqtt.max_queued_messages),
+            router: Router::new(&config),
+            delayed: DelayedMessages::new(&config.delayed, first_delayed_id),
+            sessions: SessionRegistry::new(limits, memory.clone()),
+            memory,
             config,
             storage,
         });
@@ -113,6 +133,7 @@ impl Broker {
             tracker.clone(),
         ));
         tracker.spawn(sweep_sessions(state.clone(), shutdown.clone()));
+        tracker.spawn(delayed::run(state.clone(), shutdown.clone()));
         info!(%mqtt_addr, "listening for MQTT");
         Ok(Self {
             mqtt_addr,
@@ -138,6 +159,16 @@ impl Broker {
 
     pub fn subscription_count(&self) -> usize {
         self.state.router.subscription_count()
+    }
+
+    /// Delayed messages waiting to fall due.
+    pub fn delayed_count(&self) -> usize {
+        self.state.delayed.len()
+    }
+
+    /// Bytes queued in every session's mailbox.
+    pub fn queued_bytes(&self) -> usize {
+        self.state.memory.queued_bytes()
     }
 
     /// Keys per storage column family (a scan; for tests and diagnostics).
@@ -198,6 +229,10 @@ async fn sweep_sessions(state: Arc<BrokerState>, shutdown: CancellationToken) {
 fn restore(state: &BrokerState, recovered: Recovered) -> Vec<Op> {
     let now = SystemTime::now();
     let mut cleanup = Vec::new();
+    let delayed = recovered.delayed.len();
+    for (due, id, message) in recovered.delayed {
+        state.delayed.restore(due, id, message);
+    }
     let retained = recovered.retained.len();
     for message in recovered.retained {
         if message.remaining_expiry(now).is_err() {
@@ -305,7 +340,7 @@ fn restore(state: &BrokerState, recovered: Recovered) -> Vec<Op> {
     }
     info!(
         sessions = restored,
-        expired, retained, "state restored from storage"
+        expired, retained, delayed, "state restored from storage"
     );
     cleanup
 }

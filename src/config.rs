@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::overload::OverflowPolicy;
+use crate::protocol::validate::is_valid_filter;
+use crate::router::shared::ShareStrategy;
 use crate::storage::Durability;
 
 /// The default configuration, documented. `telemq print-default-config` prints it.
@@ -34,10 +37,6 @@ connect_timeout = "10s"
 receive_maximum = 1024
 # Outbound QoS 1/2 messages in flight per session (also capped by the client's Receive Maximum).
 max_inflight_messages = 1024
-# Messages queued per session beyond the in-flight window; further messages are dropped and counted.
-max_queued_messages = 10000
-# Whether QoS 0 messages are queued for persistent sessions whose client is offline.
-queue_qos0_offline = false
 # Topic aliases an MQTT 5 client may use towards the broker (Topic Alias Maximum).
 topic_alias_maximum = 64
 # Upper bound on the Session Expiry Interval, in seconds; 4294967295 means never expire. MQTT 3.1.1
@@ -45,6 +44,66 @@ topic_alias_maximum = 64
 max_session_expiry_interval = 4294967295
 # Whether retained messages are supported (advertised as Retain Available).
 retain_available = true
+
+[queue]
+# Each session queues messages beyond its in-flight window, bounded by count and by bytes (topic,
+# payload, properties and bookkeeping of each message). Offline persistent sessions keep only
+# their queue's bookkeeping in memory; their QoS 1/2 messages are read back from storage when the
+# client returns.
+max_messages = 10000
+max_bytes = 33554432
+# Whether QoS 0 messages are queued for persistent sessions whose client is offline.
+qos0_offline = false
+# What a full queue does with one more message:
+#   "drop_oldest"  the oldest queued message makes room (telemetry: newest data wins)
+#   "drop_newest"  the new message is dropped
+#   "disconnect"   the subscriber is disconnected as a slow consumer (v5: reason 0x97); its
+#                  session (if persistent) keeps queueing
+#   "refuse"       a QoS 1/2 publish that would overflow is refused: MQTT 5 publishers get reason
+#                  0x97 (quota exceeded) and may retry, MQTT 3.1.1 publishers are disconnected so
+#                  they retransmit; nothing is routed. QoS 0 messages are dropped.
+policy = "drop_oldest"
+# Whether queued QoS 0 messages are dropped first, before the policy applies.
+qos0_first = true
+# Total queued bytes of all sessions at which the broker stops reading from publishing clients
+# (TCP back-pressure), and below which it reads again.
+memory_high_watermark = 268435456
+memory_low_watermark = 201326592
+
+# Per topic-filter policies; the first rule whose filter matches the message's topic applies.
+# [[queue.rule]]
+# filter = "alerts/#"
+# policy = "refuse"
+# [[queue.rule]]
+# filter = "telemetry/#"
+# policy = "drop_oldest"
+
+[shared]
+# How a shared subscription ($share/<group>/<filter>, or $queue/<filter> for group "queue") picks
+# the member that gets a message: "round_robin", "random", "sticky" (the same member until it goes
+# offline), "hash_client" (by publisher client id), "hash_topic" (by topic), "least_loaded"
+# (fewest queued messages). Online members are preferred; with none online, persistent members
+# queue the message.
+strategy = "round_robin"
+# Per group-name prefix strategies; the first matching prefix applies.
+# [[shared.group]]
+# prefix = "ordered-"
+# strategy = "hash_topic"
+
+[dead_letter]
+# Republish every dropped message to $DLQ/<reason>/<original topic> (user properties
+# "dlq-reason" and "dlq-publisher"); dead letters that cannot be queued are dropped, never
+# dead-lettered again.
+enabled = false
+# Whether a message no subscriber took is dead-lettered too (reason "no_subscribers").
+no_subscribers = false
+
+[delayed]
+# A publish to $delayed/<seconds>/<topic> is held (durably) and published to <topic> when due.
+# Delayed messages held at once; past it, MQTT 5 publishers get reason 0x97.
+max_messages = 100000
+# Longest delay accepted, in seconds.
+max_delay = 4294967
 
 [storage]
 # "rocksdb": retained messages, persistent sessions, their subscriptions, queues and QoS 2 state
@@ -63,7 +122,85 @@ durability = "process"
 pub struct Config {
     pub listener: ListenerConfig,
     pub mqtt: MqttConfig,
+    pub queue: QueueConfig,
+    pub shared: SharedConfig,
+    pub dead_letter: DeadLetterConfig,
+    pub delayed: DelayedConfig,
     pub storage: StorageConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+    pub qos0_offline: bool,
+    pub policy: OverflowPolicy,
+    pub qos0_first: bool,
+    pub memory_high_watermark: usize,
+    pub memory_low_watermark: usize,
+    pub rule: Vec<QueueRule>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            max_messages: 10_000,
+            max_bytes: 32 * 1024 * 1024,
+            qos0_offline: false,
+            policy: OverflowPolicy::DropOldest,
+            qos0_first: true,
+            memory_high_watermark: 256 * 1024 * 1024,
+            memory_low_watermark: 192 * 1024 * 1024,
+            rule: Vec::new(),
+        }
+    }
+}
+
+/// An overflow policy for messages whose topic matches `filter`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueRule {
+    pub filter: String,
+    pub policy: OverflowPolicy,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedConfig {
+    pub strategy: ShareStrategy,
+    pub group: Vec<GroupStrategy>,
+}
+
+/// A strategy for shared subscription groups whose name starts with `prefix`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupStrategy {
+    pub prefix: String,
+    pub strategy: ShareStrategy,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterConfig {
+    pub enabled: bool,
+    pub no_subscribers: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DelayedConfig {
+    pub max_messages: usize,
+    pub max_delay: u32,
+}
+
+impl Default for DelayedConfig {
+    fn default() -> Self {
+        Self {
+            max_messages: 100_000,
+            max_delay: 4_294_967,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,8 +254,6 @@ pub struct MqttConfig {
     pub server_keep_alive: Option<u16>,
     pub receive_maximum: u16,
     pub max_inflight_messages: u16,
-    pub max_queued_messages: usize,
-    pub queue_qos0_offline: bool,
     pub topic_alias_maximum: u16,
     pub max_session_expiry_interval: u32,
     pub retain_available: bool,
@@ -132,8 +267,6 @@ impl Default for MqttConfig {
             server_keep_alive: None,
             receive_maximum: 1024,
             max_inflight_messages: 1024,
-            max_queued_messages: 10_000,
-            queue_qos0_offline: false,
             topic_alias_maximum: 64,
             max_session_expiry_interval: u32::MAX,
             retain_available: true,
@@ -191,9 +324,28 @@ impl Config {
                 "mqtt.max_inflight_messages must be at least 1".into(),
             ));
         }
-        if mqtt.max_queued_messages == 0 {
+        let queue = &self.queue;
+        if queue.max_messages == 0 || queue.max_bytes == 0 {
             return Err(ConfigError::Invalid(
-                "mqtt.max_queued_messages must be at least 1".into(),
+                "queue.max_messages and queue.max_bytes must be at least 1".into(),
+            ));
+        }
+        if queue.memory_low_watermark >= queue.memory_high_watermark {
+            return Err(ConfigError::Invalid(
+                "queue.memory_low_watermark must be below queue.memory_high_watermark".into(),
+            ));
+        }
+        for rule in &queue.rule {
+            if !is_valid_filter(&rule.filter) {
+                return Err(ConfigError::Invalid(format!(
+                    "queue.rule filter {:?} is not a valid topic filter",
+                    rule.filter
+                )));
+            }
+        }
+        if self.delayed.max_delay == 0 {
+            return Err(ConfigError::Invalid(
+                "delayed.max_delay must be at least 1 second".into(),
             ));
         }
         if self.listener.max_connections == 0 {
@@ -228,6 +380,18 @@ mod tests {
     }
 
     #[test]
+    fn per_filter_policies_and_group_strategies_parse() {
+        let config: Config = toml::from_str(
+            "[[queue.rule]]\nfilter = \"alerts/#\"\npolicy = \"refuse\"\n\
+             [[shared.group]]\nprefix = \"s-\"\nstrategy = \"sticky\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.queue.rule[0].policy, OverflowPolicy::Refuse);
+        assert_eq!(config.shared.group[0].strategy, ShareStrategy::Sticky);
+        config.validate().unwrap();
+    }
+
+    #[test]
     fn partial_files_keep_other_defaults() {
         let config: Config = toml::from_str("[mqtt]\nconnect_timeout = \"2s\"\n").unwrap();
         assert_eq!(config.mqtt.connect_timeout, Duration::from_secs(2));
@@ -241,6 +405,15 @@ mod tests {
         assert!(config.validate().is_err());
         let mut config = Config::default();
         config.mqtt.receive_maximum = 0;
+        assert!(config.validate().is_err());
+        let mut config = Config::default();
+        config.queue.memory_low_watermark = config.queue.memory_high_watermark;
+        assert!(config.validate().is_err());
+        let mut config = Config::default();
+        config.queue.rule.push(QueueRule {
+            filter: "a/#/b".into(),
+            policy: OverflowPolicy::Refuse,
+        });
         assert!(config.validate().is_err());
     }
 }

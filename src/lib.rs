@@ -24,8 +24,10 @@
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod delayed;
 pub mod message;
 pub mod metrics;
+pub mod overload;
 pub mod persist;
 pub mod protocol;
 pub mod router;

@@ -67,9 +67,12 @@ impl Message {
         }
     }
 
-    /// Rough bytes held in memory, for queue accounting.
+    /// Bytes the message holds in memory: the struct, topic, payload and properties.
     pub fn footprint(&self) -> usize {
-        std::mem::size_of::<Self>() + self.topic.len() + self.payload.len()
+        std::mem::size_of::<Self>()
+            + self.topic.len()
+            + self.payload.len()
+            + self.properties.heap_size()
     }
 }
 
@@ -97,9 +100,21 @@ pub struct Delivery {
     pub dup: bool,
     /// Recovered past PUBREC: only PUBREL is re-sent.
     pub awaiting_pubcomp: bool,
+    /// The shared subscription (`$share/<group>/<filter>`) it came through, so that another
+    /// member can take it when this session's client goes away.
+    pub share: Option<Arc<str>>,
 }
 
 impl Delivery {
+    /// Bytes one queued delivery accounts for: its own bookkeeping plus the whole message.
+    /// The message is shared by every queue holding it, but each queue is bounded as if it held
+    /// its own copy, so one queue's bound does not depend on what other sessions do.
+    pub fn footprint(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.subscription_ids.len() * std::mem::size_of::<u32>()
+            + self.message.footprint()
+    }
+
     pub fn new(
         message: Arc<Message>,
         qos: QoS,
@@ -116,6 +131,7 @@ impl Delivery {
             stored: None,
             dup: false,
             awaiting_pubcomp: false,
+            share: None,
         }
     }
 }

@@ -16,9 +16,18 @@ pub const MESSAGES_RECEIVED_TOTAL: &str = "telemq_messages_received_total";
 pub const MESSAGES_SENT_TOTAL: &str = "telemq_messages_sent_total";
 pub const MESSAGES_DROPPED_TOTAL: &str = "telemq_messages_dropped_total";
 pub const SESSIONS_EXPIRED_TOTAL: &str = "telemq_sessions_expired_total";
+pub const DEAD_LETTERS_TOTAL: &str = "telemq_dead_letters_total";
+pub const SHARED_REDELIVERED_TOTAL: &str = "telemq_shared_redelivered_total";
+pub const PUBLISHERS_PAUSED_TOTAL: &str = "telemq_publishers_paused_total";
 
 /// Drop reasons (`reason` label of [`MESSAGES_DROPPED_TOTAL`]).
 pub const DROP_QUEUE_FULL: &str = "queue_full";
+pub const DROP_QUEUE_EVICTED: &str = "queue_evicted";
+pub const DROP_SLOW_CONSUMER: &str = "slow_consumer";
+pub const DROP_NO_SUBSCRIBERS: &str = "no_subscribers";
+pub const DROP_QUOTA_EXCEEDED: &str = "quota_exceeded";
+pub const DROP_DELAYED_LIMIT: &str = "delayed_limit";
+pub const DROP_DELAYED_INVALID: &str = "delayed_invalid";
 pub const DROP_QOS0_OFFLINE: &str = "qos0_offline";
 pub const DROP_EXPIRED: &str = "expired";
 pub const DROP_TOO_LARGE_FOR_CLIENT: &str = "too_large_for_client";
@@ -68,6 +77,21 @@ pub fn describe() {
         "Messages not delivered to a subscriber, by reason"
     );
     describe_counter!(
+        DEAD_LETTERS_TOTAL,
+        Unit::Count,
+        "Dropped messages republished to $DLQ/<reason>/<topic>, by reason"
+    );
+    describe_counter!(
+        SHARED_REDELIVERED_TOTAL,
+        Unit::Count,
+        "Messages of a shared subscription member that went away, handed to another member"
+    );
+    describe_counter!(
+        PUBLISHERS_PAUSED_TOTAL,
+        Unit::Count,
+        "Times a publishing connection stopped reading because queued bytes passed the high-water mark"
+    );
+    describe_counter!(
         STORAGE_BATCHES_TOTAL,
         Unit::Count,
         "Write batches committed to storage (group commit)"
@@ -114,6 +138,18 @@ pub fn recovery_seconds(seconds: f64) {
 
 pub fn message_dropped(reason: &'static str) {
     counter!(MESSAGES_DROPPED_TOTAL, "reason" => reason).increment(1);
+}
+
+pub fn dead_lettered(reason: &'static str) {
+    counter!(DEAD_LETTERS_TOTAL, "reason" => reason).increment(1);
+}
+
+pub fn shared_redelivered(count: usize) {
+    counter!(SHARED_REDELIVERED_TOTAL).increment(count as u64);
+}
+
+pub fn publisher_paused() {
+    counter!(PUBLISHERS_PAUSED_TOTAL).increment(1);
 }
 
 pub fn protocol_error(reason: &'static str) {

@@ -219,6 +219,67 @@ pub async fn release_dropped(state: &BrokerState, dropped: Vec<Target>) {
     write_behind(state, ops).await;
 }
 
+/// Hands deliveries that came through shared subscriptions of `from` (whose client went away)
+/// to other members of their groups. Returns the deliveries no other member could take.
+///
+/// A stored delivery's reference moves with it: the new member's queue entry is written and
+/// the old one deleted in one batch, before the new member can see it.
+pub async fn hand_over_shared(
+    state: &BrokerState,
+    from: &SessionHandle,
+    deliveries: Vec<Delivery>,
+) -> Vec<Delivery> {
+    let mut left = Vec::new();
+    let mut handed = 0;
+    for old in deliveries {
+        let rerouted = old
+            .share
+            .as_deref()
+            .and_then(|share| state.router.reroute_shared(share, &old.message, from));
+        let Some((session, options)) = rerouted else {
+            left.push(old);
+            continue;
+        };
+        let mut delivery = Delivery::new(
+            old.message.clone(),
+            old.message.qos.min(options.qos),
+            old.retain,
+            options.subscription_id.into_iter().collect(),
+            session.next_seq(),
+        );
+        delivery.share = old.share.clone();
+        let mut ops = Vec::new();
+        match &old.stored {
+            Some(stored) if session.is_persistent() && delivery.qos != QoS::AtMostOnce => {
+                delivery.stored = Some(stored.clone());
+                ops.push(queue_put(&session.client_id, &delivery, false));
+                ops.push(Op::Delete(Cf::Queue, keys::queue(&from.client_id, old.seq)));
+            }
+            _ => release_ops(&from.client_id, &old, &mut ops),
+        }
+        if let Err(error) = write(state, ops).await {
+            tracing::error!(%error, "shared delivery not handed over: storage failed");
+            left.push(old);
+            continue;
+        }
+        handed += 1;
+        let policy = state.router.policy_for(&delivery.message.topic);
+        let dropped = state.router.enqueue(&session, delivery, policy);
+        let dropped = dropped
+            .into_iter()
+            .map(|delivery| Target {
+                session: session.clone(),
+                delivery,
+            })
+            .collect();
+        release_dropped(state, dropped).await;
+    }
+    if handed > 0 {
+        metrics::shared_redelivered(handed);
+    }
+    left
+}
+
 /// Publishes a message on the broker's own behalf (a will): durably for persistent
 /// subscribers, then into the mailboxes.
 pub async fn publish(state: &BrokerState, message: Arc<Message>) {

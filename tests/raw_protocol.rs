@@ -619,7 +619,9 @@ async fn invalid_filters_are_refused_per_filter_without_closing() {
     assert_eq!(subscribe(&mut client4, "a/+", 1, false).await, 0x01);
     let (mut client5, _) = v5(broker.addr, "c5", &[]).await;
     assert_eq!(subscribe(&mut client5, "a/#/b", 1, true).await, 0x8F);
-    assert_eq!(subscribe(&mut client5, "$share/g/a", 1, true).await, 0x9E);
+    assert_eq!(subscribe(&mut client5, "$share/g+/a", 1, true).await, 0x8F);
+    assert_eq!(subscribe(&mut client5, "$share/g", 1, true).await, 0x8F);
+    assert_eq!(subscribe(&mut client5, "$share/g/a", 1, true).await, 0x01);
     broker.shutdown().await;
 }
 
@@ -659,4 +661,10 @@ async fn connack_is_the_first_packet_and_session_present_is_zero_for_new_session
     assert_eq!(connack.packet_type(), CONNACK);
     assert_eq!(connack.body[0], 0, "session present must be 0");
     broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_local_on_a_shared_subscription_is_a_protocol_error() {
+    // [MQTT-3.8.3-4]; options 0x05 = QoS 1 + No Local.
+    assert_v5_rejects(&packets::subscribe(1, "$share/g/a", 0x05, Some(&[])), 0x82).await;
 }

@@ -15,11 +15,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
 use crate::broker::BrokerState;
+use crate::delayed;
 use crate::message::{Delivery, Message};
 use crate::metrics;
 use crate::persist;
@@ -64,6 +65,8 @@ pub(crate) enum Close {
     Protocol(ProtocolError),
     /// Storage could not make something durable that the client is owed an answer for.
     StorageFailure,
+    /// Its queue overflowed under the `disconnect` policy.
+    SlowConsumer,
 }
 
 impl Close {
@@ -79,6 +82,7 @@ impl Close {
             Self::Refused(reason) => reason.label(),
             Self::Protocol(error) => error.reason.label(),
             Self::StorageFailure => "storage_failure",
+            Self::SlowConsumer => "slow_consumer",
         }
     }
 
@@ -92,6 +96,10 @@ impl Close {
             Self::StorageFailure => Some((
                 ReasonCode::UnspecifiedError,
                 Some("the broker could not store the session state"),
+            )),
+            Self::SlowConsumer => Some((
+                ReasonCode::QuotaExceeded,
+                Some("slow consumer: the session's queue overflowed"),
             )),
             _ => None,
         }
@@ -237,6 +245,9 @@ where
         outbound_aliases: HashMap::new(),
         pending: VecDeque::new(),
         releases: Vec::new(),
+        has_published: false,
+        paused: false,
+        memory: state.memory.subscribe(),
     };
     if let Err(error) = persisted_session {
         tracing::error!(%error, "cannot persist the session");
@@ -260,6 +271,7 @@ enum Event {
     Read(std::io::Result<usize>),
     Wrote(std::io::Result<usize>),
     MailboxReady,
+    MemoryGuardChanged,
     KeepAliveExpired,
     Kicked,
     Shutdown,
@@ -296,6 +308,12 @@ struct Connection<S> {
     /// Storage releases of deliveries dropped while filling the write buffer, written behind
     /// on the next turn of the event loop.
     releases: Vec<Op>,
+    /// Whether this client has published; only publishers are paused by the memory guard.
+    has_published: bool,
+    /// Whether reading is paused by the memory guard now (for counting pauses).
+    paused: bool,
+    /// The memory guard's flag, watched while paused.
+    memory: watch::Receiver<bool>,
 }
 
 /// Something to finish once its storage write completes.
@@ -347,7 +365,6 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             if assigned {
                 ack.assigned_client_identifier = Some(&self.client_id);
             }
-            ack.shared_subscription_available = Some(false);
             if let Some(keep_alive) = config.server_keep_alive {
                 if keep_alive != connect.keep_alive {
                     ack.server_keep_alive = Some(keep_alive);
@@ -401,8 +418,10 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             let keep_alive_deadline = self
                 .keep_alive
                 .map(|keep_alive| tokio::time::Instant::from_std(self.last_packet_at + keep_alive));
-            let can_read =
-                self.write_buf.len() < WRITE_BACKLOG_LIMIT && self.pending.len() < PENDING_LIMIT;
+            let paused = self.paused_by_memory_guard();
+            let can_read = !paused
+                && self.write_buf.len() < WRITE_BACKLOG_LIMIT
+                && self.pending.len() < PENDING_LIMIT;
             let awaiting_storage = self
                 .pending
                 .front()
@@ -415,13 +434,15 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 wrote = self.writer.write_buf(&mut self.write_buf), if !self.write_buf.is_empty() => Event::Wrote(wrote),
                 read = self.reader.read_buf(&mut self.read_buf), if can_read => Event::Read(read),
                 _ = self.handle.mailbox.notified() => Event::MailboxReady,
+                _ = self.memory.changed(), if paused => Event::MemoryGuardChanged,
                 _ = sleep_until_or_forever(keep_alive_deadline) => Event::KeepAliveExpired,
             };
             let outcome = match event {
                 Event::Shutdown => Err(Close::ServerShuttingDown),
+                Event::Kicked if self.handle.take_slow_consumer() => Err(Close::SlowConsumer),
                 Event::Kicked => Err(Close::TakenOver),
                 Event::KeepAliveExpired => Err(Close::KeepAliveTimeout),
-                Event::MailboxReady => Ok(()),
+                Event::MailboxReady | Event::MemoryGuardChanged => Ok(()),
                 Event::Wrote(Ok(_)) => {
                     if self.write_buf.is_empty() {
                         // Idle connections hold no output buffer; a busy one gets a new one
@@ -443,6 +464,21 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 return close;
             }
         }
+    }
+
+    /// Whether to stop reading from this client because queued messages passed the memory
+    /// high-water mark. Only publishers pause, and not while the client owes acknowledgements
+    /// for messages sent to it: reading those is what lets queues drain.
+    fn paused_by_memory_guard(&mut self) -> bool {
+        let paused = self.has_published
+            && self.session.inflight.is_empty()
+            && *self.memory.borrow_and_update();
+        if paused && !self.paused {
+            metrics::publisher_paused();
+            debug!("memory high-water mark passed: not reading from this publisher");
+        }
+        self.paused = paused;
+        paused
     }
 
     /// Keeps the read buffer small for quiet clients and large for busy ones: after a short
@@ -669,8 +705,11 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                     return Err(Close::StorageFailure);
                 }
                 self.write_buf.extend_from_slice(&bytes);
+                let router = &self.state.router;
                 for delivery in deliveries {
-                    let _ = self.state.router.enqueue(&self.handle, delivery);
+                    let policy = router.policy_for(&delivery.message.topic);
+                    // Retained deliveries are not stored, so a dropped one needs no release.
+                    router.enqueue(&self.handle, delivery, policy);
                 }
                 Ok(())
             }
@@ -679,6 +718,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
 
     async fn handle_publish(&mut self, publish: Publish) -> Result<(), Close> {
         metrics::message_received(publish.qos as u8);
+        self.has_published = true;
         let config = &self.state.config.mqtt;
         let topic: Arc<str> = match publish.topic_alias {
             Some(alias) if alias > config.topic_alias_maximum => {
@@ -726,6 +766,21 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 )));
             }
         }
+        let delay = match delayed::parse(&topic, self.state.config.delayed.max_delay) {
+            None => None,
+            Some(Ok((seconds, inner))) => Some((seconds, Arc::<str>::from(inner))),
+            Some(Err(_)) => {
+                metrics::message_dropped(metrics::DROP_DELAYED_INVALID);
+                return self
+                    .refuse_publish(publish.qos, publish.packet_id, ReasonCode::TopicNameInvalid)
+                    .await;
+            }
+        };
+        let packet_id = publish.packet_id;
+        let (topic, delay_seconds) = match delay {
+            Some((seconds, inner)) => (inner, Some(seconds)),
+            None => (topic, None),
+        };
         let message = Arc::new(Message::new(
             topic,
             publish.payload,
@@ -734,8 +789,23 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             publish.properties,
             Some(self.client_id.clone()),
         ));
+        if let Some(seconds) = delay_seconds {
+            return self.hold_delayed(message, seconds, packet_id).await;
+        }
         let mut targets = self.state.router.plan(&message);
+        if self.state.router.must_refuse(&message, &targets) {
+            // The topic's policy is `refuse` and a subscriber's queue is full: nothing is
+            // routed, and the publisher is told to back off.
+            metrics::message_dropped(metrics::DROP_QUOTA_EXCEEDED);
+            return self
+                .refuse_publish(publish.qos, publish.packet_id, ReasonCode::QuotaExceeded)
+                .await;
+        }
         let reason = if targets.is_empty() {
+            metrics::message_dropped(metrics::DROP_NO_SUBSCRIBERS);
+            self.state
+                .router
+                .dead_letter(&message, metrics::DROP_NO_SUBSCRIBERS, None);
             ReasonCode::NoMatchingSubscribers as u8
         } else {
             0
@@ -772,6 +842,79 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         .await
     }
 
+    /// Holds a `$delayed/<seconds>/<topic>` publish until it is due, acknowledging it once it
+    /// is stored.
+    async fn hold_delayed(
+        &mut self,
+        message: Arc<Message>,
+        seconds: u32,
+        packet_id: u16,
+    ) -> Result<(), Close> {
+        let qos = message.qos;
+        let due = SystemTime::now() + Duration::from_secs(u64::from(seconds));
+        let op = match self.state.delayed.hold(message, due) {
+            Ok(op) => op,
+            Err(_) => {
+                metrics::message_dropped(metrics::DROP_DELAYED_LIMIT);
+                return self
+                    .refuse_publish(qos, packet_id, ReasonCode::QuotaExceeded)
+                    .await;
+            }
+        };
+        let mut ops = Vec::new();
+        if self.state.storage.is_some() {
+            ops.push(op);
+        }
+        let kind = match qos {
+            QoS::AtMostOnce => {
+                return self
+                    .submit(
+                        ops,
+                        Action::Reply {
+                            bytes: BytesMut::new(),
+                            deliveries: Vec::new(),
+                        },
+                    )
+                    .await
+            }
+            QoS::AtLeastOnce => AckKind::PubAck,
+            QoS::ExactlyOnce => {
+                self.session.inbound_qos2.insert(packet_id);
+                if self.handle.is_persistent() {
+                    ops.push(persist::inbound_put(&self.client_id, packet_id));
+                }
+                AckKind::PubRec
+            }
+        };
+        self.reply_after(ops, |out, version| {
+            encode::ack(version, kind, packet_id, 0, out)
+        })
+        .await
+    }
+
+    /// Refuses a QoS 1/2 PUBLISH the broker cannot take now: MQTT 5 clients get `reason` in
+    /// their PUBACK/PUBREC (which ends a QoS 2 exchange [MQTT-4.3.3-?]) and may retry; 3.1.1
+    /// has no way to refuse, so the connection closes and the client retransmits later.
+    async fn refuse_publish(
+        &mut self,
+        qos: QoS,
+        packet_id: u16,
+        reason: ReasonCode,
+    ) -> Result<(), Close> {
+        let kind = match qos {
+            QoS::AtMostOnce => return Ok(()),
+            QoS::AtLeastOnce => AckKind::PubAck,
+            QoS::ExactlyOnce => AckKind::PubRec,
+        };
+        if !self.version.is_v5() {
+            return Err(Close::Refused(reason));
+        }
+        self.reply_after(Vec::new(), |out, version| {
+            encode::ack(version, kind, packet_id, reason as u8, out)
+        })
+        .await
+    }
+
     async fn handle_subscribe(&mut self, subscribe: Subscribe) -> Result<(), Close> {
         let v5 = self.version.is_v5();
         let persistent = self.handle.is_persistent();
@@ -779,11 +922,21 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         let mut retained = Vec::new();
         let mut ops = Vec::new();
         for request in subscribe.filters {
-            if split_shared(&request.filter).is_some() {
-                codes.push(ReasonCode::SharedSubscriptionsNotSupported as u8);
-                continue;
-            }
-            if !is_valid_filter(&request.filter) {
+            let shared = match split_shared(&request.filter) {
+                None => false,
+                Some(Ok(_)) if v5 && request.no_local => {
+                    return Err(Close::Protocol(ProtocolError::violation(
+                        "[MQTT-3.8.3-4] No Local set on a shared subscription",
+                    )));
+                }
+                Some(Ok(_)) => true,
+                Some(Err(())) => {
+                    // [MQTT-4.8.2-1], [MQTT-4.8.2-2]
+                    codes.push(ReasonCode::TopicFilterInvalid as u8);
+                    continue;
+                }
+            };
+            if !shared && !is_valid_filter(&request.filter) {
                 // [MQTT-4.7.1-2], [MQTT-4.7.1-3]: refused per filter, the others still apply.
                 codes.push(ReasonCode::TopicFilterInvalid as u8);
                 continue;
@@ -803,11 +956,13 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 self.state
                     .router
                     .subscribe(&self.handle, &request.filter, options.clone());
-            let send_retained = match options.retain_handling {
-                RetainHandling::SendOnSubscribe => true,
-                RetainHandling::SendIfNewSubscription => previous.is_none(),
-                RetainHandling::DoNotSend => false,
-            };
+            // Retained messages are not sent when a shared subscription is made (§4.8.2).
+            let send_retained = !shared
+                && match options.retain_handling {
+                    RetainHandling::SendOnSubscribe => true,
+                    RetainHandling::SendIfNewSubscription => previous.is_none(),
+                    RetainHandling::DoNotSend => false,
+                };
             if send_retained {
                 let now = SystemTime::now();
                 for message in self.state.router.retained_matching(&request.filter) {
@@ -915,7 +1070,9 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         let message = delivery.message.clone();
         let Ok(message_expiry_interval) = message.remaining_expiry(now) else {
             // [MQTT-3.3.2-5] expired messages are not delivered.
-            metrics::message_dropped(metrics::DROP_EXPIRED);
+            self.state
+                .router
+                .dropped(&self.handle, &delivery, metrics::DROP_EXPIRED);
             return Some(delivery);
         };
         let stage = match delivery.qos {
@@ -1003,6 +1160,23 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         })
         .await;
 
+        // Shared-subscription messages this client will not complete go to other members of
+        // their groups: QoS 1 ones it has not acknowledged, and everything still queued. QoS 2
+        // messages already sent stay with this session [MQTT-4.8.2-4].
+        let unacked = self
+            .session
+            .inflight
+            .take_where(|e| e.delivery.share.is_some() && e.stage == Stage::AwaitingPubAck)
+            .into_iter()
+            .map(|entry| {
+                let mut delivery = entry.delivery;
+                delivery.dup = true;
+                delivery
+            });
+        let mut shared: Vec<Delivery> = unacked.collect();
+        shared.extend(self.handle.mailbox.take_where(is_shared_unsent));
+        let mut unplaced = persist::hand_over_shared(&self.state, &self.handle, shared).await;
+
         let will = self.will.take().map(|will| {
             let delay = will.delay_interval;
             (Arc::new(will_message(will, &self.client_id)), delay)
@@ -1018,6 +1192,10 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         );
         match detached {
             Detached::Kept { will_now } => {
+                // Offline now: what was queued meanwhile may find an online member.
+                let queued = self.handle.mailbox.take_where(is_shared_unsent);
+                unplaced.extend(persist::hand_over_shared(&self.state, &self.handle, queued).await);
+                self.handle.mailbox.restore(unplaced);
                 if self.handle.is_persistent() {
                     let pending = {
                         let inner = self.handle.inner();
@@ -1042,9 +1220,16 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 }
             }
             Detached::Ended(ended) => {
+                let mut ops = Vec::new();
+                for delivery in &unplaced {
+                    metrics::message_dropped(metrics::DROP_SESSION_ENDED);
+                    persist::release_ops(&self.client_id, delivery, &mut ops);
+                }
+                persist::write_behind(&self.state, ops).await;
                 persist::finish_ended_sessions(&self.state, vec![ended]).await
             }
             Detached::Stale { will } => {
+                self.handle.mailbox.restore(unplaced);
                 if let Some(will) = will {
                     persist::publish(&self.state, will).await;
                 }
@@ -1063,6 +1248,11 @@ async fn first_completion(pending: &mut VecDeque<Pending>) -> Result<(), Storage
         Some(completion) => completion.await.unwrap_or(Err(StorageError::Closed)),
         None => std::future::pending().await,
     }
+}
+
+/// A delivery of a shared subscription not yet sent, which another member may take.
+fn is_shared_unsent(delivery: &Delivery) -> bool {
+    delivery.share.is_some() && !delivery.awaiting_pubcomp
 }
 
 fn will_message(will: Will, client_id: &Arc<str>) -> Message {

@@ -66,6 +66,19 @@ impl MessageProperties {
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
     }
+
+    /// Heap bytes the properties hold, for queue accounting.
+    pub fn heap_size(&self) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        text(&self.content_type)
+            + text(&self.response_topic)
+            + self.correlation_data.as_ref().map_or(0, Bytes::len)
+            + self
+                .user_properties
+                .iter()
+                .map(|(k, v)| std::mem::size_of::<(String, String)>() + k.len() + v.len())
+                .sum::<usize>()
+    }
 }
 
 /// The will message of a CONNECT.

@@ -41,9 +41,20 @@ pub fn is_valid_filter(filter: &str) -> bool {
     true
 }
 
-/// A filter of the form `$share/{ShareName}/{filter}` split into its parts, or `None` when the
-/// filter is not a shared subscription.
+/// Group name of `$queue/{filter}` subscriptions (EMQX's shorthand for one shared queue).
+pub const QUEUE_GROUP: &str = "queue";
+
+/// A filter of the form `$share/{ShareName}/{filter}` (or `$queue/{filter}`, the group
+/// [`QUEUE_GROUP`]) split into its parts, or `None` when the filter is not a shared
+/// subscription.
 pub fn split_shared(filter: &str) -> Option<Result<(&str, &str), ()>> {
+    if let Some(inner) = filter.strip_prefix("$queue/") {
+        return Some(if is_valid_filter(inner) {
+            Ok((QUEUE_GROUP, inner))
+        } else {
+            Err(())
+        });
+    }
     let rest = filter.strip_prefix("$share/")?;
     let Some((group, inner)) = rest.split_once('/') else {
         return Some(Err(()));
@@ -110,5 +121,7 @@ mod tests {
         assert_eq!(split_shared("$share//a"), Some(Err(())));
         assert_eq!(split_shared("$share/g+/a"), Some(Err(())));
         assert_eq!(split_shared("$share/g/"), Some(Err(())));
+        assert_eq!(split_shared("$queue/a/#"), Some(Ok(("queue", "a/#"))));
+        assert_eq!(split_shared("$queue/"), Some(Err(())));
     }
 }

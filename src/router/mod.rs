@@ -5,17 +5,22 @@
 //! held across an `.await`; each target gets an `Arc` of the same message.
 
 pub mod retained;
+pub mod shared;
 pub mod trie;
 
 use std::sync::{Arc, RwLock};
 
+use crate::config::{Config, DeadLetterConfig};
 use crate::message::{Delivery, Message};
 use crate::metrics;
+use crate::overload::{OverflowPolicy, PolicyRules};
+use crate::protocol::validate::split_shared;
 use crate::protocol::{QoS, RetainHandling};
-use crate::session::SessionHandle;
+use crate::session::{Pushed, SessionHandle};
 use crate::sync::{read, write};
 
 use retained::RetainedTree;
+use shared::SharedSubscriptions;
 use trie::SubscriptionTrie;
 
 /// What a client asked for when it subscribed to one filter.
@@ -43,6 +48,19 @@ struct Match {
     subscription_id: Option<u32>,
 }
 
+impl Match {
+    fn new(message: &Message, subscriber: &Subscriber) -> Self {
+        let options = &subscriber.options;
+        Self {
+            session: subscriber.session.clone(),
+            qos: message.qos.min(options.qos),
+            // [MQTT-3.3.1-12], [MQTT-3.3.1-13]; 3.1.1 always clears it [MQTT-3.3.1-9].
+            retain: options.retain_as_published && message.retain,
+            subscription_id: options.subscription_id,
+        }
+    }
+}
+
 /// A session a message is routed to, with the delivery made for it.
 #[derive(Debug)]
 pub struct Target {
@@ -53,19 +71,43 @@ pub struct Target {
 #[derive(Debug)]
 pub struct Router {
     subscriptions: RwLock<SubscriptionTrie<Arc<str>, Subscriber>>,
+    shared: RwLock<SharedSubscriptions>,
     retained: RwLock<RetainedTree<Arc<Message>>>,
     /// Whether QoS 0 messages are queued for sessions whose client is offline (the spec allows
     /// either; Mosquitto's default is not to).
     queue_qos0_offline: bool,
+    policies: PolicyRules,
+    dead_letter: DeadLetterConfig,
 }
 
+/// Topic prefix of dead letters: `$DLQ/<reason>/<original topic>`.
+pub const DEAD_LETTER_PREFIX: &str = "$DLQ/";
+
 impl Router {
-    pub fn new(queue_qos0_offline: bool) -> Self {
+    pub fn new(config: &Config) -> Self {
         Self {
             subscriptions: RwLock::new(SubscriptionTrie::new()),
+            shared: RwLock::new(SharedSubscriptions::new(config.shared.clone())),
             retained: RwLock::new(RetainedTree::new()),
-            queue_qos0_offline,
+            queue_qos0_offline: config.queue.qos0_offline,
+            policies: PolicyRules::new(&config.queue),
+            dead_letter: config.dead_letter.clone(),
         }
+    }
+
+    pub fn policy_for(&self, topic: &str) -> OverflowPolicy {
+        self.policies.policy_for(topic)
+    }
+
+    /// Whether `message` must be refused to its publisher: its topic's policy is `refuse` and
+    /// some target's queue has no room for it.
+    pub fn must_refuse(&self, message: &Message, targets: &[Target]) -> bool {
+        message.qos != QoS::AtMostOnce
+            && !targets.is_empty()
+            && self.policy_for(&message.topic) == OverflowPolicy::Refuse
+            && targets
+                .iter()
+                .any(|target| !target.session.mailbox.has_room(target.delivery.footprint()))
     }
 
     /// Finds every session `message` goes to and makes its delivery (with a queue sequence
@@ -76,20 +118,22 @@ impl Router {
         {
             let trie = read(&self.subscriptions);
             trie.for_each_match(&message.topic, |client_id, subscriber| {
-                let options = &subscriber.options;
                 // [MQTT-3.8.3-3] No Local: not back to the publishing client.
-                if options.no_local && message.publisher.as_deref() == Some(&**client_id) {
+                if subscriber.options.no_local && message.publisher.as_deref() == Some(&**client_id)
+                {
                     return;
                 }
-                matches.push(Match {
-                    session: subscriber.session.clone(),
-                    qos: message.qos.min(options.qos),
-                    // [MQTT-3.3.1-12], [MQTT-3.3.1-13]; 3.1.1 always clears it [MQTT-3.3.1-9].
-                    retain: options.retain_as_published && message.retain,
-                    subscription_id: options.subscription_id,
-                });
+                matches.push(Match::new(message, subscriber));
             });
         }
+        // A shared subscription is a subscription of its own: its member gets this copy
+        // besides any copy through its plain subscriptions.
+        let mut shared_matches = Vec::new();
+        read(&self.shared).for_each_match(&message.topic, |group| {
+            if let Some(member) = group.pick(message, None) {
+                shared_matches.push((group.share.clone(), Match::new(message, member)));
+            }
+        });
         if matches.len() > 1 {
             // Overlapping subscriptions of one client yield one copy with the highest QoS and
             // every subscription identifier [MQTT-3.3.4-2], [MQTT-3.3.4-3].
@@ -122,6 +166,20 @@ impl Router {
             );
             targets.push(Target { session, delivery });
         }
+        for (share, found) in shared_matches {
+            let mut delivery = Delivery::new(
+                message.clone(),
+                found.qos,
+                found.retain,
+                found.subscription_id.into_iter().collect(),
+                found.session.next_seq(),
+            );
+            delivery.share = Some(share);
+            targets.push(Target {
+                session: found.session,
+                delivery,
+            });
+        }
         targets
     }
 
@@ -131,11 +189,12 @@ impl Router {
         if message.retain {
             self.store_retained(message);
         }
+        let policy = self.policy_for(&message.topic);
         let mut dropped = Vec::new();
         for target in targets {
-            if let Err(delivery) = self.enqueue(&target.session, target.delivery) {
+            for delivery in self.enqueue(&target.session, target.delivery, policy) {
                 dropped.push(Target {
-                    session: target.session,
+                    session: target.session.clone(),
                     delivery,
                 });
             }
@@ -150,14 +209,99 @@ impl Router {
         planned - self.apply(&message, targets).len()
     }
 
-    /// Puts a delivery into a session's mailbox, counting it when it has to be dropped.
-    pub fn enqueue(&self, session: &SessionHandle, delivery: Delivery) -> Result<(), Delivery> {
+    /// Puts a delivery into a session's mailbox under the overflow `policy`. Returns what was
+    /// dropped instead (the delivery, or older ones it displaced), counted and dead-lettered;
+    /// the caller releases their storage.
+    pub fn enqueue(
+        &self,
+        session: &SessionHandle,
+        delivery: Delivery,
+        policy: OverflowPolicy,
+    ) -> Vec<Delivery> {
         if session.is_ended() {
-            return Err(delivery);
+            metrics::message_dropped(metrics::DROP_SESSION_ENDED);
+            return vec![delivery];
         }
-        session.mailbox.push(delivery).inspect_err(|_| {
-            metrics::message_dropped(metrics::DROP_QUEUE_FULL);
-        })
+        let Pushed {
+            mut evicted,
+            rejected,
+            slow_consumer,
+        } = session.mailbox.push(delivery, policy);
+        for old in &evicted {
+            self.dropped(session, old, metrics::DROP_QUEUE_EVICTED);
+        }
+        if let Some(rejected) = rejected {
+            let reason = if slow_consumer {
+                metrics::DROP_SLOW_CONSUMER
+            } else {
+                metrics::DROP_QUEUE_FULL
+            };
+            self.dropped(session, &rejected, reason);
+            evicted.push(rejected);
+        }
+        if slow_consumer {
+            session.kick_slow_consumer();
+        }
+        evicted
+    }
+
+    /// Counts a delivery that will not reach `session` and dead-letters it.
+    pub fn dropped(&self, session: &SessionHandle, delivery: &Delivery, reason: &'static str) {
+        metrics::message_dropped(reason);
+        self.dead_letter(&delivery.message, reason, Some(&session.client_id));
+    }
+
+    /// Republishes a dropped message to `$DLQ/<reason>/<topic>` when dead letters are enabled.
+    /// Dead letters go to subscribers' queues like any message, but are never persisted and a
+    /// dropped dead letter is never dead-lettered again, so this cannot loop or grow.
+    pub fn dead_letter(&self, message: &Message, reason: &'static str, subscriber: Option<&str>) {
+        if !self.dead_letter.enabled || message.topic.starts_with(DEAD_LETTER_PREFIX) {
+            return;
+        }
+        if reason == metrics::DROP_NO_SUBSCRIBERS && !self.dead_letter.no_subscribers {
+            return;
+        }
+        let mut properties = message.properties.clone();
+        properties
+            .user_properties
+            .push(("dlq-reason".into(), reason.into()));
+        if let Some(publisher) = &message.publisher {
+            properties
+                .user_properties
+                .push(("dlq-publisher".into(), publisher.to_string()));
+        }
+        if let Some(subscriber) = subscriber {
+            properties
+                .user_properties
+                .push(("dlq-subscriber".into(), subscriber.into()));
+        }
+        let letter = Message {
+            topic: format!("{DEAD_LETTER_PREFIX}{reason}/{}", message.topic).into(),
+            payload: message.payload.clone(),
+            qos: message.qos,
+            retain: false,
+            properties,
+            publisher: None,
+            expires_at: message.expires_at,
+        };
+        metrics::dead_lettered(reason);
+        self.publish(Arc::new(letter));
+    }
+
+    /// Another member of the shared group `share` to take over `delivery` from `from`, which
+    /// is going away, with the QoS that member was granted.
+    pub fn reroute_shared(
+        &self,
+        share: &str,
+        message: &Message,
+        from: &SessionHandle,
+    ) -> Option<(Arc<SessionHandle>, SubscriptionOptions)> {
+        let Some(Ok((group, filter))) = split_shared(share) else {
+            return None;
+        };
+        let shared = read(&self.shared);
+        let member = shared.group(group, filter)?.pick(message, Some(from))?;
+        Some((member.session.clone(), member.options.clone()))
     }
 
     /// Adds a retained message recovered from storage.
@@ -197,19 +341,22 @@ impl Router {
         filter: &str,
         options: SubscriptionOptions,
     ) -> Option<SubscriptionOptions> {
+        let subscriber = Subscriber {
+            session: session.clone(),
+            options,
+        };
+        if let Some(Ok((group, inner))) = split_shared(filter) {
+            return write(&self.shared).subscribe(filter, group, inner, subscriber);
+        }
         write(&self.subscriptions)
-            .insert(
-                filter,
-                session.client_id.clone(),
-                Subscriber {
-                    session: session.clone(),
-                    options,
-                },
-            )
+            .insert(filter, session.client_id.clone(), subscriber)
             .map(|previous| previous.options)
     }
 
     pub fn unsubscribe(&self, client_id: &Arc<str>, filter: &str) -> bool {
+        if let Some(Ok((group, inner))) = split_shared(filter) {
+            return write(&self.shared).unsubscribe(group, inner, client_id, None);
+        }
         write(&self.subscriptions)
             .remove(filter, client_id)
             .is_some()
@@ -218,6 +365,10 @@ impl Router {
     /// Removes `session`'s subscription on `filter`, but not one a newer session of the same
     /// client id has made since.
     pub fn unsubscribe_session(&self, session: &Arc<SessionHandle>, filter: &str) {
+        if let Some(Ok((group, inner))) = split_shared(filter) {
+            write(&self.shared).unsubscribe(group, inner, &session.client_id, Some(session));
+            return;
+        }
         let mut trie = write(&self.subscriptions);
         let owned = trie
             .get_mut(filter, &session.client_id)
@@ -227,7 +378,12 @@ impl Router {
         }
     }
 
+    /// Plain subscriptions plus members of shared groups.
     pub fn subscription_count(&self) -> usize {
-        read(&self.subscriptions).len()
+        read(&self.subscriptions).len() + read(&self.shared).len()
+    }
+
+    pub fn shared_group_count(&self) -> usize {
+        read(&self.shared).group_count()
     }
 }

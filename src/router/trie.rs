@@ -291,6 +291,20 @@ impl<K: Eq + Hash + Clone, V> SubscriptionTrie<K, V> {
         Some(removed)
     }
 
+    /// The subscription value of `key` on `filter`.
+    pub fn get(&self, filter: &str, key: &K) -> Option<&V> {
+        let (path, multi_level) = edges(filter);
+        let mut node = &self.root;
+        for level in path {
+            node = node.child(level)?;
+        }
+        if multi_level {
+            node.multi_level.get(key)
+        } else {
+            node.subscribers.get(key)
+        }
+    }
+
     /// Mutable access to an existing subscription value.
     pub fn get_mut(&mut self, filter: &str, key: &K) -> Option<&mut V> {
         let (path, multi_level) = edges(filter);
@@ -342,6 +356,27 @@ impl<K: Eq + Hash + Clone, V> Default for SubscriptionTrie<K, V> {
     }
 }
 
+/// Whether the topic name `topic` matches the filter `filter` (MQTT §4.7), for the few places
+/// that test one filter at a time (per-filter queue policies) rather than search the trie.
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    // [MQTT-4.7.2-1] wildcards at the first level do not match `$` topics.
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut topic_levels = topic.split('/');
+    for level in filter.split('/') {
+        if level == "#" {
+            return true;
+        }
+        match topic_levels.next() {
+            Some(_) if level == "+" => {}
+            Some(topic_level) if topic_level == level => {}
+            _ => return false,
+        }
+    }
+    topic_levels.next().is_none()
+}
+
 // Printing the nodes would recurse as deep as the deepest filter.
 impl<K, V> fmt::Debug for SubscriptionTrie<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -382,6 +417,7 @@ impl<K, V> SubscriptionTrie<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::validate::is_valid_filter;
     use proptest::prelude::*;
     use proptest::sample::Index;
     use std::collections::BTreeMap;
@@ -674,6 +710,35 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn single_filter_matching_agrees_with_the_naive_matcher(
+            unrelated in filter(),
+            topic in topic(),
+            edits in prop::collection::vec(0u8..5, 0..6),
+        ) {
+            // A filter made from the topic itself, so that matches are as common as misses.
+            let mut derived: Vec<&str> = Vec::new();
+            let mut levels = topic.split('/');
+            for edit in &edits {
+                match (edit, levels.next()) {
+                    (0, Some(level)) => derived.push(level),
+                    (1, Some(_)) => derived.push("+"),
+                    (2, _) => {
+                        derived.push("#");
+                        break;
+                    }
+                    (3, _) => derived.push("x"),
+                    _ => {}
+                }
+            }
+            let derived = derived.join("/");
+            for filter in [unrelated.as_str(), derived.as_str()] {
+                if is_valid_filter(filter) {
+                    prop_assert_eq!(filter_matches(filter, &topic), naive_matches(filter, &topic));
+                }
+            }
+        }
 
         #[test]
         fn matching_agrees_with_the_naive_matcher(

@@ -77,6 +77,23 @@ impl Inflight {
         self.entries.drain(..)
     }
 
+    /// Takes out, in order, the entries `take` selects.
+    pub fn take_where(
+        &mut self,
+        mut take: impl FnMut(&OutboundEntry) -> bool,
+    ) -> Vec<OutboundEntry> {
+        let mut taken = Vec::new();
+        let mut index = 0;
+        while index < self.entries.len() {
+            if take(&self.entries[index]) {
+                taken.extend(self.remove_at(index));
+            } else {
+                index += 1;
+            }
+        }
+        taken
+    }
+
     /// Whether `packet_id` belongs to an unfinished delivery [MQTT-2.3.1-2].
     pub fn is_in_use(&self, packet_id: u16) -> bool {
         self.in_use.contains(&packet_id)

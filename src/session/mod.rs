@@ -7,21 +7,24 @@
 //! connected, the handle while it is not. Both are plain data so that storage can persist them.
 
 pub mod inflight;
+pub mod mailbox;
 mod registry;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::message::{Delivery, Message};
+use crate::message::Message;
+use crate::overload::MemoryGuard;
 use crate::router::SubscriptionOptions;
 use crate::sync::lock;
 
 pub use inflight::Inflight;
+pub use mailbox::{Mailbox, Pushed, QueueLimits};
 pub use registry::{
     Attached, Detached, DueWill, EndedSession, SessionRegistry, Swept, WillWithDelay,
 };
@@ -37,72 +40,6 @@ pub struct SessionState {
     /// QoS 2 packet ids received and acknowledged with PUBREC, awaiting PUBREL. A PUBLISH that
     /// reuses one of them is a retransmission and is not routed again [MQTT-4.3.3-10].
     pub inbound_qos2: HashSet<u16>,
-}
-
-/// Bounded queue of deliveries waiting to be written to the session's client.
-#[derive(Debug)]
-pub struct Mailbox {
-    queue: Mutex<VecDeque<Delivery>>,
-    notify: Notify,
-    capacity: usize,
-}
-
-impl Mailbox {
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            queue: Mutex::new(VecDeque::new()),
-            notify: Notify::new(),
-            capacity,
-        }
-    }
-
-    /// Queues a delivery and wakes the connection; hands it back when the queue is full.
-    pub fn push(&self, delivery: Delivery) -> Result<(), Delivery> {
-        {
-            let mut queue = lock(&self.queue);
-            if queue.len() >= self.capacity {
-                return Err(delivery);
-            }
-            queue.push_back(delivery);
-        }
-        self.notify.notify_one();
-        Ok(())
-    }
-
-    /// Puts back deliveries recovered from storage, in order, whatever the capacity: they were
-    /// accepted before the restart.
-    pub fn restore(&self, deliveries: impl IntoIterator<Item = Delivery>) {
-        lock(&self.queue).extend(deliveries);
-        self.notify.notify_one();
-    }
-
-    /// Takes everything out (the session is ending).
-    pub fn drain(&self) -> Vec<Delivery> {
-        lock(&self.queue).drain(..).collect()
-    }
-
-    /// Takes the front delivery if `accept` agrees to it.
-    pub fn pop_if(&self, accept: impl FnOnce(&Delivery) -> bool) -> Option<Delivery> {
-        let mut queue = lock(&self.queue);
-        if accept(queue.front()?) {
-            queue.pop_front()
-        } else {
-            None
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        lock(&self.queue).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Resolves once something was pushed since the last wake-up.
-    pub async fn notified(&self) {
-        self.notify.notified().await;
-    }
 }
 
 /// A will message waiting out its Will Delay Interval [MQTT-3.1.3-9].
@@ -159,20 +96,29 @@ pub struct SessionHandle {
     ever_persistent: AtomicBool,
     /// Set once the session is discarded: deliveries still arriving for it are released.
     ended: AtomicBool,
+    /// Set when the connection is kicked for letting its queue overflow under the `disconnect`
+    /// policy, so it closes as a slow consumer rather than as taken over.
+    slow_consumer: AtomicBool,
     /// Next queue sequence number.
     next_seq: AtomicU64,
     inner: Mutex<SessionInner>,
 }
 
 impl SessionHandle {
-    pub fn new(client_id: Arc<str>, mailbox_capacity: usize, first_seq: u64) -> Self {
+    pub fn new(
+        client_id: Arc<str>,
+        limits: QueueLimits,
+        guard: Arc<MemoryGuard>,
+        first_seq: u64,
+    ) -> Self {
         Self {
             client_id,
-            mailbox: Mailbox::new(mailbox_capacity),
+            mailbox: Mailbox::new(limits, guard),
             online: AtomicBool::new(false),
             persistent: AtomicBool::new(false),
             ever_persistent: AtomicBool::new(false),
             ended: AtomicBool::new(false),
+            slow_consumer: AtomicBool::new(false),
             next_seq: AtomicU64::new(first_seq),
             inner: Mutex::new(SessionInner {
                 state: None,
@@ -215,6 +161,20 @@ impl SessionHandle {
 
     fn set_ended(&self) {
         self.ended.store(true, Ordering::Release);
+    }
+
+    /// Disconnects the live connection, if any, as a slow consumer.
+    pub fn kick_slow_consumer(&self) {
+        let inner = self.inner();
+        if let Some(live) = &inner.live {
+            self.slow_consumer.store(true, Ordering::Release);
+            live.kick.cancel();
+        }
+    }
+
+    /// Whether the last kick was for being a slow consumer (and forgets it).
+    pub fn take_slow_consumer(&self) -> bool {
+        self.slow_consumer.swap(false, Ordering::AcqRel)
     }
 
     /// Reserves the next queue sequence number.

@@ -16,8 +16,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::{LiveConnection, PendingWill, SessionHandle, SessionState};
+use super::{LiveConnection, PendingWill, QueueLimits, SessionHandle, SessionState};
 use crate::message::{Delivery, Message};
+use crate::overload::MemoryGuard;
 use crate::router::Router;
 use crate::sync::lock;
 
@@ -84,15 +85,17 @@ pub enum Detached {
 #[derive(Debug)]
 pub struct SessionRegistry {
     sessions: Mutex<HashMap<Arc<str>, Arc<SessionHandle>>>,
-    mailbox_capacity: usize,
+    limits: QueueLimits,
+    guard: Arc<MemoryGuard>,
     next_connection_id: AtomicU64,
 }
 
 impl SessionRegistry {
-    pub fn new(mailbox_capacity: usize) -> Self {
+    pub fn new(limits: QueueLimits, guard: Arc<MemoryGuard>) -> Self {
         Self {
             sessions: Mutex::new(HashMap::new()),
-            mailbox_capacity,
+            limits,
+            guard,
             next_connection_id: AtomicU64::new(1),
         }
     }
@@ -127,7 +130,7 @@ impl SessionRegistry {
 
     /// A fresh, empty handle for a client id (not registered).
     pub fn new_handle(&self, client_id: Arc<str>, first_seq: u64) -> SessionHandle {
-        SessionHandle::new(client_id, self.mailbox_capacity, first_seq)
+        SessionHandle::new(client_id, self.limits, self.guard.clone(), first_seq)
     }
 
     /// Attaches a new connection to the session of `client_id`, closing any connection that
@@ -197,6 +200,7 @@ impl SessionRegistry {
                         inner.disconnected_at = None;
                     }
                     handle.set_persistent(expiry_interval > 0);
+                    handle.take_slow_consumer();
                     handle.set_online(true);
                     return Attached {
                         handle,

@@ -56,6 +56,24 @@ pub fn message(id: u64) -> Vec<u8> {
     id.to_be_bytes().to_vec()
 }
 
+/// `delayed`: due time in milliseconds since the Unix epoch ‖ message id (both big-endian, so
+/// a scan reads in due order).
+pub fn delayed(due_millis: u64, id: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16);
+    key.extend_from_slice(&due_millis.to_be_bytes());
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// The due time and id of a `delayed` key.
+pub fn split_delayed(key: &[u8]) -> Option<(u64, u64)> {
+    let (due, id) = key.split_at_checked(8)?;
+    Some((
+        u64::from_be_bytes(due.try_into().ok()?),
+        u64::from_be_bytes(id.try_into().ok()?),
+    ))
+}
+
 /// `retained`: the topic name.
 pub fn retained(topic: &str) -> Vec<u8> {
     topic.as_bytes().to_vec()

@@ -67,10 +67,11 @@ pub enum Cf {
     Inbound,
     Messages,
     Retained,
+    Delayed,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 7] = [
+    pub const ALL: [Cf; 8] = [
         Cf::Meta,
         Cf::Sessions,
         Cf::Subscriptions,
@@ -78,6 +79,7 @@ impl Cf {
         Cf::Inbound,
         Cf::Messages,
         Cf::Retained,
+        Cf::Delayed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +91,7 @@ impl Cf {
             Cf::Inbound => "inbound",
             Cf::Messages => "messages",
             Cf::Retained => "retained",
+            Cf::Delayed => "delayed",
         }
     }
 }

@@ -28,6 +28,8 @@ pub struct Recovered {
     pub sessions: Vec<RecoveredSession>,
     /// Message records by id; queue entries refer to them.
     pub messages: HashMap<u64, Arc<Message>>,
+    /// Delayed messages: (due, in milliseconds since the Unix epoch, id, message), in due order.
+    pub delayed: Vec<(u64, u64, Message)>,
     pub next_message_id: u64,
 }
 
@@ -77,6 +79,16 @@ pub fn load(db: &DB) -> Result<Recovered, StorageError> {
             .insert(id, Arc::new(records::decode_message(value)?));
         Ok(())
     })?;
+    scan(db, Cf::Delayed, |key, value| {
+        let (due, id) = keys::split_delayed(key)
+            .ok_or_else(|| StorageError::Corrupt("malformed delayed key".into()))?;
+        max_id = max_id.max(id);
+        recovered
+            .delayed
+            .push((due, id, records::decode_message(value)?));
+        Ok(())
+    })?;
+    // Delayed messages draw their ids from the same sequence.
     recovered.next_message_id = max_id + 1;
 
     let mut sessions: BTreeMap<String, RecoveredSession> = BTreeMap::new();

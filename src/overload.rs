@@ -1,0 +1,187 @@
+//! What the broker does when producers are faster than consumers: the overflow policy of a full
+//! session queue (chosen per topic filter) and the global memory guard that pauses reading from
+//! publishers while queues hold too much.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::QueueConfig;
+use crate::router::trie::filter_matches;
+
+/// What a full session queue does with one more message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    /// The oldest queued messages make room.
+    #[default]
+    DropOldest,
+    /// The new message is dropped.
+    DropNewest,
+    /// The new message is dropped and the subscriber disconnected as a slow consumer.
+    Disconnect,
+    /// A QoS 1/2 publish that would overflow is refused to its publisher (0x97) before it is
+    /// routed anywhere.
+    Refuse,
+}
+
+impl OverflowPolicy {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::DropOldest => "drop_oldest",
+            Self::DropNewest => "drop_newest",
+            Self::Disconnect => "disconnect",
+            Self::Refuse => "refuse",
+        }
+    }
+}
+
+/// The overflow policy of each topic: the first rule whose filter matches, else the default.
+#[derive(Debug)]
+pub struct PolicyRules {
+    default: OverflowPolicy,
+    rules: Vec<(String, OverflowPolicy)>,
+}
+
+impl PolicyRules {
+    pub fn new(config: &QueueConfig) -> Self {
+        Self {
+            default: config.policy,
+            rules: config
+                .rule
+                .iter()
+                .map(|rule| (rule.filter.clone(), rule.policy))
+                .collect(),
+        }
+    }
+
+    pub fn policy_for(&self, topic: &str) -> OverflowPolicy {
+        self.rules
+            .iter()
+            .find(|(filter, _)| filter_matches(filter, topic))
+            .map_or(self.default, |(_, policy)| *policy)
+    }
+}
+
+/// Counts the bytes queued in every session's mailbox and raises a flag while they are above
+/// the high-water mark, until they fall below the low-water mark (hysteresis, so publishers are
+/// not paused and resumed on every message).
+#[derive(Debug)]
+pub struct MemoryGuard {
+    queued: AtomicUsize,
+    high: usize,
+    low: usize,
+    paused: watch::Sender<bool>,
+}
+
+impl MemoryGuard {
+    pub fn new(high: usize, low: usize) -> Self {
+        Self {
+            queued: AtomicUsize::new(0),
+            high,
+            low,
+            paused: watch::Sender::new(false),
+        }
+    }
+
+    pub fn add(&self, bytes: usize) {
+        let now = self.queued.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if now >= self.high && !*self.paused.borrow() {
+            self.paused
+                .send_if_modified(|paused| !std::mem::replace(paused, true));
+            tracing::warn!(
+                queued_bytes = now,
+                "queued messages passed the memory high-water mark: pausing publishers"
+            );
+        }
+    }
+
+    pub fn sub(&self, bytes: usize) {
+        let now = self.queued.fetch_sub(bytes, Ordering::Relaxed) - bytes;
+        if now <= self.low && *self.paused.borrow() {
+            // Checked again under the channel's lock: a racing `add` may have gone high again.
+            let resumed = self.paused.send_if_modified(|paused| {
+                let resume = *paused && self.queued.load(Ordering::Relaxed) <= self.low;
+                if resume {
+                    *paused = false;
+                }
+                resume
+            });
+            if resumed {
+                tracing::info!(
+                    queued_bytes = now,
+                    "queued messages below the low-water mark: publishers resume"
+                );
+            }
+        }
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// A receiver whose `changed()` wakes a paused publisher when reading may resume.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.paused.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::QueueRule;
+
+    #[test]
+    fn the_first_matching_rule_decides_and_the_default_covers_the_rest() {
+        let config = QueueConfig {
+            rule: vec![
+                QueueRule {
+                    filter: "alerts/#".into(),
+                    policy: OverflowPolicy::Refuse,
+                },
+                QueueRule {
+                    filter: "+/critical".into(),
+                    policy: OverflowPolicy::Disconnect,
+                },
+                QueueRule {
+                    filter: "alerts/critical".into(),
+                    policy: OverflowPolicy::DropNewest,
+                },
+            ],
+            ..QueueConfig::default()
+        };
+        let rules = PolicyRules::new(&config);
+        assert_eq!(rules.policy_for("alerts/critical"), OverflowPolicy::Refuse);
+        assert_eq!(
+            rules.policy_for("site/critical"),
+            OverflowPolicy::Disconnect
+        );
+        assert_eq!(rules.policy_for("telemetry/a"), OverflowPolicy::DropOldest);
+    }
+
+    #[test]
+    fn the_guard_pauses_at_the_high_mark_and_resumes_below_the_low_mark() {
+        let guard = MemoryGuard::new(100, 50);
+        let mut paused = guard.subscribe();
+        guard.add(99);
+        assert!(!guard.is_paused());
+        guard.add(1);
+        assert!(guard.is_paused());
+        assert!(paused.has_changed().unwrap());
+        paused.borrow_and_update();
+        guard.sub(40);
+        assert!(
+            guard.is_paused(),
+            "60 bytes is still above the low-water mark"
+        );
+        guard.sub(10);
+        assert!(!guard.is_paused());
+        assert!(paused.has_changed().unwrap());
+        assert_eq!(guard.queued_bytes(), 50);
+    }
+}

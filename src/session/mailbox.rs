@@ -1,0 +1,398 @@
+//! A session's queue of deliveries waiting to be written to its client, bounded by messages and
+//! bytes, with the overflow policy applied when it is full.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+use crate::message::Delivery;
+use crate::overload::{MemoryGuard, OverflowPolicy};
+use crate::protocol::QoS;
+use crate::sync::lock;
+
+/// Bounds of one session's queue.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueLimits {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+    /// Queued QoS 0 messages make room (and a new QoS 0 message is dropped) before any QoS 1/2
+    /// message is dropped.
+    pub qos0_first: bool,
+}
+
+/// What a push did besides queueing.
+#[derive(Debug, Default)]
+pub struct Pushed {
+    /// Older deliveries dropped to make room.
+    pub evicted: Vec<Delivery>,
+    /// The new delivery, when it was not queued.
+    pub rejected: Option<Delivery>,
+    /// The queue was full under the `disconnect` policy.
+    pub slow_consumer: bool,
+}
+
+#[derive(Debug)]
+struct Queued {
+    delivery: Delivery,
+    bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    entries: VecDeque<Queued>,
+    bytes: usize,
+    qos0: usize,
+}
+
+impl Queue {
+    fn fits(&self, bytes: usize, limits: &QueueLimits) -> bool {
+        self.entries.is_empty()
+            || (self.entries.len() < limits.max_messages && self.bytes + bytes <= limits.max_bytes)
+    }
+
+    fn push_back(&mut self, delivery: Delivery, bytes: usize) {
+        self.bytes += bytes;
+        if delivery.qos == QoS::AtMostOnce {
+            self.qos0 += 1;
+        }
+        self.entries.push_back(Queued { delivery, bytes });
+    }
+
+    fn remove(&mut self, index: usize) -> Option<Queued> {
+        let queued = self.entries.remove(index)?;
+        self.bytes -= queued.bytes;
+        if queued.delivery.qos == QoS::AtMostOnce {
+            self.qos0 -= 1;
+        }
+        Some(queued)
+    }
+}
+
+/// Bounded queue of deliveries waiting to be written to the session's client.
+#[derive(Debug)]
+pub struct Mailbox {
+    queue: Mutex<Queue>,
+    notify: Notify,
+    limits: QueueLimits,
+    guard: Arc<MemoryGuard>,
+}
+
+impl Mailbox {
+    pub fn new(limits: QueueLimits, guard: Arc<MemoryGuard>) -> Self {
+        Self {
+            queue: Mutex::new(Queue::default()),
+            notify: Notify::new(),
+            limits,
+            guard,
+        }
+    }
+
+    /// Queues a delivery and wakes the connection. When the queue is full, `policy` decides
+    /// what is dropped; the caller releases and counts what comes back.
+    pub fn push(&self, delivery: Delivery, policy: OverflowPolicy) -> Pushed {
+        let bytes = delivery.footprint();
+        let mut pushed = Pushed::default();
+        let mut freed = 0;
+        {
+            let mut queue = lock(&self.queue);
+            if !queue.fits(bytes, &self.limits) {
+                if self.limits.qos0_first {
+                    if delivery.qos == QoS::AtMostOnce && queue.qos0 == 0 {
+                        pushed.rejected = Some(delivery);
+                        return pushed;
+                    }
+                    while queue.qos0 > 0 && !queue.fits(bytes, &self.limits) {
+                        let Some(index) = queue
+                            .entries
+                            .iter()
+                            .position(|q| q.delivery.qos == QoS::AtMostOnce)
+                        else {
+                            break;
+                        };
+                        if let Some(old) = queue.remove(index) {
+                            freed += old.bytes;
+                            pushed.evicted.push(old.delivery);
+                        }
+                    }
+                }
+                if !queue.fits(bytes, &self.limits) {
+                    match policy {
+                        OverflowPolicy::DropOldest => {
+                            // A recovered delivery past PUBREC is owed its PUBREL, never dropped.
+                            while !queue.fits(bytes, &self.limits) {
+                                let Some(index) = queue
+                                    .entries
+                                    .iter()
+                                    .position(|q| !q.delivery.awaiting_pubcomp)
+                                else {
+                                    break;
+                                };
+                                if let Some(old) = queue.remove(index) {
+                                    freed += old.bytes;
+                                    pushed.evicted.push(old.delivery);
+                                }
+                            }
+                        }
+                        OverflowPolicy::Disconnect => pushed.slow_consumer = true,
+                        OverflowPolicy::DropNewest | OverflowPolicy::Refuse => {}
+                    }
+                }
+                if !queue.fits(bytes, &self.limits) {
+                    drop(queue);
+                    self.guard.sub(freed);
+                    pushed.rejected = Some(delivery);
+                    return pushed;
+                }
+            }
+            queue.push_back(delivery, bytes);
+        }
+        self.guard.add(bytes);
+        self.guard.sub(freed);
+        self.notify.notify_one();
+        pushed
+    }
+
+    /// Whether a delivery of `bytes` would be queued without dropping anything.
+    pub fn has_room(&self, bytes: usize) -> bool {
+        lock(&self.queue).fits(bytes, &self.limits)
+    }
+
+    /// Puts back deliveries recovered from storage or handed back by a closing connection, in
+    /// order, whatever the limits: they were accepted already.
+    pub fn restore(&self, deliveries: impl IntoIterator<Item = Delivery>) {
+        let mut added = 0;
+        {
+            let mut queue = lock(&self.queue);
+            for delivery in deliveries {
+                let bytes = delivery.footprint();
+                added += bytes;
+                queue.push_back(delivery, bytes);
+            }
+        }
+        self.guard.add(added);
+        self.notify.notify_one();
+    }
+
+    /// Takes everything out (the session is ending).
+    pub fn drain(&self) -> Vec<Delivery> {
+        self.take_where(|_| true)
+    }
+
+    /// Takes out, in order, every delivery `take` selects.
+    pub fn take_where(&self, mut take: impl FnMut(&Delivery) -> bool) -> Vec<Delivery> {
+        let mut taken = Vec::new();
+        let mut freed = 0;
+        {
+            let mut queue = lock(&self.queue);
+            let mut index = 0;
+            while index < queue.entries.len() {
+                if take(&queue.entries[index].delivery) {
+                    if let Some(queued) = queue.remove(index) {
+                        freed += queued.bytes;
+                        taken.push(queued.delivery);
+                    }
+                } else {
+                    index += 1;
+                }
+            }
+        }
+        self.guard.sub(freed);
+        taken
+    }
+
+    /// Takes the front delivery if `accept` agrees to it.
+    pub fn pop_if(&self, accept: impl FnOnce(&Delivery) -> bool) -> Option<Delivery> {
+        let queued = {
+            let mut queue = lock(&self.queue);
+            if !accept(&queue.entries.front()?.delivery) {
+                return None;
+            }
+            queue.remove(0)?
+        };
+        self.guard.sub(queued.bytes);
+        Some(queued.delivery)
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.queue).entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes queued, as counted against the limits.
+    pub fn bytes(&self) -> usize {
+        lock(&self.queue).bytes
+    }
+
+    /// Resolves once something was pushed since the last wake-up.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    fn delivery(seq: u64, qos: QoS, payload: usize) -> Delivery {
+        let message = Message::new(
+            "t".into(),
+            Bytes::from(vec![0u8; payload]),
+            qos,
+            false,
+            Default::default(),
+            None,
+        );
+        Delivery::new(Arc::new(message), qos, false, Vec::new(), seq)
+    }
+
+    fn mailbox(max_messages: usize, max_bytes: usize, qos0_first: bool) -> Mailbox {
+        Mailbox::new(
+            QueueLimits {
+                max_messages,
+                max_bytes,
+                qos0_first,
+            },
+            Arc::new(MemoryGuard::new(usize::MAX, usize::MAX - 1)),
+        )
+    }
+
+    fn seqs(mailbox: &Mailbox) -> Vec<u64> {
+        mailbox.drain().iter().map(|d| d.seq).collect()
+    }
+
+    #[test]
+    fn drop_oldest_makes_room_and_drop_newest_refuses() {
+        let oldest = mailbox(3, usize::MAX, false);
+        let newest = mailbox(3, usize::MAX, false);
+        for seq in 0..5 {
+            oldest.push(
+                delivery(seq, QoS::AtLeastOnce, 1),
+                OverflowPolicy::DropOldest,
+            );
+            newest.push(
+                delivery(seq, QoS::AtLeastOnce, 1),
+                OverflowPolicy::DropNewest,
+            );
+        }
+        assert_eq!(seqs(&oldest), [2, 3, 4]);
+        assert_eq!(seqs(&newest), [0, 1, 2]);
+    }
+
+    #[test]
+    fn the_byte_bound_counts_the_whole_message() {
+        let size = delivery(0, QoS::AtLeastOnce, 100).footprint();
+        assert!(size > 100 + std::mem::size_of::<Delivery>());
+        let mailbox = mailbox(100, size * 2, false);
+        for seq in 0..3 {
+            mailbox.push(
+                delivery(seq, QoS::AtLeastOnce, 100),
+                OverflowPolicy::DropNewest,
+            );
+        }
+        assert_eq!(mailbox.len(), 2);
+        assert_eq!(mailbox.bytes(), size * 2);
+    }
+
+    #[test]
+    fn an_oversized_message_still_enters_an_empty_queue() {
+        let mailbox = mailbox(10, 10, false);
+        let pushed = mailbox.push(
+            delivery(0, QoS::AtLeastOnce, 1000),
+            OverflowPolicy::DropNewest,
+        );
+        assert!(pushed.rejected.is_none());
+        assert_eq!(mailbox.len(), 1);
+    }
+
+    #[test]
+    fn qos0_goes_first() {
+        let mailbox = mailbox(3, usize::MAX, true);
+        mailbox.push(delivery(0, QoS::AtLeastOnce, 1), OverflowPolicy::DropNewest);
+        mailbox.push(delivery(1, QoS::AtMostOnce, 1), OverflowPolicy::DropNewest);
+        mailbox.push(delivery(2, QoS::AtLeastOnce, 1), OverflowPolicy::DropNewest);
+        // Full: the queued QoS 0 message makes room for a QoS 1 message even under drop_newest.
+        let pushed = mailbox.push(delivery(3, QoS::AtLeastOnce, 1), OverflowPolicy::DropNewest);
+        assert_eq!(pushed.evicted.len(), 1);
+        assert_eq!(pushed.evicted[0].seq, 1);
+        // Full with no QoS 0 left: a new QoS 0 message is dropped, not an old QoS 1 one.
+        let pushed = mailbox.push(delivery(4, QoS::AtMostOnce, 1), OverflowPolicy::DropOldest);
+        assert_eq!(pushed.rejected.map(|d| d.seq), Some(4));
+        assert_eq!(seqs(&mailbox), [0, 2, 3]);
+    }
+
+    #[test]
+    fn disconnect_policy_flags_a_slow_consumer() {
+        let mailbox = mailbox(1, usize::MAX, false);
+        assert!(
+            !mailbox
+                .push(delivery(0, QoS::AtLeastOnce, 1), OverflowPolicy::Disconnect)
+                .slow_consumer
+        );
+        let pushed = mailbox.push(delivery(1, QoS::AtLeastOnce, 1), OverflowPolicy::Disconnect);
+        assert!(pushed.slow_consumer);
+        assert_eq!(pushed.rejected.map(|d| d.seq), Some(1));
+    }
+
+    #[test]
+    fn a_delivery_owed_its_pubrel_is_never_evicted() {
+        let mailbox = mailbox(2, usize::MAX, false);
+        let mut owed = delivery(0, QoS::ExactlyOnce, 1);
+        owed.awaiting_pubcomp = true;
+        mailbox.restore([owed]);
+        mailbox.push(delivery(1, QoS::ExactlyOnce, 1), OverflowPolicy::DropOldest);
+        mailbox.push(delivery(2, QoS::ExactlyOnce, 1), OverflowPolicy::DropOldest);
+        assert_eq!(seqs(&mailbox), [0, 2]);
+    }
+
+    proptest! {
+        /// Whatever is pushed and popped, the bounds hold, the byte count equals the sum of the
+        /// queued footprints, every delivery is either queued, popped or handed back, and the
+        /// global guard sees exactly the queued bytes.
+        #[test]
+        fn bounds_and_accounting_hold(
+            ops in prop::collection::vec((0u8..4, 0u8..3, 0usize..300, 0u8..4), 1..200),
+            max_messages in 1usize..8,
+            max_bytes in 200usize..2000,
+            qos0_first in any::<bool>(),
+        ) {
+            let guard = Arc::new(MemoryGuard::new(usize::MAX, usize::MAX - 1));
+            let mailbox = Mailbox::new(
+                QueueLimits { max_messages, max_bytes, qos0_first },
+                guard.clone(),
+            );
+            let (mut pushes, mut accounted) = (0usize, 0usize);
+            for (seq, (op, qos, payload, policy)) in (0u64..).zip(ops) {
+                if op == 0 {
+                    if mailbox.pop_if(|_| true).is_some() {
+                        accounted += 1;
+                    }
+                    continue;
+                }
+                let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][qos as usize];
+                let policy = [
+                    OverflowPolicy::DropOldest,
+                    OverflowPolicy::DropNewest,
+                    OverflowPolicy::Disconnect,
+                    OverflowPolicy::Refuse,
+                ][policy as usize];
+                let pushed = mailbox.push(delivery(seq, qos, payload), policy);
+                pushes += 1;
+                accounted += pushed.evicted.len() + usize::from(pushed.rejected.is_some());
+                let len = mailbox.len();
+                prop_assert!(len <= max_messages);
+                prop_assert!(len == 1 || mailbox.bytes() <= max_bytes);
+            }
+            prop_assert_eq!(guard.queued_bytes(), mailbox.bytes());
+            let left = mailbox.drain();
+            prop_assert_eq!(pushes, accounted + left.len());
+            prop_assert_eq!(guard.queued_bytes(), 0);
+        }
+    }
+}
