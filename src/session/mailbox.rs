@@ -36,6 +36,9 @@ pub struct Pushed {
 struct Queued {
     delivery: Delivery,
     bytes: usize,
+    /// Queued under `drop_oldest`, so a later message may displace it. Messages of topics with
+    /// another policy (an `alerts/#` rule of `refuse`, say) are never dropped once queued.
+    evictable: bool,
 }
 
 #[derive(Debug, Default)]
@@ -51,12 +54,16 @@ impl Queue {
             || (self.entries.len() < limits.max_messages && self.bytes + bytes <= limits.max_bytes)
     }
 
-    fn push_back(&mut self, delivery: Delivery, bytes: usize) {
+    fn push_back(&mut self, delivery: Delivery, bytes: usize, evictable: bool) {
         self.bytes += bytes;
         if delivery.qos == QoS::AtMostOnce {
             self.qos0 += 1;
         }
-        self.entries.push_back(Queued { delivery, bytes });
+        self.entries.push_back(Queued {
+            delivery,
+            bytes,
+            evictable,
+        });
     }
 
     fn remove(&mut self, index: usize) -> Option<Queued> {
@@ -124,7 +131,7 @@ impl Mailbox {
                                 let Some(index) = queue
                                     .entries
                                     .iter()
-                                    .position(|q| !q.delivery.awaiting_pubcomp)
+                                    .position(|q| q.evictable && !q.delivery.awaiting_pubcomp)
                                 else {
                                     break;
                                 };
@@ -145,7 +152,7 @@ impl Mailbox {
                     return pushed;
                 }
             }
-            queue.push_back(delivery, bytes);
+            queue.push_back(delivery, bytes, policy == OverflowPolicy::DropOldest);
         }
         self.guard.add(bytes);
         self.guard.sub(freed);
@@ -167,7 +174,7 @@ impl Mailbox {
             for delivery in deliveries {
                 let bytes = delivery.footprint();
                 added += bytes;
-                queue.push_back(delivery, bytes);
+                queue.push_back(delivery, bytes, true);
             }
         }
         self.guard.add(added);
@@ -283,6 +290,21 @@ mod tests {
         }
         assert_eq!(seqs(&oldest), [2, 3, 4]);
         assert_eq!(seqs(&newest), [0, 1, 2]);
+    }
+
+    #[test]
+    fn messages_queued_under_another_policy_are_not_displaced_by_drop_oldest() {
+        let mailbox = mailbox(2, usize::MAX, false);
+        mailbox.push(delivery(0, QoS::AtLeastOnce, 1), OverflowPolicy::Refuse);
+        mailbox.push(delivery(1, QoS::AtLeastOnce, 1), OverflowPolicy::DropOldest);
+        let pushed = mailbox.push(delivery(2, QoS::AtLeastOnce, 1), OverflowPolicy::DropOldest);
+        assert_eq!(
+            pushed.evicted.iter().map(|d| d.seq).collect::<Vec<_>>(),
+            [1]
+        );
+        let pushed = mailbox.push(delivery(3, QoS::AtLeastOnce, 1), OverflowPolicy::DropOldest);
+        assert_eq!(pushed.evicted[0].seq, 2);
+        assert_eq!(seqs(&mailbox), [0, 3]);
     }
 
     #[test]

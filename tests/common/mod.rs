@@ -55,9 +55,14 @@ impl TestBroker {
 
     /// Shuts down gracefully and starts again on the same data directory.
     pub async fn restart(self) -> Self {
+        self.restart_with(|_| {}).await
+    }
+
+    /// Like `restart`, with a configuration adjusted as in `start_with`.
+    pub async fn restart_with(self, adjust: impl FnOnce(&mut Config)) -> Self {
         let data_dir = self.data_dir.clone();
         self.shutdown().await;
-        Self::start_in(data_dir, |_| {}).await
+        Self::start_in(data_dir, adjust).await
     }
 
     pub fn broker(&self) -> &Broker {
@@ -82,6 +87,13 @@ impl RawPacket {
     pub fn packet_type(&self) -> u8 {
         self.first_byte >> 4
     }
+}
+
+/// A raw MQTT 5 client, connected with clean start.
+pub async fn raw_v5(addr: SocketAddr, id: &str) -> RawClient {
+    RawClient::handshake(addr, &packets::connect_v5(id, true, 60, &[]))
+        .await
+        .0
 }
 
 pub struct RawClient {

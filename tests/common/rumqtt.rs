@@ -301,6 +301,28 @@ macro_rules! driven_client {
                 .await
             }
 
+            /// The next PUBLISH if one arrives within `within`.
+            pub async fn try_next_publish(
+                &mut self,
+                within: Duration,
+            ) -> Option<client_api::Publish> {
+                let waited = self
+                    .pump
+                    .wait(within, |event| {
+                        matches!(
+                            event,
+                            client_api::Event::Incoming(client_api::Packet::Publish(_))
+                        )
+                    })
+                    .await;
+                match waited {
+                    Waited::Got(client_api::Event::Incoming(client_api::Packet::Publish(p))) => {
+                        Some(p)
+                    }
+                    _ => None,
+                }
+            }
+
             /// Asserts no PUBLISH arrives within `within`.
             pub async fn expect_no_publish_for(&mut self, within: Duration) {
                 let waited = self
@@ -405,6 +427,23 @@ pub mod v5 {
         /// Clean start, no session expiry (the session ends with the connection).
         pub async fn connect(addr: SocketAddr, id: &str) -> (Self, ConnAck) {
             Self::connect_with(Self::options(addr, id)).await
+        }
+
+        /// A client that accepts packets up to 1 MiB (rumqttc's default is 10 KiB), resuming
+        /// its session (expiry one hour) when `persistent`.
+        pub async fn connect_large(
+            addr: SocketAddr,
+            id: &str,
+            persistent: bool,
+        ) -> (Self, ConnAck) {
+            let mut options = Self::options(addr, id);
+            options.set_max_packet_size(Some(1 << 20));
+            if persistent {
+                options
+                    .set_clean_start(false)
+                    .set_session_expiry_interval(Some(3600));
+            }
+            Self::connect_with(options).await
         }
 
         /// `clean_start = false` with the given Session Expiry Interval.
