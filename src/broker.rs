@@ -210,6 +210,18 @@ async fn sweep_sessions(state: Arc<BrokerState>, shutdown: CancellationToken) {
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => return,
         }
+        if state.memory.under_pressure() && state.storage.is_some() {
+            // Under memory pressure offline sessions keep only their queues' bookkeeping.
+            let freed: usize = state
+                .sessions
+                .offline_persistent()
+                .iter()
+                .map(|session| session.mailbox.spill())
+                .sum();
+            if freed > 0 {
+                info!(freed_bytes = freed, "spilled offline queues to storage");
+            }
+        }
         let Swept { ended, due_wills } = state.sessions.sweep(&state.router, SystemTime::now());
         if !ended.is_empty() {
             metrics::sessions_expired(ended.len());

@@ -121,6 +121,12 @@ impl MemoryGuard {
         self.queued.load(Ordering::Relaxed)
     }
 
+    /// Whether queued bytes are above the low-water mark: offline queues spill from here on,
+    /// so that memory falls back before publishers have to be paused again.
+    pub fn under_pressure(&self) -> bool {
+        self.queued_bytes() > self.low
+    }
+
     pub fn is_paused(&self) -> bool {
         *self.paused.borrow()
     }

@@ -280,6 +280,38 @@ pub async fn hand_over_shared(
     left
 }
 
+/// Reads back the messages of `session`'s spilled deliveries (its client is back). Deliveries
+/// whose record is gone are released.
+pub async fn unspill(state: &BrokerState, session: &SessionHandle) -> Result<(), StorageError> {
+    let mut ids = session.mailbox.unspill();
+    let Some(storage) = &state.storage else {
+        return Ok(());
+    };
+    if ids.is_empty() {
+        return Ok(());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let storage = storage.clone();
+    let read = tokio::task::spawn_blocking(move || storage.read_messages(&ids))
+        .await
+        .map_err(|error| StorageError::Rocks(error.to_string().into()))??;
+    let messages = read
+        .into_iter()
+        .map(|(id, message)| (id, Arc::new(message)))
+        .collect();
+    let lost = session.mailbox.refill(&messages);
+    if !lost.is_empty() {
+        tracing::warn!(count = lost.len(), "queued messages missing from storage");
+        let mut ops = Vec::new();
+        for delivery in &lost {
+            release_ops(&session.client_id, delivery, &mut ops);
+        }
+        write_behind(state, ops).await;
+    }
+    Ok(())
+}
+
 /// Publishes a message on the broker's own behalf (a will): durably for persistent
 /// subscribers, then into the mailboxes.
 pub async fn publish(state: &BrokerState, message: Arc<Message>) {

@@ -355,3 +355,37 @@ async fn the_memory_guard_pauses_a_publisher_and_resumes_it_when_queues_drain() 
     counting.abort();
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn offline_queues_spill_to_storage_under_pressure_and_come_back_intact() {
+    const MESSAGES: usize = 48;
+    const PAYLOAD: usize = 16 * 1024;
+    let broker = TestBroker::start_with(|config| {
+        config.queue.memory_high_watermark = 256 * 1024;
+        config.queue.memory_low_watermark = 128 * 1024;
+    })
+    .await;
+    offline_subscriber(&broker, "archive", "logs").await;
+    let (mut publisher, _) = V5Client::connect_large(broker.addr, "logger", false).await;
+    for i in 0..MESSAGES {
+        let mut payload = vec![b'.'; PAYLOAD];
+        payload[..4].copy_from_slice(format!("{i:04}").as_bytes());
+        publisher
+            .publish("logs", QoS::AtLeastOnce, false, payload)
+            .await;
+    }
+    // 768 KiB went to the offline queue; what stays in memory is its bookkeeping.
+    wait_until("the offline queue is spilled", || {
+        broker.broker().queued_bytes() <= 128 * 1024
+    })
+    .await;
+    let (mut archive, connack) = V5Client::connect_large(broker.addr, "archive", true).await;
+    assert!(connack.session_present);
+    for i in 0..MESSAGES {
+        let publish = archive.next_publish().await;
+        assert_eq!(publish.payload.len(), PAYLOAD);
+        assert_eq!(&publish.payload[..4], format!("{i:04}").as_bytes());
+    }
+    archive.expect_no_publish().await;
+    broker.shutdown().await;
+}

@@ -33,6 +33,7 @@ use crate::protocol::{
 };
 use crate::router::{SubscriptionOptions, Target};
 use crate::session::inflight::{packet_id_for, OutboundEntry, PubRecOutcome, Stage};
+use crate::session::mailbox::is_spilled;
 use crate::session::{Detached, SessionHandle, SessionState, NEVER_EXPIRES};
 use crate::storage::{Completion, Op, StorageError};
 
@@ -251,6 +252,10 @@ where
     };
     if let Err(error) = persisted_session {
         tracing::error!(%error, "cannot persist the session");
+        return connection.finish(Close::StorageFailure).await;
+    }
+    if let Err(error) = persist::unspill(state, &connection.handle).await {
+        tracing::error!(%error, "cannot read the session's queued messages back");
         return connection.finish(Close::StorageFailure).await;
     }
     connection.send_connack(
@@ -1197,6 +1202,10 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 unplaced.extend(persist::hand_over_shared(&self.state, &self.handle, queued).await);
                 self.handle.mailbox.restore(unplaced);
                 if self.handle.is_persistent() {
+                    self.handle.mailbox.set_spillable(true);
+                    if self.state.memory.under_pressure() && self.state.storage.is_some() {
+                        self.handle.mailbox.spill();
+                    }
                     let pending = {
                         let inner = self.handle.inner();
                         inner
@@ -1252,7 +1261,7 @@ async fn first_completion(pending: &mut VecDeque<Pending>) -> Result<(), Storage
 
 /// A delivery of a shared subscription not yet sent, which another member may take.
 fn is_shared_unsent(delivery: &Delivery) -> bool {
-    delivery.share.is_some() && !delivery.awaiting_pubcomp
+    delivery.share.is_some() && !delivery.awaiting_pubcomp && !is_spilled(delivery)
 }
 
 fn will_message(will: Will, client_id: &Arc<str>) -> Message {

@@ -16,6 +16,7 @@ use crate::metrics;
 use crate::overload::{OverflowPolicy, PolicyRules};
 use crate::protocol::validate::split_shared;
 use crate::protocol::{QoS, RetainHandling};
+use crate::session::mailbox::is_spilled;
 use crate::session::{Pushed, SessionHandle};
 use crate::sync::{read, write};
 
@@ -246,9 +247,12 @@ impl Router {
     }
 
     /// Counts a delivery that will not reach `session` and dead-letters it.
+    /// A spilled delivery's message is on disk only and is counted, not dead-lettered.
     pub fn dropped(&self, session: &SessionHandle, delivery: &Delivery, reason: &'static str) {
         metrics::message_dropped(reason);
-        self.dead_letter(&delivery.message, reason, Some(&session.client_id));
+        if !is_spilled(delivery) {
+            self.dead_letter(&delivery.message, reason, Some(&session.client_id));
+        }
     }
 
     /// Republishes a dropped message to `$DLQ/<reason>/<topic>` when dead letters are enabled.

@@ -1,12 +1,12 @@
 //! A session's queue of deliveries waiting to be written to its client, bounded by messages and
 //! bytes, with the overflow policy applied when it is full.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::message::Delivery;
+use crate::message::{Delivery, Message};
 use crate::overload::{MemoryGuard, OverflowPolicy};
 use crate::protocol::QoS;
 use crate::sync::lock;
@@ -32,13 +32,55 @@ pub struct Pushed {
     pub slow_consumer: bool,
 }
 
+/// Stands in for the message of a spilled delivery: an empty topic and payload, so the
+/// message itself can be freed while its bookkeeping stays queued.
+static SPILLED: LazyLock<Arc<Message>> = LazyLock::new(|| {
+    Arc::new(Message::new(
+        "".into(),
+        Default::default(),
+        QoS::AtLeastOnce,
+        false,
+        Default::default(),
+        None,
+    ))
+});
+
+/// Whether a delivery's message was spilled (it is read back from storage before sending).
+pub fn is_spilled(delivery: &Delivery) -> bool {
+    Arc::ptr_eq(&delivery.message, &SPILLED)
+}
+
+/// Memory a spilled entry still holds.
+const SPILLED_ENTRY_BYTES: usize = std::mem::size_of::<Queued>();
+
 #[derive(Debug)]
 struct Queued {
     delivery: Delivery,
+    /// The size counted against the queue's limits: the whole message, spilled or not.
     bytes: usize,
     /// Queued under `drop_oldest`, so a later message may displace it. Messages of topics with
     /// another policy (an `alerts/#` rule of `refuse`, say) are never dropped once queued.
     evictable: bool,
+}
+
+impl Queued {
+    /// The bytes this entry holds in memory, as the memory guard counts them.
+    fn memory(&self) -> usize {
+        if is_spilled(&self.delivery) {
+            SPILLED_ENTRY_BYTES
+        } else {
+            self.bytes
+        }
+    }
+
+    /// Frees the message of a stored delivery; storage has it.
+    fn spill(&mut self) -> usize {
+        if self.delivery.stored.is_none() || is_spilled(&self.delivery) {
+            return 0;
+        }
+        self.delivery.message = SPILLED.clone();
+        self.bytes - SPILLED_ENTRY_BYTES.min(self.bytes)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -46,6 +88,9 @@ struct Queue {
     entries: VecDeque<Queued>,
     bytes: usize,
     qos0: usize,
+    /// The session is offline and persistent: under memory pressure its stored messages may
+    /// be spilled.
+    spillable: bool,
 }
 
 impl Queue {
@@ -54,7 +99,7 @@ impl Queue {
             || (self.entries.len() < limits.max_messages && self.bytes + bytes <= limits.max_bytes)
     }
 
-    fn push_back(&mut self, delivery: Delivery, bytes: usize, evictable: bool) {
+    fn push_back(&mut self, delivery: Delivery, bytes: usize, evictable: bool) -> &mut Queued {
         self.bytes += bytes;
         if delivery.qos == QoS::AtMostOnce {
             self.qos0 += 1;
@@ -64,6 +109,8 @@ impl Queue {
             bytes,
             evictable,
         });
+        let last = self.entries.len() - 1;
+        &mut self.entries[last]
     }
 
     fn remove(&mut self, index: usize) -> Option<Queued> {
@@ -101,6 +148,7 @@ impl Mailbox {
         let bytes = delivery.footprint();
         let mut pushed = Pushed::default();
         let mut freed = 0;
+        let held;
         {
             let mut queue = lock(&self.queue);
             if !queue.fits(bytes, &self.limits) {
@@ -118,7 +166,7 @@ impl Mailbox {
                             break;
                         };
                         if let Some(old) = queue.remove(index) {
-                            freed += old.bytes;
+                            freed += old.memory();
                             pushed.evicted.push(old.delivery);
                         }
                     }
@@ -136,7 +184,7 @@ impl Mailbox {
                                     break;
                                 };
                                 if let Some(old) = queue.remove(index) {
-                                    freed += old.bytes;
+                                    freed += old.memory();
                                     pushed.evicted.push(old.delivery);
                                 }
                             }
@@ -152,9 +200,14 @@ impl Mailbox {
                     return pushed;
                 }
             }
-            queue.push_back(delivery, bytes, policy == OverflowPolicy::DropOldest);
+            let spill = queue.spillable && self.guard.under_pressure();
+            let added = queue.push_back(delivery, bytes, policy == OverflowPolicy::DropOldest);
+            if spill {
+                added.spill();
+            }
+            held = added.memory();
         }
-        self.guard.add(bytes);
+        self.guard.add(held);
         self.guard.sub(freed);
         self.notify.notify_one();
         pushed
@@ -173,8 +226,7 @@ impl Mailbox {
             let mut queue = lock(&self.queue);
             for delivery in deliveries {
                 let bytes = delivery.footprint();
-                added += bytes;
-                queue.push_back(delivery, bytes, true);
+                added += queue.push_back(delivery, bytes, true).memory();
             }
         }
         self.guard.add(added);
@@ -196,7 +248,7 @@ impl Mailbox {
             while index < queue.entries.len() {
                 if take(&queue.entries[index].delivery) {
                     if let Some(queued) = queue.remove(index) {
-                        freed += queued.bytes;
+                        freed += queued.memory();
                         taken.push(queued.delivery);
                     }
                 } else {
@@ -208,17 +260,90 @@ impl Mailbox {
         taken
     }
 
-    /// Takes the front delivery if `accept` agrees to it.
+    /// Takes the front delivery if `accept` agrees to it. A spilled delivery is not taken: its
+    /// message must be read back first ([`Mailbox::unspill`]).
     pub fn pop_if(&self, accept: impl FnOnce(&Delivery) -> bool) -> Option<Delivery> {
         let queued = {
             let mut queue = lock(&self.queue);
-            if !accept(&queue.entries.front()?.delivery) {
+            let front = &queue.entries.front()?.delivery;
+            if is_spilled(front) || !accept(front) {
                 return None;
             }
             queue.remove(0)?
         };
-        self.guard.sub(queued.bytes);
+        self.guard.sub(queued.memory());
         Some(queued.delivery)
+    }
+
+    /// Marks the session offline and persistent (its stored messages may be spilled under
+    /// memory pressure) or back online (they may not).
+    pub fn set_spillable(&self, spillable: bool) {
+        lock(&self.queue).spillable = spillable;
+    }
+
+    /// Frees the messages of every stored delivery if the session is offline; storage keeps
+    /// them. Returns the bytes freed.
+    pub fn spill(&self) -> usize {
+        let freed = {
+            let mut queue = lock(&self.queue);
+            if !queue.spillable {
+                return 0;
+            }
+            queue.entries.iter_mut().map(Queued::spill).sum()
+        };
+        self.guard.sub(freed);
+        freed
+    }
+
+    /// Stops spilling (the client is back) and returns the stored message ids of the spilled
+    /// deliveries, to be read back and handed to [`Mailbox::refill`].
+    pub fn unspill(&self) -> Vec<u64> {
+        let mut queue = lock(&self.queue);
+        queue.spillable = false;
+        queue
+            .entries
+            .iter()
+            .filter(|q| is_spilled(&q.delivery))
+            .filter_map(|q| q.delivery.stored.as_ref().map(|s| s.id))
+            .collect()
+    }
+
+    /// Puts the messages read back from storage into the spilled deliveries. Deliveries whose
+    /// message could not be found are taken out and returned, for release.
+    pub fn refill(&self, messages: &HashMap<u64, Arc<Message>>) -> Vec<Delivery> {
+        let (mut refilled, mut freed) = (0, 0);
+        let mut lost = Vec::new();
+        {
+            let mut queue = lock(&self.queue);
+            let mut index = 0;
+            while index < queue.entries.len() {
+                let queued = &mut queue.entries[index];
+                let found = match &queued.delivery.stored {
+                    Some(stored) if is_spilled(&queued.delivery) => messages.get(&stored.id),
+                    _ => {
+                        index += 1;
+                        continue;
+                    }
+                };
+                match found {
+                    Some(message) => {
+                        queued.delivery.message = message.clone();
+                        refilled += queued.bytes - SPILLED_ENTRY_BYTES.min(queued.bytes);
+                        index += 1;
+                    }
+                    None => {
+                        if let Some(queued) = queue.remove(index) {
+                            freed += queued.memory();
+                            lost.push(queued.delivery);
+                        }
+                    }
+                }
+            }
+        }
+        self.guard.add(refilled);
+        self.guard.sub(freed);
+        self.notify.notify_one();
+        lost
     }
 
     pub fn len(&self) -> usize {
@@ -371,6 +496,49 @@ mod tests {
         mailbox.push(delivery(1, QoS::ExactlyOnce, 1), OverflowPolicy::DropOldest);
         mailbox.push(delivery(2, QoS::ExactlyOnce, 1), OverflowPolicy::DropOldest);
         assert_eq!(seqs(&mailbox), [0, 2]);
+    }
+
+    #[test]
+    fn spilled_messages_are_freed_held_back_and_refilled_in_place() {
+        let guard = Arc::new(MemoryGuard::new(usize::MAX, usize::MAX - 1));
+        let mailbox = Mailbox::new(
+            QueueLimits {
+                max_messages: 10,
+                max_bytes: usize::MAX,
+                qos0_first: false,
+            },
+            guard.clone(),
+        );
+        let mut stored = delivery(0, QoS::AtLeastOnce, 1000);
+        stored.stored = Some(Arc::new(crate::storage::StoredMessage::new(42, 1)));
+        let original = stored.message.clone();
+        mailbox.push(stored, OverflowPolicy::DropNewest);
+        mailbox.push(
+            delivery(1, QoS::AtMostOnce, 1000),
+            OverflowPolicy::DropNewest,
+        );
+        let before = guard.queued_bytes();
+        assert_eq!(mailbox.spill(), 0, "an online session does not spill");
+        mailbox.set_spillable(true);
+        assert!(mailbox.spill() > 1000);
+        assert!(guard.queued_bytes() < before - 1000);
+        assert_eq!(
+            mailbox.bytes(),
+            before,
+            "the queue's bound still counts the message"
+        );
+        assert!(
+            mailbox.pop_if(|_| true).is_none(),
+            "a spilled front is not sent"
+        );
+        assert_eq!(mailbox.unspill(), [42]);
+        let lost = mailbox.refill(&HashMap::from([(42, original.clone())]));
+        assert!(lost.is_empty());
+        assert_eq!(guard.queued_bytes(), before);
+        let first = mailbox.pop_if(|_| true).unwrap();
+        assert!(Arc::ptr_eq(&first.message, &original));
+        assert_eq!(mailbox.pop_if(|_| true).unwrap().seq, 1);
+        assert_eq!(guard.queued_bytes(), 0);
     }
 
     proptest! {

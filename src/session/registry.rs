@@ -112,6 +112,15 @@ impl SessionRegistry {
         lock(&self.sessions).contains_key(client_id)
     }
 
+    /// Sessions whose client is offline and which outlive their connection.
+    pub fn offline_persistent(&self) -> Vec<Arc<SessionHandle>> {
+        lock(&self.sessions)
+            .values()
+            .filter(|handle| !handle.is_online() && handle.is_persistent())
+            .cloned()
+            .collect()
+    }
+
     /// Adds an offline session rebuilt from storage.
     pub fn restore(
         &self,
@@ -125,6 +134,7 @@ impl SessionRegistry {
             inner.disconnected_at = Some(disconnected_at);
         }
         handle.set_persistent(true);
+        handle.mailbox.set_spillable(true);
         lock(&self.sessions).insert(handle.client_id.clone(), handle);
     }
 

@@ -11,6 +11,7 @@ pub mod keys;
 pub mod records;
 mod recovery;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ use rocksdb::{ColumnFamilyDescriptor, DBCompressionType, Options, WriteBatch, Wr
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::message::Message;
 use crate::metrics;
 
 pub use recovery::{Recovered, RecoveredSession};
@@ -207,6 +209,23 @@ impl Storage {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Reads message records by id (blocking: call from `spawn_blocking`). Ids without a record
+    /// are left out.
+    pub fn read_messages(&self, ids: &[u64]) -> Result<HashMap<u64, Message>, StorageError> {
+        let handle = self
+            .db
+            .cf_handle(Cf::Messages.name())
+            .ok_or_else(|| StorageError::Corrupt("column family messages missing".into()))?;
+        let keys: Vec<_> = ids.iter().map(|&id| (&handle, keys::message(id))).collect();
+        let mut found = HashMap::with_capacity(ids.len());
+        for (&id, value) in ids.iter().zip(self.db.multi_get_cf(keys)) {
+            if let Some(value) = value? {
+                found.insert(id, records::decode_message(&value)?);
+            }
+        }
+        Ok(found)
     }
 
     pub fn next_message_id(&self) -> u64 {
