@@ -6,7 +6,8 @@
 //! socket ─▶ transport (accept, spawn) ─▶ connection task ─▶ protocol (decode + validate)
 //!                                          │
 //!             CONNECT ─▶ session registry (new / resume / takeover, expiry, wills)
-//!             PUBLISH ─▶ router: retained store + trie match ─▶ each target session's mailbox
+//!             PUBLISH ─▶ router: retained store + trie match (+ one member per $share group)
+//!                        ─▶ each target session's bounded mailbox (overflow policy, dead letters)
 //! mailbox ─▶ connection task ─▶ protocol (encode) ─▶ one write buffer ─▶ socket
 //! ```
 //!
@@ -16,7 +17,9 @@
 //!   codec crate).
 //! - [`session`] holds session state that outlives connections: in-flight windows, inbound QoS 2
 //!   ids, subscriptions, mailboxes, and the registry that attaches connections to sessions.
-//! - [`router`] matches topics against subscriptions and keeps retained messages.
+//! - [`router`] matches topics against subscriptions (plain and shared) and keeps retained
+//!   messages; [`overload`] holds the overflow policies and the global memory guard;
+//!   [`delayed`] holds `$delayed/...` messages until they are due.
 //! - [`storage`] keeps retained messages and persistent sessions in RocksDB; [`persist`] turns
 //!   state changes into its write operations.
 //! - [`broker`] wires it together and owns shutdown.
