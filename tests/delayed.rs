@@ -12,22 +12,6 @@ use tokio::time::Instant;
 
 const PUBACK: u8 = 4;
 
-async fn puback_reason(client: &mut RawClient, topic: &str, packet_id: u16) -> u8 {
-    client
-        .send(&packets::publish(
-            topic,
-            1,
-            packet_id,
-            false,
-            false,
-            Some(&[]),
-            b"x",
-        ))
-        .await;
-    let ack = client.recv_type(PUBACK).await;
-    ack.body.get(2).copied().unwrap_or(0)
-}
-
 #[tokio::test]
 async fn a_delayed_message_arrives_after_its_delay_and_not_before() {
     let broker = TestBroker::start().await;
@@ -89,10 +73,13 @@ async fn delayed_publishes_past_the_limits_are_refused_with_a_reason() {
     })
     .await;
     let mut publisher = raw_v5(broker.addr, "scheduler").await;
-    assert_eq!(puback_reason(&mut publisher, "$delayed/600/a", 1).await, 0);
+    assert_eq!(
+        publisher.publish_qos1_v5("$delayed/600/a", 1, b"x").await,
+        0
+    );
     // Full.
     assert_eq!(
-        puback_reason(&mut publisher, "$delayed/600/b", 2).await,
+        publisher.publish_qos1_v5("$delayed/600/b", 2, b"x").await,
         0x97
     );
     // Not a number, past max_delay, or no topic: Topic Name invalid.
@@ -100,7 +87,7 @@ async fn delayed_publishes_past_the_limits_are_refused_with_a_reason() {
         .into_iter()
         .enumerate()
     {
-        let reason = puback_reason(&mut publisher, bad, 10 + i as u16).await;
+        let reason = publisher.publish_qos1_v5(bad, 10 + i as u16, b"x").await;
         assert_eq!(reason, 0x90, "{bad}");
     }
     assert_eq!(broker.broker().delayed_count(), 1);

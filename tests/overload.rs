@@ -18,24 +18,6 @@ use tokio::time::Instant;
 const PUBLISH: u8 = 3;
 const PUBACK: u8 = 4;
 
-/// Publishes QoS 1 from a raw v5 client; returns the PUBACK reason code.
-async fn publish_qos1(client: &mut RawClient, topic: &str, packet_id: u16, payload: &[u8]) -> u8 {
-    client
-        .send(&packets::publish(
-            topic,
-            1,
-            packet_id,
-            false,
-            false,
-            Some(&[]),
-            payload,
-        ))
-        .await;
-    let ack = client.recv_type(PUBACK).await;
-    assert_eq!(&ack.body[..2], packet_id.to_be_bytes());
-    ack.body.get(2).copied().unwrap_or(0)
-}
-
 /// Subscribes a persistent v5 session to `filter` and leaves it offline.
 async fn offline_subscriber(broker: &TestBroker, id: &str, filter: &str) {
     let (mut client, _) = V5Client::connect_persistent(broker.addr, id, 3600).await;
@@ -154,20 +136,16 @@ async fn per_filter_refuse_protects_alerts_and_tells_v5_publishers_0x97() {
     let mut reasons = Vec::new();
     for i in 0..5u16 {
         reasons.push(
-            publish_qos1(
-                &mut publisher,
-                "alerts/fire",
-                i + 1,
-                format!("a{i}").as_bytes(),
-            )
-            .await,
+            publisher
+                .publish_qos1_v5("alerts/fire", i + 1, format!("a{i}").as_bytes())
+                .await,
         );
     }
     assert_eq!(reasons, [0, 0, 0, 0x97, 0x97]);
     // Telemetry may drop its own oldest messages, but never the queued alerts.
     for i in 0..3u16 {
         assert_eq!(
-            publish_qos1(&mut publisher, "telemetry/t", 10 + i, b"t").await,
+            publisher.publish_qos1_v5("telemetry/t", 10 + i, b"t").await,
             0
         );
     }

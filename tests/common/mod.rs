@@ -188,6 +188,27 @@ impl RawClient {
         }
     }
 
+    /// Publishes at QoS 1 with MQTT 5 framing; returns the PUBACK's reason code.
+    pub async fn publish_qos1_v5(&mut self, topic: &str, packet_id: u16, payload: &[u8]) -> u8 {
+        self.send(&packets::publish(
+            topic,
+            1,
+            packet_id,
+            false,
+            false,
+            Some(&[]),
+            payload,
+        ))
+        .await;
+        let ack = self.recv_type(4).await;
+        assert_eq!(
+            &ack.body[..2],
+            packet_id.to_be_bytes(),
+            "PUBACK for another packet"
+        );
+        ack.body.get(2).copied().unwrap_or(0)
+    }
+
     /// Asserts nothing arrives for `QUIET`.
     pub async fn expect_silence(&mut self) {
         match self.recv_within(QUIET).await {

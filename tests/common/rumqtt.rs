@@ -325,17 +325,8 @@ macro_rules! driven_client {
 
             /// Asserts no PUBLISH arrives within `within`.
             pub async fn expect_no_publish_for(&mut self, within: Duration) {
-                let waited = self
-                    .pump
-                    .wait(within, |event| {
-                        matches!(
-                            event,
-                            client_api::Event::Incoming(client_api::Packet::Publish(_))
-                        )
-                    })
-                    .await;
-                if let Waited::Got(event) = waited {
-                    panic!("{}: expected no PUBLISH, got {event:?}", self.id);
+                if let Some(publish) = self.try_next_publish(within).await {
+                    panic!("{}: expected no PUBLISH, got {publish:?}", self.id);
                 }
             }
 
