@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError, StorageEngine};
 use crate::delayed::{self, DelayedMessages};
+use crate::exporter;
 use crate::message::Delivery;
 use crate::metrics;
 use crate::overload::MemoryGuard;
@@ -36,6 +37,7 @@ pub struct BrokerState {
     pub config: Config,
     pub router: Router,
     pub sessions: SessionRegistry,
+    pub started: Instant,
     /// Messages published to `$delayed/...`, waiting to fall due.
     pub delayed: DelayedMessages,
     /// Bytes queued in all mailboxes; publishers pause while it is above its high-water mark.
@@ -61,6 +63,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Broker {
     mqtt_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     state: Arc<BrokerState>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -70,7 +73,9 @@ impl Broker {
     /// Validates the configuration, binds the listeners and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         config.validate()?;
-        metrics::describe();
+        if config.metrics.enabled {
+            metrics::install();
+        }
         let (storage, recovered) = match config.storage.engine {
             StorageEngine::Memory => (None, None),
             StorageEngine::RocksDb => {
@@ -94,6 +99,18 @@ impl Broker {
         let mqtt_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr: bind, source })?;
+        let metrics_listener = if config.metrics.enabled {
+            let addr = config.metrics.bind;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?;
+            let local = listener
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr, source })?;
+            Some((listener, local))
+        } else {
+            None
+        };
 
         let memory = Arc::new(MemoryGuard::new(
             config.queue.memory_high_watermark,
@@ -106,6 +123,7 @@ impl Broker {
         };
         let first_delayed_id = recovered.as_ref().map_or(1, |r| r.next_message_id);
         let state = Arc::new(BrokerState {
+            started: Instant::now(),
             router: Router::new(&config),
             delayed: DelayedMessages::new(&config.delayed, first_delayed_id),
             sessions: SessionRegistry::new(limits, memory.clone()),
@@ -134,9 +152,20 @@ impl Broker {
         ));
         tracker.spawn(sweep_sessions(state.clone(), shutdown.clone()));
         tracker.spawn(delayed::run(state.clone(), shutdown.clone()));
+        let metrics_addr = metrics_listener.map(|(listener, addr)| {
+            tracker.spawn(exporter::serve(
+                listener,
+                state.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+            info!(%addr, "serving Prometheus metrics at /metrics");
+            addr
+        });
         info!(%mqtt_addr, "listening for MQTT");
         Ok(Self {
             mqtt_addr,
+            metrics_addr,
             state,
             shutdown,
             tracker,
@@ -146,6 +175,11 @@ impl Broker {
     /// Address of the plain MQTT listener (useful when bound to port 0).
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// Address of the Prometheus endpoint, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Number of sessions the broker holds, connected or not.

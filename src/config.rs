@@ -105,6 +105,11 @@ max_messages = 100000
 # Longest delay accepted, in seconds.
 max_delay = 4294967
 
+[metrics]
+# Prometheus endpoint: GET /metrics (text format) and GET /health.
+enabled = true
+bind = "0.0.0.0:9464"
+
 [storage]
 # "rocksdb": retained messages, persistent sessions, their subscriptions, queues and QoS 2 state
 # survive restarts and crashes. "memory": nothing is written to disk.
@@ -126,7 +131,24 @@ pub struct Config {
     pub shared: SharedConfig,
     pub dead_letter: DeadLetterConfig,
     pub delayed: DelayedConfig,
+    pub metrics: MetricsConfig,
     pub storage: StorageConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    pub bind: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bind: SocketAddr::from(([0, 0, 0, 0], 9464)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

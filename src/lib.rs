@@ -28,6 +28,7 @@ pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod delayed;
+pub mod exporter;
 pub mod message;
 pub mod metrics;
 pub mod overload;

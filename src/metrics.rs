@@ -4,9 +4,106 @@
 //! Recording goes through the `metrics` facade, so without an installed exporter it costs an
 //! atomic load and nothing else.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// The process-wide recorder's handle. One recorder serves every broker in the process (tests
+/// run many), so counters are process totals.
+static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Outbound QoS 1/2 messages in flight in all sessions (kept by `session::inflight`).
+pub static INFLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs the Prometheus recorder once per process. `None` when another recorder was
+/// installed first (an embedding application's).
+pub fn install() -> Option<&'static PrometheusHandle> {
+    RECORDER
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(STORAGE_WRITE_SECONDS.into()),
+                    &[
+                        0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 1.0,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(STORAGE_BATCH_REQUESTS.into()),
+                        &[
+                            1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 2048.0,
+                        ],
+                    )
+                })
+                .ok()?;
+            let handle = builder.install_recorder().ok()?;
+            describe();
+            Some(handle)
+        })
+        .as_ref()
+}
+
+/// The text exposition of every metric; histograms are folded first.
+pub fn render() -> String {
+    match RECORDER.get().and_then(Option::as_ref) {
+        Some(handle) => {
+            handle.run_upkeep();
+            handle.render()
+        }
+        None => String::new(),
+    }
+}
+
+/// Broker state read at scrape time.
+#[derive(Debug, Default)]
+pub struct StateGauges {
+    pub sessions_online: usize,
+    pub sessions_offline: usize,
+    pub subscriptions: usize,
+    pub shared_groups: usize,
+    pub retained_messages: usize,
+    pub queued_messages: usize,
+    pub queued_bytes: usize,
+    pub deepest_queue: usize,
+    pub delayed_messages: usize,
+    pub uptime_seconds: f64,
+}
+
+pub fn set_state_gauges(state: &StateGauges) {
+    gauge!(SESSIONS, "state" => "online").set(state.sessions_online as f64);
+    gauge!(SESSIONS, "state" => "offline").set(state.sessions_offline as f64);
+    gauge!(SUBSCRIPTIONS).set(state.subscriptions as f64);
+    gauge!(SHARED_GROUPS).set(state.shared_groups as f64);
+    gauge!(RETAINED_MESSAGES).set(state.retained_messages as f64);
+    gauge!(QUEUED_MESSAGES).set(state.queued_messages as f64);
+    gauge!(QUEUED_BYTES).set(state.queued_bytes as f64);
+    gauge!(QUEUE_DEEPEST_MESSAGES).set(state.deepest_queue as f64);
+    gauge!(INFLIGHT_MESSAGES).set(INFLIGHT.load(Ordering::Relaxed) as f64);
+    gauge!(DELAYED_MESSAGES).set(state.delayed_messages as f64);
+    gauge!(UPTIME_SECONDS).set(state.uptime_seconds);
+    if let Some(rss) = resident_memory_bytes() {
+        gauge!(PROCESS_RESIDENT_MEMORY_BYTES).set(rss as f64);
+    }
+}
+
+/// The process's resident set size, from `/proc/self/status` (Linux).
+fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
 
 pub const CONNECTIONS_TOTAL: &str = "telemq_connections_total";
 pub const CONNECTIONS_CURRENT: &str = "telemq_connections_current";
@@ -17,6 +114,22 @@ pub const MESSAGES_SENT_TOTAL: &str = "telemq_messages_sent_total";
 pub const MESSAGES_DROPPED_TOTAL: &str = "telemq_messages_dropped_total";
 pub const SESSIONS_EXPIRED_TOTAL: &str = "telemq_sessions_expired_total";
 pub const DEAD_LETTERS_TOTAL: &str = "telemq_dead_letters_total";
+pub const BYTES_RECEIVED_TOTAL: &str = "telemq_bytes_received_total";
+pub const BYTES_SENT_TOTAL: &str = "telemq_bytes_sent_total";
+pub const AUTH_FAILURES_TOTAL: &str = "telemq_auth_failures_total";
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "telemq_connections_refused_total";
+// Gauges set from broker state when /metrics is scraped.
+pub const SESSIONS: &str = "telemq_sessions";
+pub const SUBSCRIPTIONS: &str = "telemq_subscriptions";
+pub const SHARED_GROUPS: &str = "telemq_shared_groups";
+pub const RETAINED_MESSAGES: &str = "telemq_retained_messages";
+pub const QUEUED_MESSAGES: &str = "telemq_queued_messages";
+pub const QUEUED_BYTES: &str = "telemq_queued_bytes";
+pub const QUEUE_DEEPEST_MESSAGES: &str = "telemq_queue_deepest_messages";
+pub const INFLIGHT_MESSAGES: &str = "telemq_inflight_messages";
+pub const DELAYED_MESSAGES: &str = "telemq_delayed_messages";
+pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "telemq_process_resident_memory_bytes";
+pub const UPTIME_SECONDS: &str = "telemq_uptime_seconds";
 pub const SHARED_REDELIVERED_TOTAL: &str = "telemq_shared_redelivered_total";
 pub const PUBLISHERS_PAUSED_TOTAL: &str = "telemq_publishers_paused_total";
 
@@ -40,7 +153,83 @@ pub const STORAGE_WRITE_SECONDS: &str = "telemq_storage_write_seconds";
 pub const STORAGE_WRITE_ERRORS_TOTAL: &str = "telemq_storage_write_errors_total";
 pub const RECOVERY_SECONDS: &str = "telemq_recovery_seconds";
 
-pub fn describe() {
+fn describe() {
+    describe_counter!(
+        BYTES_RECEIVED_TOTAL,
+        Unit::Bytes,
+        "Bytes read from client sockets, by transport"
+    );
+    describe_counter!(
+        BYTES_SENT_TOTAL,
+        Unit::Bytes,
+        "Bytes written to client sockets, by transport"
+    );
+    describe_counter!(
+        AUTH_FAILURES_TOTAL,
+        Unit::Count,
+        "CONNECTs refused for bad credentials or a denied client"
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        Unit::Count,
+        "CONNECTs refused, by CONNACK reason"
+    );
+    describe_gauge!(
+        SESSIONS,
+        Unit::Count,
+        "Sessions, by state (online, offline)"
+    );
+    describe_gauge!(
+        SUBSCRIPTIONS,
+        Unit::Count,
+        "Subscriptions, counting each shared group member"
+    );
+    describe_gauge!(
+        SHARED_GROUPS,
+        Unit::Count,
+        "Shared subscription groups (group and filter)"
+    );
+    describe_gauge!(RETAINED_MESSAGES, Unit::Count, "Retained messages");
+    describe_gauge!(
+        QUEUED_MESSAGES,
+        Unit::Count,
+        "Messages queued in all session queues"
+    );
+    describe_gauge!(
+        QUEUED_BYTES,
+        Unit::Bytes,
+        "Bytes held in all session queues (the memory guard's measure)"
+    );
+    describe_gauge!(
+        QUEUE_DEEPEST_MESSAGES,
+        Unit::Count,
+        "Messages in the deepest session queue: the worst consumer lag"
+    );
+    describe_gauge!(
+        INFLIGHT_MESSAGES,
+        Unit::Count,
+        "Outbound QoS 1/2 messages awaiting acknowledgement"
+    );
+    describe_gauge!(
+        DELAYED_MESSAGES,
+        Unit::Count,
+        "$delayed messages waiting to fall due"
+    );
+    describe_gauge!(
+        PROCESS_RESIDENT_MEMORY_BYTES,
+        Unit::Bytes,
+        "Resident set size of the broker process"
+    );
+    describe_gauge!(
+        UPTIME_SECONDS,
+        Unit::Seconds,
+        "Seconds since the broker started"
+    );
+    // Present from the start (at zero), so dashboards and alerts have a series to read.
+    counter!(AUTH_FAILURES_TOTAL).absolute(0);
+    counter!(PUBLISHERS_PAUSED_TOTAL).absolute(0);
+    counter!(STORAGE_WRITE_ERRORS_TOTAL).absolute(0);
+
     describe_counter!(
         CONNECTIONS_TOTAL,
         Unit::Count,
@@ -154,6 +343,18 @@ pub fn publisher_paused() {
 
 pub fn protocol_error(reason: &'static str) {
     counter!(PROTOCOL_ERRORS_TOTAL, "reason" => reason).increment(1);
+}
+
+pub fn connection_refused(reason: &'static str) {
+    counter!(CONNECTIONS_REFUSED_TOTAL, "reason" => reason).increment(1);
+}
+
+pub fn bytes_received(transport: &'static str, bytes: usize) {
+    counter!(BYTES_RECEIVED_TOTAL, "transport" => transport).increment(bytes as u64);
+}
+
+pub fn bytes_sent(transport: &'static str, bytes: usize) {
+    counter!(BYTES_SENT_TOTAL, "transport" => transport).increment(bytes as u64);
 }
 
 pub fn connection_opened() {

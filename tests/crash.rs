@@ -203,7 +203,7 @@ async fn acknowledged_messages_survive_repeated_kill_9() {
     std::fs::write(
         &config,
         format!(
-            "[listener]\nbind = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n",
+            "[listener]\nbind = \"127.0.0.1:0\"\n[metrics]\nbind = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n",
             dir.path().join("data").display()
         ),
     )

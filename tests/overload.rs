@@ -253,7 +253,11 @@ async fn the_memory_guard_pauses_a_publisher_and_resumes_it_when_queues_drain() 
         config.queue.policy = OverflowPolicy::DropNewest;
     })
     .await;
-    let mut sleeper = raw_v5(broker.addr, "sleeper").await;
+    let mut sleeper = RawClient::connect_small_window(broker.addr).await;
+    sleeper
+        .send(&packets::connect_v5("sleeper", true, 0, &[]))
+        .await;
+    sleeper.recv_type(2).await;
     sleeper
         .send(&packets::subscribe(1, "bulk", 0, Some(&[])))
         .await;

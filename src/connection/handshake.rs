@@ -67,6 +67,7 @@ pub(super) async fn refuse<S: AsyncWrite>(
     version: ProtocolVersion,
     reason: ReasonCode,
 ) {
+    metrics::connection_refused(reason.label());
     let mut out = BytesMut::new();
     encode::connack(
         version,

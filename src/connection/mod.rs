@@ -49,6 +49,8 @@ const READ_BUSY: usize = 1024;
 const READ_CHUNK: usize = 16 * 1024;
 /// Packets waiting for storage before the task stops reading more from the client.
 const PENDING_LIMIT: usize = 4096;
+/// Transport label of the byte counters (TLS and WebSocket come with the security work).
+const TRANSPORT: &str = "tcp";
 /// Time allowed to flush the last packets (DISCONNECT) of a closing connection.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -448,7 +450,8 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 Event::Kicked => Err(Close::TakenOver),
                 Event::KeepAliveExpired => Err(Close::KeepAliveTimeout),
                 Event::MailboxReady | Event::MemoryGuardChanged => Ok(()),
-                Event::Wrote(Ok(_)) => {
+                Event::Wrote(Ok(written)) => {
+                    metrics::bytes_sent(TRANSPORT, written);
                     if self.write_buf.is_empty() {
                         // Idle connections hold no output buffer; a busy one gets a new one
                         // on its next wake-up, which costs far less than the write did.
@@ -459,6 +462,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 Event::Wrote(Err(_)) | Event::Read(Err(_)) => Err(Close::Io),
                 Event::Read(Ok(0)) => Err(Close::PeerClosed),
                 Event::Read(Ok(read)) => {
+                    metrics::bytes_received(TRANSPORT, read);
                     let outcome = self.process_input().await;
                     self.size_read_buffer(read);
                     outcome

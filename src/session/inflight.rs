@@ -12,7 +12,10 @@
 
 use std::collections::{HashSet, VecDeque};
 
+use std::sync::atomic::Ordering;
+
 use crate::message::Delivery;
+use crate::metrics::INFLIGHT;
 
 /// Where an outbound QoS 1/2 delivery stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,10 +51,28 @@ pub fn packet_id_for(seq: u64) -> u16 {
     (seq % u64::from(u16::MAX)) as u16 + 1
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Inflight {
     entries: VecDeque<OutboundEntry>,
     in_use: HashSet<u16>,
+}
+
+// Every window counts its entries into the process-wide in-flight gauge, copies and drops
+// included.
+impl Clone for Inflight {
+    fn clone(&self) -> Self {
+        INFLIGHT.fetch_add(self.entries.len(), Ordering::Relaxed);
+        Self {
+            entries: self.entries.clone(),
+            in_use: self.in_use.clone(),
+        }
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        INFLIGHT.fetch_sub(self.entries.len(), Ordering::Relaxed);
+    }
 }
 
 impl Inflight {
@@ -74,6 +95,7 @@ impl Inflight {
     /// Empties the window (the session is ending).
     pub fn drain(&mut self) -> impl Iterator<Item = OutboundEntry> + '_ {
         self.in_use.clear();
+        INFLIGHT.fetch_sub(self.entries.len(), Ordering::Relaxed);
         self.entries.drain(..)
     }
 
@@ -100,6 +122,7 @@ impl Inflight {
     }
 
     pub fn push(&mut self, entry: OutboundEntry) {
+        INFLIGHT.fetch_add(1, Ordering::Relaxed);
         self.in_use.insert(entry.packet_id);
         self.entries.push_back(entry);
     }
@@ -110,6 +133,7 @@ impl Inflight {
 
     fn remove_at(&mut self, index: usize) -> Option<OutboundEntry> {
         let entry = self.entries.remove(index)?;
+        INFLIGHT.fetch_sub(1, Ordering::Relaxed);
         self.in_use.remove(&entry.packet_id);
         Some(entry)
     }

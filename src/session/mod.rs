@@ -26,7 +26,7 @@ use crate::sync::lock;
 pub use inflight::Inflight;
 pub use mailbox::{Mailbox, Pushed, QueueLimits};
 pub use registry::{
-    Attached, Detached, DueWill, EndedSession, SessionRegistry, Swept, WillWithDelay,
+    Attached, Detached, DueWill, EndedSession, QueueStats, SessionRegistry, Swept, WillWithDelay,
 };
 
 /// Session Expiry Interval value meaning "never expires" [MQTT-3.1.2-?, §3.1.2.11.2].

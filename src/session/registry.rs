@@ -55,6 +55,15 @@ pub struct EndedSession {
 /// A will message with its Will Delay Interval in seconds.
 pub type WillWithDelay = (Arc<Message>, u32);
 
+/// Counts for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub online: usize,
+    pub offline: usize,
+    pub queued_messages: usize,
+    pub deepest: usize,
+}
+
 /// What a sweep of the registry found.
 #[derive(Debug, Default)]
 pub struct Swept {
@@ -110,6 +119,23 @@ impl SessionRegistry {
 
     pub fn contains(&self, client_id: &str) -> bool {
         lock(&self.sessions).contains_key(client_id)
+    }
+
+    /// Sessions online and offline, messages queued in all of them and in the deepest one.
+    pub fn queue_stats(&self) -> QueueStats {
+        let sessions = lock(&self.sessions);
+        let mut stats = QueueStats::default();
+        for handle in sessions.values() {
+            if handle.is_online() {
+                stats.online += 1;
+            } else {
+                stats.offline += 1;
+            }
+            let queued = handle.mailbox.len();
+            stats.queued_messages += queued;
+            stats.deepest = stats.deepest.max(queued);
+        }
+        stats
     }
 
     /// Sessions whose client is offline and which outlive their connection.

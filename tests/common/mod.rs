@@ -42,6 +42,7 @@ impl TestBroker {
     ) -> Self {
         let mut config = Config::default();
         config.listener.bind = "127.0.0.1:0".parse().unwrap();
+        config.metrics.bind = "127.0.0.1:0".parse().unwrap();
         config.storage.data_dir = data_dir.path().to_path_buf();
         adjust(&mut config);
         let broker = Broker::start(config).await.expect("broker starts");
@@ -104,6 +105,19 @@ pub struct RawClient {
 impl RawClient {
     pub async fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).await.expect("tcp connect");
+        stream.set_nodelay(true).unwrap();
+        Self {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Connects with a 4 KiB socket receive buffer, so that a client that stops reading fills
+    /// the broker's side quickly instead of after megabytes of kernel buffering.
+    pub async fn connect_small_window(addr: SocketAddr) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("tcp connect");
         stream.set_nodelay(true).unwrap();
         Self {
             stream,

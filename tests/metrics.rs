@@ -1,0 +1,151 @@
+//! The Prometheus endpoint, scraped over HTTP: counters move with matching traffic and the
+//! state gauges describe the broker. One test in its own binary: the recorder is per process,
+//! so counters here are this test's alone.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use common::packets;
+use common::rumqtt::v5::{QoS, V5Client};
+use common::{raw_v5, RawClient, TestBroker};
+use telemq::overload::OverflowPolicy;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+/// Every sample of the text exposition format, by series (`name{labels}`).
+async fn scrape(broker: &TestBroker) -> HashMap<String, f64> {
+    let addr = broker.broker().metrics_addr().expect("metrics enabled");
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            (series.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+fn value(samples: &HashMap<String, f64>, series: &str) -> f64 {
+    samples.get(series).copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn counters_move_with_traffic_and_gauges_describe_the_broker() {
+    let broker = TestBroker::start_with(|config| {
+        config.queue.max_messages = 2;
+        config.queue.policy = OverflowPolicy::DropNewest;
+    })
+    .await;
+    let before = scrape(&broker).await;
+    assert!(
+        before.contains_key("telemq_auth_failures_total"),
+        "present at zero"
+    );
+
+    // An offline persistent subscriber whose queue holds 2 messages.
+    let (mut offline, _) = V5Client::connect_persistent(broker.addr, "offline", 3600).await;
+    offline.subscribe("m/#", QoS::AtLeastOnce).await;
+    offline.disconnect().await;
+    let (mut online, _) = V5Client::connect(broker.addr, "online").await;
+    online.subscribe("$share/g/m/#", QoS::AtLeastOnce).await;
+    let (mut publisher, _) = V5Client::connect(broker.addr, "publisher").await;
+    publisher.publish("m/0", QoS::AtMostOnce, false, "a").await;
+    publisher.publish("m/1", QoS::AtLeastOnce, true, "b").await;
+    publisher.publish("m/2", QoS::ExactlyOnce, false, "c").await;
+    publisher
+        .publish("$delayed/3600/m/later", QoS::AtLeastOnce, false, "d")
+        .await;
+    for _ in 0..3 {
+        online.next_publish().await;
+    }
+    // A refused CONNECT and a protocol error.
+    let mut refused = RawClient::connect(broker.addr).await;
+    refused.send(&packets::connect_v4("", false, 60)).await;
+    refused.expect_closed().await;
+    let mut offender = raw_v5(broker.addr, "offender").await;
+    offender.send(&[0x30, 0x02, 0x00, 0x01]).await;
+    offender.expect_closed().await;
+
+    let after = scrape(&broker).await;
+    let delta = |series: &str| value(&after, series) - value(&before, series);
+    assert_eq!(delta("telemq_connections_total"), 5.0);
+    assert_eq!(delta("telemq_messages_received_total{qos=\"0\"}"), 1.0);
+    assert_eq!(delta("telemq_messages_received_total{qos=\"1\"}"), 2.0);
+    assert_eq!(delta("telemq_messages_received_total{qos=\"2\"}"), 1.0);
+    assert_eq!(
+        delta("telemq_messages_sent_total{qos=\"1\"}"),
+        2.0,
+        "m/1 and m/2 to the shared member at QoS 1"
+    );
+    // The offline queue took m/1 and m/2 (QoS 0 is not queued offline); nothing overflowed.
+    assert_eq!(
+        delta("telemq_messages_dropped_total{reason=\"qos0_offline\"}"),
+        1.0
+    );
+    assert_eq!(
+        delta("telemq_connections_refused_total{reason=\"client_identifier_not_valid\"}"),
+        1.0
+    );
+    assert_eq!(
+        delta("telemq_protocol_errors_total{reason=\"malformed_packet\"}"),
+        1.0
+    );
+    assert!(delta("telemq_bytes_received_total{transport=\"tcp\"}") > 0.0);
+    assert!(delta("telemq_bytes_sent_total{transport=\"tcp\"}") > 0.0);
+    assert!(delta("telemq_storage_batches_total") > 0.0);
+    assert!(value(&after, "telemq_storage_write_seconds_bucket{le=\"+Inf\"}") > 0.0);
+
+    // One more message overflows the offline queue (2 messages, drop_newest).
+    publisher.publish("m/3", QoS::AtLeastOnce, false, "e").await;
+    online.next_publish().await;
+    let overflowed = scrape(&broker).await;
+    assert_eq!(
+        value(
+            &overflowed,
+            "telemq_messages_dropped_total{reason=\"queue_full\"}"
+        ) - value(
+            &after,
+            "telemq_messages_dropped_total{reason=\"queue_full\"}"
+        ),
+        1.0
+    );
+
+    // Gauges read from the broker's state.
+    assert_eq!(
+        value(&overflowed, "telemq_sessions{state=\"offline\"}"),
+        1.0
+    );
+    assert_eq!(value(&overflowed, "telemq_sessions{state=\"online\"}"), 2.0);
+    assert_eq!(value(&overflowed, "telemq_subscriptions"), 2.0);
+    assert_eq!(value(&overflowed, "telemq_shared_groups"), 1.0);
+    assert_eq!(value(&overflowed, "telemq_retained_messages"), 1.0);
+    assert_eq!(value(&overflowed, "telemq_queued_messages"), 2.0);
+    assert_eq!(value(&overflowed, "telemq_queue_deepest_messages"), 2.0);
+    assert!(value(&overflowed, "telemq_queued_bytes") > 0.0);
+    assert_eq!(value(&overflowed, "telemq_delayed_messages"), 1.0);
+    assert!(value(&overflowed, "telemq_process_resident_memory_bytes") > 1e6);
+    assert!(value(&overflowed, "telemq_uptime_seconds") > 0.0);
+
+    let addr = broker.broker().metrics_addr().unwrap();
+    assert_eq!(
+        http_get(addr, "/health").await,
+        ("HTTP/1.1 200 OK".into(), "OK\n".into())
+    );
+    assert_eq!(http_get(addr, "/nope").await.0, "HTTP/1.1 404 Not Found");
+    broker.shutdown().await;
+}
