@@ -24,6 +24,7 @@ use crate::session::{
     PendingWill, QueueLimits, SessionRegistry, SessionState, Swept, NEVER_EXPIRES,
 };
 use crate::storage::{keys, Cf, Op, Recovered, Storage, StorageError, StoredMessage};
+use crate::sys_topics;
 use crate::transport;
 
 /// How often offline sessions are checked for expiry and delayed wills for being due.
@@ -152,6 +153,7 @@ impl Broker {
         ));
         tracker.spawn(sweep_sessions(state.clone(), shutdown.clone()));
         tracker.spawn(delayed::run(state.clone(), shutdown.clone()));
+        tracker.spawn(sys_topics::run(state.clone(), shutdown.clone()));
         let metrics_addr = metrics_listener.map(|(listener, addr)| {
             tracker.spawn(exporter::serve(
                 listener,

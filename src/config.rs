@@ -109,6 +109,8 @@ max_delay = 4294967
 # Prometheus endpoint: GET /metrics (text format) and GET /health.
 enabled = true
 bind = "0.0.0.0:9464"
+# How often the retained $SYS/broker/... topics are published; "0s" turns them off.
+sys_interval = "10s"
 
 [storage]
 # "rocksdb": retained messages, persistent sessions, their subscriptions, queues and QoS 2 state
@@ -140,6 +142,8 @@ pub struct Config {
 pub struct MetricsConfig {
     pub enabled: bool,
     pub bind: SocketAddr,
+    #[serde(with = "humantime_serde")]
+    pub sys_interval: Duration,
 }
 
 impl Default for MetricsConfig {
@@ -147,6 +151,7 @@ impl Default for MetricsConfig {
         Self {
             enabled: true,
             bind: SocketAddr::from(([0, 0, 0, 0], 9464)),
+            sys_interval: Duration::from_secs(10),
         }
     }
 }

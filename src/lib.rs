@@ -38,6 +38,7 @@ pub mod router;
 pub mod session;
 pub mod storage;
 mod sync;
+pub mod sys_topics;
 pub mod transport;
 
 pub use broker::Broker;

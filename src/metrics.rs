@@ -4,7 +4,7 @@
 //! Recording goes through the `metrics` facade, so without an installed exporter it costs an
 //! atomic load and nothing else.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use metrics::{
@@ -15,6 +15,24 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 /// The process-wide recorder's handle. One recorder serves every broker in the process (tests
 /// run many), so counters are process totals.
 static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Process totals the `$SYS` topics report (the recorder's counters cannot be read back).
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub messages_dropped: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+}
+
+pub static TOTALS: Totals = Totals {
+    messages_received: AtomicU64::new(0),
+    messages_sent: AtomicU64::new(0),
+    messages_dropped: AtomicU64::new(0),
+    bytes_received: AtomicU64::new(0),
+    bytes_sent: AtomicU64::new(0),
+};
 
 /// Outbound QoS 1/2 messages in flight in all sessions (kept by `session::inflight`).
 pub static INFLIGHT: AtomicUsize = AtomicUsize::new(0);
@@ -229,6 +247,8 @@ fn describe() {
     counter!(AUTH_FAILURES_TOTAL).absolute(0);
     counter!(PUBLISHERS_PAUSED_TOTAL).absolute(0);
     counter!(STORAGE_WRITE_ERRORS_TOTAL).absolute(0);
+    counter!(SESSIONS_EXPIRED_TOTAL).absolute(0);
+    counter!(SHARED_REDELIVERED_TOTAL).absolute(0);
 
     describe_counter!(
         CONNECTIONS_TOTAL,
@@ -326,6 +346,7 @@ pub fn recovery_seconds(seconds: f64) {
 }
 
 pub fn message_dropped(reason: &'static str) {
+    TOTALS.messages_dropped.fetch_add(1, Ordering::Relaxed);
     counter!(MESSAGES_DROPPED_TOTAL, "reason" => reason).increment(1);
 }
 
@@ -350,10 +371,14 @@ pub fn connection_refused(reason: &'static str) {
 }
 
 pub fn bytes_received(transport: &'static str, bytes: usize) {
+    TOTALS
+        .bytes_received
+        .fetch_add(bytes as u64, Ordering::Relaxed);
     counter!(BYTES_RECEIVED_TOTAL, "transport" => transport).increment(bytes as u64);
 }
 
 pub fn bytes_sent(transport: &'static str, bytes: usize) {
+    TOTALS.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
     counter!(BYTES_SENT_TOTAL, "transport" => transport).increment(bytes as u64);
 }
 
@@ -368,10 +393,12 @@ pub fn connection_closed(reason: &'static str) {
 }
 
 pub fn message_received(qos: u8) {
+    TOTALS.messages_received.fetch_add(1, Ordering::Relaxed);
     counter!(MESSAGES_RECEIVED_TOTAL, "qos" => qos_label(qos)).increment(1);
 }
 
 pub fn message_sent(qos: u8) {
+    TOTALS.messages_sent.fetch_add(1, Ordering::Relaxed);
     counter!(MESSAGES_SENT_TOTAL, "qos" => qos_label(qos)).increment(1);
 }
 
