@@ -114,6 +114,7 @@ pub fn render(state: &BrokerState) -> String {
         subscriptions: state.router.subscription_count(),
         shared_groups: state.router.shared_group_count(),
         retained_messages: state.router.retained_count(),
+        retained_bytes: state.router.retained_bytes(),
         queued_messages: queues.queued_messages,
         queued_bytes: state.memory.queued_bytes(),
         deepest_queue: queues.deepest,

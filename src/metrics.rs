@@ -85,6 +85,7 @@ pub struct StateGauges {
     pub subscriptions: usize,
     pub shared_groups: usize,
     pub retained_messages: usize,
+    pub retained_bytes: usize,
     pub queued_messages: usize,
     pub queued_bytes: usize,
     pub deepest_queue: usize,
@@ -98,6 +99,7 @@ pub fn set_state_gauges(state: &StateGauges) {
     gauge!(SUBSCRIPTIONS).set(state.subscriptions as f64);
     gauge!(SHARED_GROUPS).set(state.shared_groups as f64);
     gauge!(RETAINED_MESSAGES).set(state.retained_messages as f64);
+    gauge!(RETAINED_BYTES).set(state.retained_bytes as f64);
     gauge!(QUEUED_MESSAGES).set(state.queued_messages as f64);
     gauge!(QUEUED_BYTES).set(state.queued_bytes as f64);
     gauge!(QUEUE_DEEPEST_MESSAGES).set(state.deepest_queue as f64);
@@ -141,6 +143,7 @@ pub const SESSIONS: &str = "telemq_sessions";
 pub const SUBSCRIPTIONS: &str = "telemq_subscriptions";
 pub const SHARED_GROUPS: &str = "telemq_shared_groups";
 pub const RETAINED_MESSAGES: &str = "telemq_retained_messages";
+pub const RETAINED_BYTES: &str = "telemq_retained_bytes";
 pub const QUEUED_MESSAGES: &str = "telemq_queued_messages";
 pub const QUEUED_BYTES: &str = "telemq_queued_bytes";
 pub const QUEUE_DEEPEST_MESSAGES: &str = "telemq_queue_deepest_messages";
@@ -209,6 +212,11 @@ fn describe() {
     );
     describe_gauge!(RETAINED_MESSAGES, Unit::Count, "Retained messages");
     describe_gauge!(
+        RETAINED_BYTES,
+        Unit::Bytes,
+        "Bytes held by retained messages (topic, payload, properties)"
+    );
+    describe_gauge!(
         QUEUED_MESSAGES,
         Unit::Count,
         "Messages queued in all session queues"
@@ -273,12 +281,12 @@ fn describe() {
     describe_counter!(
         MESSAGES_RECEIVED_TOTAL,
         Unit::Count,
-        "PUBLISH packets received from clients, by QoS"
+        "PUBLISH packets received from clients, by QoS and transport"
     );
     describe_counter!(
         MESSAGES_SENT_TOTAL,
         Unit::Count,
-        "PUBLISH packets sent to clients, by QoS"
+        "PUBLISH packets sent to clients, by QoS and transport"
     );
     describe_counter!(
         MESSAGES_DROPPED_TOTAL,
@@ -392,14 +400,15 @@ pub fn connection_closed(reason: &'static str) {
     counter!(CONNECTIONS_CLOSED_TOTAL, "reason" => reason).increment(1);
 }
 
-pub fn message_received(qos: u8) {
+pub fn message_received(qos: u8, transport: &'static str) {
     TOTALS.messages_received.fetch_add(1, Ordering::Relaxed);
-    counter!(MESSAGES_RECEIVED_TOTAL, "qos" => qos_label(qos)).increment(1);
+    counter!(MESSAGES_RECEIVED_TOTAL, "qos" => qos_label(qos), "transport" => transport)
+        .increment(1);
 }
 
-pub fn message_sent(qos: u8) {
+pub fn message_sent(qos: u8, transport: &'static str) {
     TOTALS.messages_sent.fetch_add(1, Ordering::Relaxed);
-    counter!(MESSAGES_SENT_TOTAL, "qos" => qos_label(qos)).increment(1);
+    counter!(MESSAGES_SENT_TOTAL, "qos" => qos_label(qos), "transport" => transport).increment(1);
 }
 
 pub fn sessions_expired(count: usize) {

@@ -84,11 +84,20 @@ async fn counters_move_with_traffic_and_gauges_describe_the_broker() {
     let after = scrape(&broker).await;
     let delta = |series: &str| value(&after, series) - value(&before, series);
     assert_eq!(delta("telemq_connections_total"), 5.0);
-    assert_eq!(delta("telemq_messages_received_total{qos=\"0\"}"), 1.0);
-    assert_eq!(delta("telemq_messages_received_total{qos=\"1\"}"), 2.0);
-    assert_eq!(delta("telemq_messages_received_total{qos=\"2\"}"), 1.0);
     assert_eq!(
-        delta("telemq_messages_sent_total{qos=\"1\"}"),
+        delta("telemq_messages_received_total{qos=\"0\",transport=\"tcp\"}"),
+        1.0
+    );
+    assert_eq!(
+        delta("telemq_messages_received_total{qos=\"1\",transport=\"tcp\"}"),
+        2.0
+    );
+    assert_eq!(
+        delta("telemq_messages_received_total{qos=\"2\",transport=\"tcp\"}"),
+        1.0
+    );
+    assert_eq!(
+        delta("telemq_messages_sent_total{qos=\"1\",transport=\"tcp\"}"),
         2.0,
         "m/1 and m/2 to the shared member at QoS 1"
     );
@@ -134,6 +143,7 @@ async fn counters_move_with_traffic_and_gauges_describe_the_broker() {
     assert_eq!(value(&overflowed, "telemq_subscriptions"), 2.0);
     assert_eq!(value(&overflowed, "telemq_shared_groups"), 1.0);
     assert_eq!(value(&overflowed, "telemq_retained_messages"), 1.0);
+    assert!(value(&overflowed, "telemq_retained_bytes") > 1.0);
     assert_eq!(value(&overflowed, "telemq_queued_messages"), 2.0);
     assert_eq!(value(&overflowed, "telemq_queue_deepest_messages"), 2.0);
     assert!(value(&overflowed, "telemq_queued_bytes") > 0.0);

@@ -131,7 +131,7 @@ pub async fn serve<S>(
                 "connection closed"
             );
         } else {
-            debug!(reason = close.label(), "connection closed");
+            info!(reason = close.label(), "connection closed");
         }
     });
     metrics::connection_closed(close.label());
@@ -726,7 +726,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     }
 
     async fn handle_publish(&mut self, publish: Publish) -> Result<(), Close> {
-        metrics::message_received(publish.qos as u8);
+        metrics::message_received(publish.qos as u8, TRANSPORT);
         self.has_published = true;
         let config = &self.state.config.mqtt;
         let topic: Arc<str> = match publish.topic_alias {
@@ -1140,7 +1140,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             }
         }
         encode::publish(self.version, &publish, &mut self.write_buf);
-        metrics::message_sent(delivery.qos as u8);
+        metrics::message_sent(delivery.qos as u8, TRANSPORT);
         if let Some(stage) = stage {
             self.session.inflight.push(OutboundEntry {
                 packet_id,

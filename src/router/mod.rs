@@ -8,6 +8,7 @@ pub mod retained;
 pub mod shared;
 pub mod trie;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::config::{Config, DeadLetterConfig};
@@ -74,6 +75,8 @@ pub struct Router {
     subscriptions: RwLock<SubscriptionTrie<Arc<str>, Subscriber>>,
     shared: RwLock<SharedSubscriptions>,
     retained: RwLock<RetainedTree<Arc<Message>>>,
+    /// Bytes the retained messages hold (`Message::footprint`), kept with the tree.
+    retained_bytes: AtomicUsize,
     /// Whether QoS 0 messages are queued for sessions whose client is offline (the spec allows
     /// either; Mosquitto's default is not to).
     queue_qos0_offline: bool,
@@ -90,6 +93,7 @@ impl Router {
             subscriptions: RwLock::new(SubscriptionTrie::new()),
             shared: RwLock::new(SharedSubscriptions::new(config.shared.clone())),
             retained: RwLock::new(RetainedTree::new()),
+            retained_bytes: AtomicUsize::new(0),
             queue_qos0_offline: config.queue.qos0_offline,
             policies: PolicyRules::new(&config.queue),
             dead_letter: config.dead_letter.clone(),
@@ -310,20 +314,29 @@ impl Router {
 
     /// Adds a retained message recovered from storage.
     pub fn restore_retained(&self, message: Arc<Message>) {
-        let topic = message.topic.clone();
-        write(&self.retained).insert(&topic, message);
+        self.store_retained(&message);
     }
 
     fn store_retained(&self, message: &Arc<Message>) {
         let mut retained = write(&self.retained);
-        if message.payload.is_empty() {
+        let replaced = if message.payload.is_empty() {
             // [MQTT-3.3.1-10] an empty retained message clears the topic and is not stored
             // [MQTT-3.3.1-11].
-            retained.remove(&message.topic);
+            retained.remove(&message.topic)
         } else {
             // [MQTT-3.3.1-5] replaces any retained message on the topic.
-            retained.insert(&message.topic, message.clone());
+            self.retained_bytes
+                .fetch_add(message.footprint(), Ordering::Relaxed);
+            retained.insert(&message.topic, message.clone())
+        };
+        if let Some(old) = replaced {
+            self.retained_bytes
+                .fetch_sub(old.footprint(), Ordering::Relaxed);
         }
+    }
+
+    pub fn retained_bytes(&self) -> usize {
+        self.retained_bytes.load(Ordering::Relaxed)
     }
 
     /// Retained messages matching `filter`, for delivery on subscribe [MQTT-3.3.1-6].
