@@ -7,9 +7,8 @@ mod common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use common::packets;
-use common::rumqtt::v5::{QoS, V5Client};
-use common::{raw_v5, RawClient, TestBroker};
+use common::rumqtt::v5::QoS;
+use common::TestBroker;
 use telemq::overload::OverflowPolicy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -57,29 +56,12 @@ async fn counters_move_with_traffic_and_gauges_describe_the_broker() {
         "present at zero"
     );
 
-    // An offline persistent subscriber whose queue holds 2 messages.
-    let (mut offline, _) = V5Client::connect_persistent(broker.addr, "offline", 3600).await;
-    offline.subscribe("m/#", QoS::AtLeastOnce).await;
-    offline.disconnect().await;
-    let (mut online, _) = V5Client::connect(broker.addr, "online").await;
-    online.subscribe("$share/g/m/#", QoS::AtLeastOnce).await;
-    let (mut publisher, _) = V5Client::connect(broker.addr, "publisher").await;
-    publisher.publish("m/0", QoS::AtMostOnce, false, "a").await;
-    publisher.publish("m/1", QoS::AtLeastOnce, true, "b").await;
-    publisher.publish("m/2", QoS::ExactlyOnce, false, "c").await;
-    publisher
-        .publish("$delayed/3600/m/later", QoS::AtLeastOnce, false, "d")
-        .await;
+    // An offline session whose queue (2 messages) takes m/1 and m/2, a shared member, a
+    // publisher, a refused CONNECT and a protocol error.
+    let (mut online, mut publisher) = common::traffic::mixed(broker.addr).await;
     for _ in 0..3 {
         online.next_publish().await;
     }
-    // A refused CONNECT and a protocol error.
-    let mut refused = RawClient::connect(broker.addr).await;
-    refused.send(&packets::connect_v4("", false, 60)).await;
-    refused.expect_closed().await;
-    let mut offender = raw_v5(broker.addr, "offender").await;
-    offender.send(&[0x30, 0x02, 0x00, 0x01]).await;
-    offender.expect_closed().await;
 
     let after = scrape(&broker).await;
     let delta = |series: &str| value(&after, series) - value(&before, series);

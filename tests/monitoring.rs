@@ -12,9 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::packets;
-use common::rumqtt::v5::{QoS, V5Client};
-use common::{raw_v5, RawClient, TestBroker};
+use common::TestBroker;
 use telemq::overload::OverflowPolicy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -122,39 +120,6 @@ fn start_prometheus(dir: &Path, target: SocketAddr) -> Prometheus {
     Prometheus { child, addr }
 }
 
-/// Traffic that makes every series of the dashboard exist: QoS 0/1/2, an offline session with
-/// a queue, a drop and its dead letter, a shared group, a retained and a delayed message, a
-/// refused CONNECT and a protocol error.
-async fn make_traffic(broker: &TestBroker) -> (V5Client, V5Client) {
-    let (mut offline, _) = V5Client::connect_persistent(broker.addr, "offline", 3600).await;
-    offline.subscribe("m/#", QoS::AtLeastOnce).await;
-    offline.disconnect().await;
-    let (mut member, _) = V5Client::connect(broker.addr, "member").await;
-    member.subscribe("$share/g/m/#", QoS::AtLeastOnce).await;
-    let (mut publisher, _) = V5Client::connect(broker.addr, "publisher").await;
-    for (i, qos) in [
-        QoS::AtMostOnce,
-        QoS::AtLeastOnce,
-        QoS::ExactlyOnce,
-        QoS::AtLeastOnce,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        publisher.publish(&format!("m/{i}"), qos, i == 1, "x").await;
-    }
-    publisher
-        .publish("$delayed/3600/m/later", QoS::AtLeastOnce, false, "d")
-        .await;
-    let mut refused = RawClient::connect(broker.addr).await;
-    refused.send(&packets::connect_v4("", false, 60)).await;
-    refused.expect_closed().await;
-    let mut offender = raw_v5(broker.addr, "offender").await;
-    offender.send(&[0x30, 0x02, 0x00, 0x01]).await;
-    offender.expect_closed().await;
-    (member, publisher)
-}
-
 #[tokio::test]
 async fn every_dashboard_query_and_alert_metric_has_data_in_a_real_prometheus() {
     promtool(&[
@@ -174,7 +139,8 @@ async fn every_dashboard_query_and_alert_metric_has_data_in_a_real_prometheus() 
         config.dead_letter.enabled = true;
     })
     .await;
-    let _clients = make_traffic(&broker).await;
+    // Every series of the dashboard exists after this: the queue (1 message) overflows too.
+    let _clients = common::traffic::mixed(broker.addr).await;
     let dir = tempfile::tempdir().unwrap();
     let prometheus = start_prometheus(dir.path(), broker.broker().metrics_addr().unwrap());
 

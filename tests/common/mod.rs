@@ -4,6 +4,7 @@
 
 pub mod packets;
 pub mod rumqtt;
+pub mod traffic;
 
 use std::net::SocketAddr;
 use std::time::Duration;
