@@ -2,7 +2,7 @@
 //! session queue (chosen per topic filter) and the global memory guard that pauses reading from
 //! publishers while queues hold too much.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -73,6 +73,8 @@ pub struct MemoryGuard {
     high: usize,
     low: usize,
     paused: watch::Sender<bool>,
+    /// Mirrors `paused` so the per-message paths read an atomic, not the channel's lock.
+    paused_now: AtomicBool,
 }
 
 impl MemoryGuard {
@@ -82,6 +84,7 @@ impl MemoryGuard {
             high,
             low,
             paused: watch::Sender::new(false),
+            paused_now: AtomicBool::new(false),
         }
     }
 
@@ -99,12 +102,13 @@ impl MemoryGuard {
 
     pub fn sub(&self, bytes: usize) {
         let now = self.queued.fetch_sub(bytes, Ordering::Relaxed) - bytes;
-        if now <= self.low && *self.paused.borrow() {
+        if now <= self.low && self.is_paused() {
             // Checked again under the channel's lock: a racing `add` may have gone high again.
             let resumed = self.paused.send_if_modified(|paused| {
                 let resume = *paused && self.queued.load(Ordering::Relaxed) <= self.low;
                 if resume {
                     *paused = false;
+                    self.paused_now.store(false, Ordering::Relaxed);
                 }
                 resume
             });
@@ -128,7 +132,7 @@ impl MemoryGuard {
     }
 
     pub fn is_paused(&self) -> bool {
-        *self.paused.borrow()
+        self.paused_now.load(Ordering::Relaxed)
     }
 
     /// A receiver whose `changed()` wakes a paused publisher when reading may resume.

@@ -50,7 +50,7 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Packets waiting for storage before the task stops reading more from the client.
 const PENDING_LIMIT: usize = 4096;
 /// Transport label of the byte counters (TLS and WebSocket come with the security work).
-const TRANSPORT: &str = "tcp";
+const TRANSPORT: &str = metrics::TCP;
 /// Time allowed to flush the last packets (DISCONNECT) of a closing connection.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -479,8 +479,10 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     /// high-water mark. Only publishers pause, and not while the client owes acknowledgements
     /// for messages sent to it: reading those is what lets queues drain.
     fn paused_by_memory_guard(&mut self) -> bool {
+        // The atomic first: the channel (whose version `changed()` waits on) only when paused.
         let paused = self.has_published
             && self.session.inflight.is_empty()
+            && self.state.memory.is_paused()
             && *self.memory.borrow_and_update();
         if paused && !self.paused {
             metrics::publisher_paused();
