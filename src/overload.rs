@@ -90,9 +90,11 @@ impl MemoryGuard {
 
     pub fn add(&self, bytes: usize) {
         let now = self.queued.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if now >= self.high && !*self.paused.borrow() {
-            self.paused
-                .send_if_modified(|paused| !std::mem::replace(paused, true));
+        if now >= self.high && !self.is_paused() {
+            self.paused.send_if_modified(|paused| {
+                self.paused_now.store(true, Ordering::Relaxed);
+                !std::mem::replace(paused, true)
+            });
             tracing::warn!(
                 queued_bytes = now,
                 "queued messages passed the memory high-water mark: pausing publishers"

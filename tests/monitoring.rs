@@ -145,7 +145,11 @@ async fn every_dashboard_query_and_alert_metric_has_data_in_a_real_prometheus() 
     let prometheus = start_prometheus(dir.path(), broker.broker().metrics_addr().unwrap());
 
     let deadline = Instant::now() + Duration::from_secs(60);
-    while http_get(prometheus.addr, "/-/ready").await.is_none() {
+    // Until its storage is up, Prometheus answers 503 "Service Unavailable" here.
+    while !http_get(prometheus.addr, "/-/ready")
+        .await
+        .is_some_and(|body| body.contains("Ready"))
+    {
         assert!(Instant::now() < deadline, "Prometheus did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
