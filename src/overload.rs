@@ -103,6 +103,9 @@ impl MemoryGuard {
     }
 
     pub fn sub(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
         let now = self.queued.fetch_sub(bytes, Ordering::Relaxed) - bytes;
         if now <= self.low && self.is_paused() {
             // Checked again under the channel's lock: a racing `add` may have gone high again.

@@ -74,6 +74,8 @@ pub struct Target {
 pub struct Router {
     subscriptions: RwLock<SubscriptionTrie<Arc<str>, Subscriber>>,
     shared: RwLock<SharedSubscriptions>,
+    /// Number of shared groups, read without the lock on the publish path.
+    shared_groups: AtomicUsize,
     retained: RwLock<RetainedTree<Arc<Message>>>,
     /// Bytes the retained messages hold (`Message::footprint`), kept with the tree.
     retained_bytes: AtomicUsize,
@@ -92,6 +94,7 @@ impl Router {
         Self {
             subscriptions: RwLock::new(SubscriptionTrie::new()),
             shared: RwLock::new(SharedSubscriptions::new(config.shared.clone())),
+            shared_groups: AtomicUsize::new(0),
             retained: RwLock::new(RetainedTree::new()),
             retained_bytes: AtomicUsize::new(0),
             queue_qos0_offline: config.queue.qos0_offline,
@@ -134,11 +137,14 @@ impl Router {
         // A shared subscription is a subscription of its own: its member gets this copy
         // besides any copy through its plain subscriptions.
         let mut shared_matches = Vec::new();
-        read(&self.shared).for_each_match(&message.topic, |group| {
-            if let Some(member) = group.pick(message, None) {
-                shared_matches.push((group.share.clone(), Match::new(message, member)));
-            }
-        });
+        // Most brokers have no shared groups; then the second lock is not even taken.
+        if self.shared_groups.load(Ordering::Acquire) > 0 {
+            read(&self.shared).for_each_match(&message.topic, |group| {
+                if let Some(member) = group.pick(message, None) {
+                    shared_matches.push((group.share.clone(), Match::new(message, member)));
+                }
+            });
+        }
         if matches.len() > 1 {
             // Overlapping subscriptions of one client yield one copy with the highest QoS and
             // every subscription identifier [MQTT-3.3.4-2], [MQTT-3.3.4-3].
@@ -363,7 +369,11 @@ impl Router {
             options,
         };
         if let Some(Ok((group, inner))) = split_shared(filter) {
-            return write(&self.shared).subscribe(filter, group, inner, subscriber);
+            let mut shared = write(&self.shared);
+            let replaced = shared.subscribe(filter, group, inner, subscriber);
+            self.shared_groups
+                .store(shared.group_count(), Ordering::Release);
+            return replaced;
         }
         write(&self.subscriptions)
             .insert(filter, session.client_id.clone(), subscriber)
@@ -372,7 +382,11 @@ impl Router {
 
     pub fn unsubscribe(&self, client_id: &Arc<str>, filter: &str) -> bool {
         if let Some(Ok((group, inner))) = split_shared(filter) {
-            return write(&self.shared).unsubscribe(group, inner, client_id, None);
+            let mut shared = write(&self.shared);
+            let removed = shared.unsubscribe(group, inner, client_id, None);
+            self.shared_groups
+                .store(shared.group_count(), Ordering::Release);
+            return removed;
         }
         write(&self.subscriptions)
             .remove(filter, client_id)
@@ -383,7 +397,10 @@ impl Router {
     /// client id has made since.
     pub fn unsubscribe_session(&self, session: &Arc<SessionHandle>, filter: &str) {
         if let Some(Ok((group, inner))) = split_shared(filter) {
-            write(&self.shared).unsubscribe(group, inner, &session.client_id, Some(session));
+            let mut shared = write(&self.shared);
+            shared.unsubscribe(group, inner, &session.client_id, Some(session));
+            self.shared_groups
+                .store(shared.group_count(), Ordering::Release);
             return;
         }
         let mut trie = write(&self.subscriptions);
