@@ -202,6 +202,11 @@ impl Broker {
         self.state.delayed.len()
     }
 
+    /// Whether the memory guard has stopped reading from publishers.
+    pub fn publishers_paused(&self) -> bool {
+        self.state.memory.is_paused()
+    }
+
     /// Bytes queued in every session's mailbox.
     pub fn queued_bytes(&self) -> usize {
         self.state.memory.queued_bytes()
