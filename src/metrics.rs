@@ -432,21 +432,51 @@ pub fn connection_refused(reason: &'static str) {
     counter!(CONNECTIONS_REFUSED_TOTAL, "reason" => reason).increment(1);
 }
 
-pub fn bytes_received(transport: &'static str, bytes: usize) {
-    TOTALS
-        .bytes_received
-        .fetch_add(bytes as u64, Ordering::Relaxed);
-    match hot().filter(|_| transport == TCP) {
-        Some(hot) => hot.bytes_received.increment(bytes as u64),
-        None => counter!(BYTES_RECEIVED_TOTAL, "transport" => transport).increment(bytes as u64),
+/// One connection's message and byte counts, accumulated locally and added to the shared
+/// counters (atomics on cache lines every core writes) once per turn of its event loop.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub received: [u64; 3],
+    pub sent: [u64; 3],
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+}
+
+impl Traffic {
+    pub fn flush(&mut self, transport: &'static str) {
+        let traffic = std::mem::take(self);
+        for (qos, count) in (0u8..).zip(traffic.received) {
+            if count > 0 {
+                messages_received(qos, transport, count);
+            }
+        }
+        for (qos, count) in (0u8..).zip(traffic.sent) {
+            if count > 0 {
+                messages_sent(qos, transport, count);
+            }
+        }
+        if traffic.bytes_received > 0 {
+            bytes_received(transport, traffic.bytes_received);
+        }
+        if traffic.bytes_sent > 0 {
+            bytes_sent(transport, traffic.bytes_sent);
+        }
     }
 }
 
-pub fn bytes_sent(transport: &'static str, bytes: usize) {
-    TOTALS.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+fn bytes_received(transport: &'static str, bytes: u64) {
+    TOTALS.bytes_received.fetch_add(bytes, Ordering::Relaxed);
     match hot().filter(|_| transport == TCP) {
-        Some(hot) => hot.bytes_sent.increment(bytes as u64),
-        None => counter!(BYTES_SENT_TOTAL, "transport" => transport).increment(bytes as u64),
+        Some(hot) => hot.bytes_received.increment(bytes),
+        None => counter!(BYTES_RECEIVED_TOTAL, "transport" => transport).increment(bytes),
+    }
+}
+
+fn bytes_sent(transport: &'static str, bytes: u64) {
+    TOTALS.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+    match hot().filter(|_| transport == TCP) {
+        Some(hot) => hot.bytes_sent.increment(bytes),
+        None => counter!(BYTES_SENT_TOTAL, "transport" => transport).increment(bytes),
     }
 }
 
@@ -460,23 +490,23 @@ pub fn connection_closed(reason: &'static str) {
     counter!(CONNECTIONS_CLOSED_TOTAL, "reason" => reason).increment(1);
 }
 
-pub fn message_received(qos: u8, transport: &'static str) {
-    TOTALS.messages_received.fetch_add(1, Ordering::Relaxed);
+fn messages_received(qos: u8, transport: &'static str, count: u64) {
+    TOTALS.messages_received.fetch_add(count, Ordering::Relaxed);
     match hot().filter(|_| transport == TCP) {
-        Some(hot) => hot.received[qos_index(qos)].increment(1),
+        Some(hot) => hot.received[qos_index(qos)].increment(count),
         None => {
             counter!(MESSAGES_RECEIVED_TOTAL, "qos" => qos_label(qos), "transport" => transport)
-                .increment(1)
+                .increment(count)
         }
     }
 }
 
-pub fn message_sent(qos: u8, transport: &'static str) {
-    TOTALS.messages_sent.fetch_add(1, Ordering::Relaxed);
+fn messages_sent(qos: u8, transport: &'static str, count: u64) {
+    TOTALS.messages_sent.fetch_add(count, Ordering::Relaxed);
     match hot().filter(|_| transport == TCP) {
-        Some(hot) => hot.sent[qos_index(qos)].increment(1),
+        Some(hot) => hot.sent[qos_index(qos)].increment(count),
         None => counter!(MESSAGES_SENT_TOTAL, "qos" => qos_label(qos), "transport" => transport)
-            .increment(1),
+            .increment(count),
     }
 }
 

@@ -251,6 +251,7 @@ where
         has_published: false,
         paused: false,
         memory: state.memory.subscribe(),
+        traffic: metrics::Traffic::default(),
     };
     if let Err(error) = persisted_session {
         tracing::error!(%error, "cannot persist the session");
@@ -321,6 +322,9 @@ struct Connection<S> {
     paused: bool,
     /// The memory guard's flag, watched while paused.
     memory: watch::Receiver<bool>,
+    /// Message and byte counts since the last turn of the event loop, added to the shared
+    /// counters once per turn rather than once per message.
+    traffic: metrics::Traffic,
 }
 
 /// Something to finish once its storage write completes.
@@ -419,6 +423,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     async fn event_loop(&mut self, shutdown: &CancellationToken) -> Close {
         loop {
             self.fill_from_mailbox();
+            self.traffic.flush(TRANSPORT);
             if !self.releases.is_empty() {
                 persist::write_behind(&self.state, std::mem::take(&mut self.releases)).await;
             }
@@ -451,7 +456,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 Event::KeepAliveExpired => Err(Close::KeepAliveTimeout),
                 Event::MailboxReady | Event::MemoryGuardChanged => Ok(()),
                 Event::Wrote(Ok(written)) => {
-                    metrics::bytes_sent(TRANSPORT, written);
+                    self.traffic.bytes_sent += written as u64;
                     if self.write_buf.is_empty() {
                         // Idle connections hold no output buffer; a busy one gets a new one
                         // on its next wake-up, which costs far less than the write did.
@@ -462,7 +467,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 Event::Wrote(Err(_)) | Event::Read(Err(_)) => Err(Close::Io),
                 Event::Read(Ok(0)) => Err(Close::PeerClosed),
                 Event::Read(Ok(read)) => {
-                    metrics::bytes_received(TRANSPORT, read);
+                    self.traffic.bytes_received += read as u64;
                     let outcome = self.process_input().await;
                     self.size_read_buffer(read);
                     outcome
@@ -728,7 +733,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     }
 
     async fn handle_publish(&mut self, publish: Publish) -> Result<(), Close> {
-        metrics::message_received(publish.qos as u8, TRANSPORT);
+        self.traffic.received[usize::from(publish.qos as u8)] += 1;
         self.has_published = true;
         let config = &self.state.config.mqtt;
         let topic: Arc<str> = match publish.topic_alias {
@@ -1142,7 +1147,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             }
         }
         encode::publish(self.version, &publish, &mut self.write_buf);
-        metrics::message_sent(delivery.qos as u8, TRANSPORT);
+        self.traffic.sent[usize::from(delivery.qos as u8)] += 1;
         if let Some(stage) = stage {
             self.session.inflight.push(OutboundEntry {
                 packet_id,
@@ -1156,6 +1161,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     /// Tells a v5 client why it is being disconnected, flushes, hands the session back and
     /// publishes the will where one is due.
     async fn finish(mut self, close: Close) -> Close {
+        self.traffic.flush(TRANSPORT);
         self.drain_pending().await;
         persist::write_behind(&self.state, std::mem::take(&mut self.releases)).await;
         if self.version.is_v5() {
