@@ -230,7 +230,8 @@ pub async fn hand_over_shared(
     deliveries: Vec<Delivery>,
 ) -> Vec<Delivery> {
     let mut left = Vec::new();
-    let mut handed = 0;
+    let mut moves = Vec::new();
+    let mut ops = Vec::new();
     for old in deliveries {
         let rerouted = old
             .share
@@ -248,7 +249,6 @@ pub async fn hand_over_shared(
             session.next_seq(),
         );
         delivery.share = old.share.clone();
-        let mut ops = Vec::new();
         match &old.stored {
             Some(stored) if session.is_persistent() && delivery.qos != QoS::AtMostOnce => {
                 delivery.stored = Some(stored.clone());
@@ -257,26 +257,28 @@ pub async fn hand_over_shared(
             }
             _ => release_ops(&from.client_id, &old, &mut ops),
         }
-        if let Err(error) = write(state, ops).await {
-            tracing::error!(%error, "shared delivery not handed over: storage failed");
-            left.push(old);
-            continue;
-        }
-        handed += 1;
+        moves.push((session, delivery, old));
+    }
+    // One batch for every move: a member leaving with a long queue costs one storage round trip.
+    if let Err(error) = write(state, ops).await {
+        tracing::error!(%error, "shared deliveries not handed over: storage failed");
+        left.extend(moves.into_iter().map(|(_, _, old)| old));
+        return left;
+    }
+    if !moves.is_empty() {
+        metrics::shared_redelivered(moves.len());
+    }
+    let mut dropped = Vec::new();
+    for (session, delivery, _) in moves {
         let policy = state.router.policy_for(&delivery.message.topic);
-        let dropped = state.router.enqueue(&session, delivery, policy);
-        let dropped = dropped
-            .into_iter()
-            .map(|delivery| Target {
+        for delivery in state.router.enqueue(&session, delivery, policy) {
+            dropped.push(Target {
                 session: session.clone(),
                 delivery,
-            })
-            .collect();
-        release_dropped(state, dropped).await;
+            });
+        }
     }
-    if handed > 0 {
-        metrics::shared_redelivered(handed);
-    }
+    release_dropped(state, dropped).await;
     left
 }
 
