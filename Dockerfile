@@ -36,7 +36,7 @@ COPY grafana/telemq.toml /etc/telemq/telemq.toml
 USER 10001:10001
 WORKDIR /var/lib/telemq
 VOLUME ["/var/lib/telemq"]
-# 1883 MQTT, 9464 Prometheus metrics. 8883 (MQTT over TLS), 8083 (WebSocket) and 8084 (secure
-# WebSocket) are reserved for the listeners that come with the security work.
+# 1883 MQTT, 8083 MQTT over WebSocket, 9464 Prometheus metrics; 8883 (MQTT over TLS) and 8084
+# (secure WebSocket) once [tls] is configured.
 EXPOSE 1883 8883 8083 8084 9464
 ENTRYPOINT ["telemq", "--config", "/etc/telemq/telemq.toml"]

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::auth::{Auth, AuthError};
 use crate::config::{Config, ConfigError, StorageEngine};
 use crate::delayed::{self, DelayedMessages};
 use crate::exporter;
@@ -25,7 +25,9 @@ use crate::session::{
 };
 use crate::storage::{keys, Cf, Op, Recovered, Storage, StorageError, StoredMessage};
 use crate::sys_topics;
-use crate::transport;
+use crate::transport::admission::Admission;
+use crate::transport::tls::{TlsContext, TlsError};
+use crate::transport::{self, Transport};
 
 /// How often offline sessions are checked for expiry and delayed wills for being due.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -45,6 +47,10 @@ pub struct BrokerState {
     pub memory: Arc<MemoryGuard>,
     /// `None` with `storage.engine = "memory"`.
     pub storage: Option<Arc<Storage>>,
+    /// Password file and ACL.
+    pub auth: Auth,
+    /// The TLS configuration of the TLS and WSS listeners; `None` when neither is enabled.
+    pub tls: Option<TlsContext>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +59,10 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("cannot open storage in {path}: {source}")]
     Storage { path: String, source: StorageError },
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -64,6 +74,9 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Broker {
     mqtt_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+    ws_addr: Option<SocketAddr>,
+    wss_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     state: Arc<BrokerState>,
     shutdown: CancellationToken,
@@ -93,13 +106,47 @@ impl Broker {
                 (Some(Arc::new(opened.0)), Some(opened.1))
             }
         };
-        let bind = config.listener.bind;
-        let listener = TcpListener::bind(bind)
+        let (auth, tls) = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, StartError> {
+                let auth = Auth::load(&config.auth)?;
+                let tls_wanted = config.tls.enabled || config.websocket.tls_enabled;
+                let tls = if tls_wanted {
+                    transport::tls::install_crypto_provider();
+                    Some(TlsContext::load(&config.tls)?)
+                } else {
+                    None
+                };
+                Ok((auth, tls))
+            })
             .await
-            .map_err(|source| StartError::Bind { addr: bind, source })?;
-        let mqtt_addr = listener
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr: bind, source })?;
+            .map_err(|e| StartError::Tls(TlsError::Rustls(e.to_string())))??
+        };
+        let mut listeners = vec![(bind(config.listener.bind).await?, Transport::Tcp)];
+        if config.tls.enabled {
+            listeners.push((bind(config.tls.bind).await?, Transport::Tls));
+        }
+        if config.websocket.enabled {
+            listeners.push((bind(config.websocket.bind).await?, Transport::WebSocket));
+        }
+        if config.websocket.tls_enabled {
+            listeners.push((
+                bind(config.websocket.tls_bind).await?,
+                Transport::SecureWebSocket,
+            ));
+        }
+        let address_of = |wanted: Transport| {
+            listeners
+                .iter()
+                .find(|(_, transport)| *transport == wanted)
+                .map(|((_, addr), _)| *addr)
+        };
+        let (mqtt_addr, tls_addr, ws_addr, wss_addr) = (
+            listeners[0].0 .1,
+            address_of(Transport::Tls),
+            address_of(Transport::WebSocket),
+            address_of(Transport::SecureWebSocket),
+        );
         let metrics_listener = if config.metrics.enabled {
             let addr = config.metrics.bind;
             let listener = TcpListener::bind(addr)
@@ -131,6 +178,8 @@ impl Broker {
             memory,
             config,
             storage,
+            auth,
+            tls,
         });
         if let Some(recovered) = recovered {
             let cleanup = restore(&state, recovered);
@@ -143,14 +192,21 @@ impl Broker {
         }
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let permits = Arc::new(Semaphore::new(state.config.listener.max_connections));
-        tracker.spawn(transport::accept_tcp(
-            listener,
-            state.clone(),
-            permits,
-            shutdown.clone(),
-            tracker.clone(),
-        ));
+        let admission = Arc::new(Admission::new(&state.config.listener));
+        for ((listener, addr), transport) in listeners {
+            match transport {
+                Transport::Tcp => info!(mqtt_addr = %addr, "listening for MQTT"),
+                _ => info!(%addr, transport = transport.label(), "listening for MQTT"),
+            }
+            tracker.spawn(transport::accept(
+                listener,
+                transport,
+                state.clone(),
+                admission.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
         tracker.spawn(sweep_sessions(state.clone(), shutdown.clone()));
         tracker.spawn(delayed::run(state.clone(), shutdown.clone()));
         tracker.spawn(sys_topics::run(state.clone(), shutdown.clone()));
@@ -164,9 +220,11 @@ impl Broker {
             info!(%addr, "serving Prometheus metrics at /metrics");
             addr
         });
-        info!(%mqtt_addr, "listening for MQTT");
         Ok(Self {
             mqtt_addr,
+            tls_addr,
+            ws_addr,
+            wss_addr,
             metrics_addr,
             state,
             shutdown,
@@ -177,6 +235,48 @@ impl Broker {
     /// Address of the plain MQTT listener (useful when bound to port 0).
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// Address of the MQTT over TLS listener, when enabled.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    /// Address of the WebSocket listener, when enabled.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
+    }
+
+    /// Address of the secure WebSocket listener, when enabled.
+    pub fn wss_addr(&self) -> Option<SocketAddr> {
+        self.wss_addr
+    }
+
+    /// Re-reads the password file, the ACL and the TLS certificate files (what SIGHUP does).
+    /// Connections stay up; new connections and new checks use the new files. A file that
+    /// fails to load is reported (in the result and the log) and the one in force stays.
+    pub async fn reload(&self) -> Result<(), Vec<String>> {
+        let state = self.state.clone();
+        let failures = tokio::task::spawn_blocking(move || {
+            let mut failures = state.auth.reload();
+            if let Some(tls) = &state.tls {
+                match tls.reload() {
+                    Ok(()) => info!("TLS certificates reloaded"),
+                    Err(error) => {
+                        warn!(%error, "TLS certificates not reloaded; the previous ones stay in force");
+                        failures.push(error.to_string());
+                    }
+                }
+            }
+            failures
+        })
+        .await
+        .unwrap_or_else(|error| vec![error.to_string()]);
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures)
+        }
     }
 
     /// Address of the Prometheus endpoint, when enabled.
@@ -241,6 +341,16 @@ impl Broker {
         }
         info!("broker stopped");
     }
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    Ok((listener, local))
 }
 
 async fn sweep_sessions(state: Arc<BrokerState>, shutdown: CancellationToken) {

@@ -21,8 +21,51 @@ pub const DEFAULT_CONFIG: &str = r#"# telemq configuration. Every key is optiona
 [listener]
 # Address of the plain MQTT (TCP) listener.
 bind = "0.0.0.0:1883"
-# Connections accepted at once; further clients wait in the kernel's accept backlog.
+# Connections open at once, over all listeners; past it new connections are closed at once.
 max_connections = 100000
+# Connections open at once from one IP address; 0 means no limit.
+max_connections_per_ip = 0
+# New connections accepted per second over all listeners, with bursts up to connect_burst;
+# 0 means no limit. Connections over the rate are closed at once.
+connect_rate = 0
+connect_burst = 100
+
+[tls]
+# MQTT over TLS (rustls; TLS 1.2 and 1.3). Needs cert_file and key_file (PEM).
+enabled = false
+bind = "0.0.0.0:8883"
+# cert_file = "certs/server.pem"
+# key_file = "certs/server.key"
+# CA bundle (PEM) that client certificates must chain to; needed for client certificates.
+# client_ca_file = "certs/ca.pem"
+# Whether a client certificate is required (mutual TLS). If false, one is verified when offered.
+require_client_cert = false
+# Use the client certificate as the MQTT username: "none", "cn" (subject common name) or "san"
+# (first DNS, e-mail or URI subject alternative name). A certificate identity skips the password
+# check; the ACL applies to it as to any username.
+cert_identity = "none"
+# Time a new connection has to complete the TLS (and WebSocket) handshake.
+handshake_timeout = "10s"
+
+[websocket]
+# MQTT over WebSocket (subprotocol "mqtt"), for browsers.
+enabled = true
+bind = "0.0.0.0:8083"
+path = "/mqtt"
+# MQTT over secure WebSocket (WSS), with the [tls] certificate.
+tls_enabled = false
+tls_bind = "0.0.0.0:8084"
+
+[auth]
+# Argon2 password file ("user:$argon2id$..." lines), managed with `telemq passwd FILE USER`.
+# password_file = "passwd"
+# Whether clients without a username may connect. Unset: allowed unless a password file is set.
+# allow_anonymous = false
+# ACL file (see README); without one every client may publish and subscribe to anything.
+# acl_file = "acl"
+# Password verifications running at once (each takes ~19 MiB and tens of milliseconds), so a
+# CONNECT flood cannot take every core.
+max_concurrent_verifications = 2
 
 [mqtt]
 # Largest packet accepted from a client, in bytes (fixed header included). Advertised to MQTT 5
@@ -44,6 +87,10 @@ topic_alias_maximum = 64
 max_session_expiry_interval = 4294967295
 # Whether retained messages are supported (advertised as Retain Available).
 retain_available = true
+# Levels a topic name or filter may have; deeper ones are refused (v5: reason 0x90 / 0x8F).
+max_topic_levels = 128
+# Subscriptions one client may hold; 0 means no limit. Past it SUBACK says 0x97 (3.1.1: 0x80).
+max_subscriptions_per_client = 0
 
 [queue]
 # Each session queues messages beyond its in-flight window, bounded by count and by bytes (topic,
@@ -128,6 +175,9 @@ durability = "process"
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub listener: ListenerConfig,
+    pub tls: TlsConfig,
+    pub websocket: WebSocketConfig,
+    pub auth: AuthConfig,
     pub mqtt: MqttConfig,
     pub queue: QueueConfig,
     pub shared: SharedConfig,
@@ -135,6 +185,95 @@ pub struct Config {
     pub delayed: DelayedConfig,
     pub metrics: MetricsConfig,
     pub storage: StorageConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub enabled: bool,
+    pub bind: SocketAddr,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub client_ca_file: Option<PathBuf>,
+    pub require_client_cert: bool,
+    pub cert_identity: CertIdentity,
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bind: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            require_client_cert: false,
+            cert_identity: CertIdentity::None,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Which part of a verified client certificate becomes the MQTT username.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertIdentity {
+    #[default]
+    None,
+    Cn,
+    San,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    pub enabled: bool,
+    pub bind: SocketAddr,
+    pub path: String,
+    pub tls_enabled: bool,
+    pub tls_bind: SocketAddr,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bind: SocketAddr::from(([0, 0, 0, 0], 8083)),
+            path: "/mqtt".into(),
+            tls_enabled: false,
+            tls_bind: SocketAddr::from(([0, 0, 0, 0], 8084)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub password_file: Option<PathBuf>,
+    pub allow_anonymous: Option<bool>,
+    pub acl_file: Option<PathBuf>,
+    pub max_concurrent_verifications: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            password_file: None,
+            allow_anonymous: None,
+            acl_file: None,
+            max_concurrent_verifications: 2,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Anonymous clients are welcome unless a password file says who may come, or the operator
+    /// says otherwise.
+    pub fn anonymous_allowed(&self) -> bool {
+        self.allow_anonymous.unwrap_or(self.password_file.is_none())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +400,9 @@ impl Default for StorageConfig {
 pub struct ListenerConfig {
     pub bind: SocketAddr,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub connect_rate: u32,
+    pub connect_burst: u32,
 }
 
 impl Default for ListenerConfig {
@@ -268,6 +410,9 @@ impl Default for ListenerConfig {
         Self {
             bind: SocketAddr::from(([0, 0, 0, 0], 1883)),
             max_connections: 100_000,
+            max_connections_per_ip: 0,
+            connect_rate: 0,
+            connect_burst: 100,
         }
     }
 }
@@ -284,6 +429,8 @@ pub struct MqttConfig {
     pub topic_alias_maximum: u16,
     pub max_session_expiry_interval: u32,
     pub retain_available: bool,
+    pub max_topic_levels: usize,
+    pub max_subscriptions_per_client: usize,
 }
 
 impl Default for MqttConfig {
@@ -297,6 +444,8 @@ impl Default for MqttConfig {
             topic_alias_maximum: 64,
             max_session_expiry_interval: u32::MAX,
             retain_available: true,
+            max_topic_levels: 128,
+            max_subscriptions_per_client: 0,
         }
     }
 }
@@ -378,6 +527,37 @@ impl Config {
         if self.listener.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "listener.max_connections must be at least 1".into(),
+            ));
+        }
+        if mqtt.max_topic_levels == 0 {
+            return Err(ConfigError::Invalid(
+                "mqtt.max_topic_levels must be at least 1".into(),
+            ));
+        }
+        if self.listener.connect_rate > 0 && self.listener.connect_burst == 0 {
+            return Err(ConfigError::Invalid(
+                "listener.connect_burst must be at least 1 when connect_rate is set".into(),
+            ));
+        }
+        let tls_needed = self.tls.enabled || self.websocket.tls_enabled;
+        if tls_needed && (self.tls.cert_file.is_none() || self.tls.key_file.is_none()) {
+            return Err(ConfigError::Invalid(
+                "TLS listeners need tls.cert_file and tls.key_file".into(),
+            ));
+        }
+        if self.tls.require_client_cert && self.tls.client_ca_file.is_none() {
+            return Err(ConfigError::Invalid(
+                "tls.require_client_cert needs tls.client_ca_file".into(),
+            ));
+        }
+        if !self.websocket.path.starts_with('/') {
+            return Err(ConfigError::Invalid(
+                "websocket.path must start with '/'".into(),
+            ));
+        }
+        if self.auth.max_concurrent_verifications == 0 {
+            return Err(ConfigError::Invalid(
+                "auth.max_concurrent_verifications must be at least 1".into(),
             ));
         }
         if mqtt.connect_timeout.is_zero() {

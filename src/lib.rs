@@ -24,6 +24,7 @@
 //!   state changes into its write operations.
 //! - [`broker`] wires it together and owns shutdown.
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;

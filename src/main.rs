@@ -1,4 +1,5 @@
-//! The `telemq` command: runs the broker, or prints its default configuration.
+//! The `telemq` command: runs the broker, prints its default configuration, or manages a
+//! password file.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,13 +33,26 @@ struct Cli {
 enum Command {
     /// Print the documented default configuration file.
     PrintDefaultConfig,
+    /// Set a user's password in a password file (created if missing), or delete the user. The
+    /// password is prompted for on a terminal, or read as one line from standard input.
+    Passwd {
+        file: PathBuf,
+        user: String,
+        /// Remove the user instead.
+        #[arg(long)]
+        delete: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::PrintDefaultConfig) = cli.command {
-        print!("{}", telemq::config::DEFAULT_CONFIG);
-        return Ok(());
+    match cli.command {
+        Some(Command::PrintDefaultConfig) => {
+            print!("{}", telemq::config::DEFAULT_CONFIG);
+            return Ok(());
+        }
+        Some(Command::Passwd { file, user, delete }) => return passwd(&file, &user, delete),
+        None => {}
     }
     let filter = match &cli.log {
         Some(directives) => EnvFilter::try_new(directives).context("invalid --log filter")?,
@@ -64,19 +78,88 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let broker = Broker::start(config).await?;
-        wait_for_signal().await?;
+        serve_until_signalled(&broker).await?;
         tracing::info!("shutting down");
         broker.shutdown().await;
         Ok(())
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot listen for SIGTERM")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT")?,
-        _ = terminate.recv() => {}
+/// Runs until SIGINT or SIGTERM; SIGHUP reloads the password file, ACL and certificates.
+async fn serve_until_signalled(broker: &Broker) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut hangup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    loop {
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => return result.context("cannot listen for SIGINT"),
+            _ = terminate.recv() => return Ok(()),
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the password file, ACL and certificates");
+                // Failures are logged by the reload itself; the files in force stay.
+                let _ = broker.reload().await;
+            }
+        }
     }
+}
+
+fn passwd(file: &std::path::Path, user: &str, delete: bool) -> anyhow::Result<()> {
+    use telemq::auth::password::{write_file, PasswordFile};
+    if user.is_empty() || user.contains(':') {
+        anyhow::bail!("a username must be non-empty and must not contain ':'");
+    }
+    let mut passwords = if file.exists() {
+        PasswordFile::load(file)?
+    } else {
+        PasswordFile::default()
+    };
+    if delete {
+        if !passwords.remove(user) {
+            anyhow::bail!("{user} is not in {}", file.display());
+        }
+    } else {
+        let password = read_password(user)?;
+        if password.is_empty() {
+            anyhow::bail!("empty password refused");
+        }
+        passwords.set(user, password.as_bytes())?;
+    }
+    write_file(file, &passwords)?;
     Ok(())
+}
+
+/// Prompts twice with echo off on a terminal; otherwise reads the first line of stdin.
+fn read_password(user: &str) -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    let read_line = || -> anyhow::Result<String> {
+        let mut line = String::new();
+        stdin.lock().read_line(&mut line)?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+    };
+    if !stdin.is_terminal() {
+        return read_line();
+    }
+    let echo = |on: bool| {
+        let _ = std::process::Command::new("stty")
+            .arg(if on { "echo" } else { "-echo" })
+            .stdin(std::process::Stdio::inherit())
+            .status();
+    };
+    echo(false);
+    let ask = |prompt: &str| -> anyhow::Result<String> {
+        eprint!("{prompt}");
+        std::io::stderr().flush()?;
+        let answer = read_line();
+        eprintln!();
+        answer
+    };
+    let first = ask(&format!("Password for {user}: "));
+    let second = ask("Again: ");
+    echo(true);
+    let (first, second) = (first?, second?);
+    if first != second {
+        anyhow::bail!("the passwords differ");
+    }
+    Ok(first)
 }

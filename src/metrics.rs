@@ -37,8 +37,11 @@ pub static TOTALS: Totals = Totals {
 /// Outbound QoS 1/2 messages in flight in all sessions (kept by `session::inflight`).
 pub static INFLIGHT: AtomicUsize = AtomicUsize::new(0);
 
-/// Label value of the plain TCP transport.
+/// Label values of the transports.
 pub const TCP: &str = "tcp";
+pub const TLS: &str = "tls";
+pub const WS: &str = "ws";
+pub const WSS: &str = "wss";
 
 /// Counters touched per message or per socket read/write, registered once. Looking a labelled
 /// counter up through `counter!` builds its key and hashes it on every call, which cost a third
@@ -74,6 +77,7 @@ fn register_hot_counters() {
         DROP_TOO_LARGE_FOR_CLIENT,
         DROP_STORAGE_FAILED,
         DROP_SESSION_ENDED,
+        DROP_NOT_AUTHORIZED,
     ];
     let _ = HOT.set(HotCounters {
         received: per_qos(MESSAGES_RECEIVED_TOTAL),
@@ -189,6 +193,10 @@ pub const BYTES_RECEIVED_TOTAL: &str = "telemq_bytes_received_total";
 pub const BYTES_SENT_TOTAL: &str = "telemq_bytes_sent_total";
 pub const AUTH_FAILURES_TOTAL: &str = "telemq_auth_failures_total";
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "telemq_connections_refused_total";
+pub const SUBSCRIPTIONS_REFUSED_TOTAL: &str = "telemq_subscriptions_refused_total";
+pub const ACL_DENIED_TOTAL: &str = "telemq_acl_denied_total";
+pub const HANDSHAKE_FAILURES_TOTAL: &str = "telemq_handshake_failures_total";
+pub const RELOADS_TOTAL: &str = "telemq_reloads_total";
 // Gauges set from broker state when /metrics is scraped.
 pub const SESSIONS: &str = "telemq_sessions";
 pub const SUBSCRIPTIONS: &str = "telemq_subscriptions";
@@ -218,6 +226,8 @@ pub const DROP_EXPIRED: &str = "expired";
 pub const DROP_TOO_LARGE_FOR_CLIENT: &str = "too_large_for_client";
 pub const DROP_STORAGE_FAILED: &str = "storage_failed";
 pub const DROP_SESSION_ENDED: &str = "session_ended";
+pub const DROP_NOT_AUTHORIZED: &str = "not_authorized";
+pub const DROP_TOPIC_TOO_DEEP: &str = "topic_too_deep";
 
 pub const STORAGE_BATCHES_TOTAL: &str = "telemq_storage_batches_total";
 pub const STORAGE_BATCH_REQUESTS: &str = "telemq_storage_batch_requests";
@@ -244,7 +254,27 @@ fn describe() {
     describe_counter!(
         CONNECTIONS_REFUSED_TOTAL,
         Unit::Count,
-        "CONNECTs refused, by CONNACK reason"
+        "Connections refused: by CONNACK reason, or by the limit that closed them before CONNECT"
+    );
+    describe_counter!(
+        SUBSCRIPTIONS_REFUSED_TOTAL,
+        Unit::Count,
+        "Subscription requests refused by a limit (topic levels, subscriptions per client)"
+    );
+    describe_counter!(
+        ACL_DENIED_TOTAL,
+        Unit::Count,
+        "Publishes, subscriptions and deliveries the ACL denied, by action"
+    );
+    describe_counter!(
+        HANDSHAKE_FAILURES_TOTAL,
+        Unit::Count,
+        "TLS and WebSocket handshakes that failed or timed out, by transport and reason"
+    );
+    describe_counter!(
+        RELOADS_TOTAL,
+        Unit::Count,
+        "SIGHUP reloads of a file (passwords, acl, tls), by outcome"
     );
     describe_gauge!(
         SESSIONS,
@@ -430,6 +460,29 @@ pub fn protocol_error(reason: &'static str) {
 
 pub fn connection_refused(reason: &'static str) {
     counter!(CONNECTIONS_REFUSED_TOTAL, "reason" => reason).increment(1);
+}
+
+/// A SUBSCRIBE filter refused by a limit (`reason`); ACL refusals count in `acl_denied`.
+pub fn subscription_refused(reason: &'static str) {
+    counter!(SUBSCRIPTIONS_REFUSED_TOTAL, "reason" => reason).increment(1);
+}
+
+pub fn auth_failure(reason: &'static str) {
+    counter!(AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
+}
+
+/// `action` is "publish", "subscribe", "deliver" or "will".
+pub fn acl_denied(action: &'static str) {
+    counter!(ACL_DENIED_TOTAL, "action" => action).increment(1);
+}
+
+pub fn handshake_failed(transport: &'static str, reason: &'static str) {
+    counter!(HANDSHAKE_FAILURES_TOTAL, "transport" => transport, "reason" => reason).increment(1);
+}
+
+pub fn reloaded(file: &'static str, ok: bool) {
+    let outcome = if ok { "ok" } else { "rejected" };
+    counter!(RELOADS_TOTAL, "file" => file, "outcome" => outcome).increment(1);
 }
 
 /// One connection's message and byte counts, accumulated locally and added to the shared

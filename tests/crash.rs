@@ -6,73 +6,11 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
 
 use common::packets::{self, parse_publish};
+use common::process::BrokerProcess;
 use common::RawClient;
-
-/// The broker as a child process.
-struct BrokerProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl BrokerProcess {
-    fn start(config: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_telemq"))
-            .arg("--config")
-            .arg(config)
-            .arg("--log")
-            .arg("info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start telemq");
-        let stdout = child.stdout.take().expect("stdout");
-        let (found, addr) = mpsc::channel();
-        // Keep draining the log so the broker never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut found = Some(found);
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("mqtt_addr=").nth(1) {
-                    let addr = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned();
-                    if let Some(found) = found.take() {
-                        let _ = found.send(addr);
-                    }
-                }
-            }
-        });
-        let addr = addr
-            .recv_timeout(Duration::from_secs(30))
-            .expect("broker announced its address")
-            .parse()
-            .expect("address parses");
-        Self { child, addr }
-    }
-
-    /// SIGKILL: no shutdown, no flush.
-    fn kill(self) {
-        drop(self);
-    }
-}
-
-impl Drop for BrokerProcess {
-    // Also on a failing assertion: an orphaned broker would outlive the test and hold its
-    // output pipe open.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stage {
@@ -203,7 +141,7 @@ async fn acknowledged_messages_survive_repeated_kill_9() {
     std::fs::write(
         &config,
         format!(
-            "[listener]\nbind = \"127.0.0.1:0\"\n[metrics]\nbind = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n",
+            "[listener]\nbind = \"127.0.0.1:0\"\n[websocket]\nenabled = false\n[metrics]\nbind = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n",
             dir.path().join("data").display()
         ),
     )

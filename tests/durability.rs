@@ -253,6 +253,7 @@ async fn a_second_broker_on_the_same_data_dir_is_refused_clearly() {
     let broker = TestBroker::start().await;
     let mut config = Config::default();
     config.listener.bind = "127.0.0.1:0".parse().unwrap();
+    config.websocket.enabled = false;
     config.storage.data_dir = broker.data_dir.path().to_path_buf();
     let error = Broker::start(config).await.expect_err("must refuse");
     let text = error.to_string();
@@ -267,6 +268,7 @@ async fn a_corrupt_data_dir_is_refused_clearly() {
     std::fs::write(dir.path().join("CURRENT"), b"MANIFEST-999999\n").unwrap();
     let mut config = Config::default();
     config.listener.bind = "127.0.0.1:0".parse().unwrap();
+    config.websocket.enabled = false;
     config.storage.data_dir = dir.path().to_path_buf();
     let error = Broker::start(config).await.expect_err("must refuse");
     assert!(error.to_string().contains("cannot open storage"), "{error}");

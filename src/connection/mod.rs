@@ -19,6 +19,8 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
+use crate::auth::acl::ClientAcl;
+use crate::auth::Identity;
 use crate::broker::BrokerState;
 use crate::delayed;
 use crate::message::{Delivery, Message};
@@ -36,6 +38,7 @@ use crate::session::inflight::{packet_id_for, OutboundEntry, PubRecOutcome, Stag
 use crate::session::mailbox::is_spilled;
 use crate::session::{Detached, SessionHandle, SessionState, NEVER_EXPIRES};
 use crate::storage::{Completion, Op, StorageError};
+use crate::transport::Transport;
 
 /// Deliveries are encoded into the write buffer only while it holds less than this, so a client
 /// that reads slowly leaves messages in its (bounded) mailbox rather than in memory here.
@@ -49,8 +52,6 @@ const READ_BUSY: usize = 1024;
 const READ_CHUNK: usize = 16 * 1024;
 /// Packets waiting for storage before the task stops reading more from the client.
 const PENDING_LIMIT: usize = 4096;
-/// Transport label of the byte counters (TLS and WebSocket come with the security work).
-const TRANSPORT: &str = metrics::TCP;
 /// Time allowed to flush the last packets (DISCONNECT) of a closing connection.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -109,18 +110,28 @@ impl Close {
     }
 }
 
+/// Where a connection comes from.
+#[derive(Debug)]
+pub struct Peer {
+    pub address: SocketAddr,
+    pub transport: Transport,
+    /// The username a verified client certificate stands for (`tls.cert_identity`).
+    pub cert_identity: Option<String>,
+}
+
 /// Serves one accepted connection until it closes.
-pub async fn serve<S>(
-    stream: S,
-    peer: SocketAddr,
-    state: Arc<BrokerState>,
-    shutdown: CancellationToken,
-) where
+pub async fn serve<S>(stream: S, peer: Peer, state: Arc<BrokerState>, shutdown: CancellationToken)
+where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     metrics::connection_opened();
-    let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty);
-    let close = run(stream, &state, &shutdown)
+    let span = tracing::info_span!(
+        "conn",
+        peer = %peer.address,
+        transport = peer.transport.label(),
+        client_id = tracing::field::Empty
+    );
+    let close = run(stream, &peer, &state, &shutdown)
         .instrument(span.clone())
         .await;
     span.in_scope(|| {
@@ -137,7 +148,12 @@ pub async fn serve<S>(
     metrics::connection_closed(close.label());
 }
 
-async fn run<S>(stream: S, state: &Arc<BrokerState>, shutdown: &CancellationToken) -> Close
+async fn run<S>(
+    stream: S,
+    peer: &Peer,
+    state: &Arc<BrokerState>,
+    shutdown: &CancellationToken,
+) -> Close
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -165,6 +181,37 @@ where
         return Close::Refused(ReasonCode::BadAuthenticationMethod);
     }
     tracing::Span::current().record("client_id", &*client_id);
+    let identity = match state
+        .auth
+        .authenticate(
+            connect.username.as_deref(),
+            connect.password.as_ref(),
+            peer.cert_identity.as_deref(),
+        )
+        .await
+    {
+        Ok(identity) => identity,
+        Err(reason) => {
+            // Never the password; the username only, to tell a typo from an attack.
+            info!(
+                username = connect.username.as_deref(),
+                reason = reason.label(),
+                "CONNECT refused"
+            );
+            handshake::refuse(&mut writer, version, reason).await;
+            return Close::Refused(reason);
+        }
+    };
+    let acl = state.auth.acl_for(&identity, &client_id);
+    let acl_generation = state.auth.acl_generation();
+    if let (Some(acl), Some(will)) = (&acl, &connect.will) {
+        if !acl.may_publish(&will.topic) {
+            // The will could never be published: refused now rather than dropped later.
+            metrics::acl_denied("will");
+            handshake::refuse(&mut writer, version, ReasonCode::NotAuthorized).await;
+            return Close::Refused(ReasonCode::NotAuthorized);
+        }
+    }
 
     let config = &state.config.mqtt;
     let requested_expiry = match version {
@@ -252,6 +299,11 @@ where
         paused: false,
         memory: state.memory.subscribe(),
         traffic: metrics::Traffic::default(),
+        transport: peer.transport.label(),
+        needs_flush: false,
+        identity,
+        acl,
+        acl_generation,
     };
     if let Err(error) = persisted_session {
         tracing::error!(%error, "cannot persist the session");
@@ -277,7 +329,8 @@ where
 /// What woke the event loop.
 enum Event {
     Read(std::io::Result<usize>),
-    Wrote(std::io::Result<usize>),
+    /// Bytes written, or `None` when the write buffer was empty and a flush completed.
+    Wrote(std::io::Result<Option<usize>>),
     MailboxReady,
     MemoryGuardChanged,
     KeepAliveExpired,
@@ -325,6 +378,15 @@ struct Connection<S> {
     /// Message and byte counts since the last turn of the event loop, added to the shared
     /// counters once per turn rather than once per message.
     traffic: metrics::Traffic,
+    /// Transport label of the byte and message counters.
+    transport: &'static str,
+    /// Whether written bytes may sit in a TLS or WebSocket layer's buffer until flushed.
+    needs_flush: bool,
+    identity: Identity,
+    /// This client's ACL rules; `None` when no ACL is configured.
+    acl: Option<ClientAcl>,
+    /// The ACL generation `acl` was built from; a reload makes it stale.
+    acl_generation: u64,
 }
 
 /// Something to finish once its storage write completes.
@@ -423,7 +485,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     async fn event_loop(&mut self, shutdown: &CancellationToken) -> Close {
         loop {
             self.fill_from_mailbox();
-            self.traffic.flush(TRANSPORT);
+            self.traffic.flush(self.transport);
             if !self.releases.is_empty() {
                 persist::write_behind(&self.state, std::mem::take(&mut self.releases)).await;
             }
@@ -438,12 +500,13 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 .pending
                 .front()
                 .is_some_and(|pending| pending.completion.is_some());
+            let wants_write = !self.write_buf.is_empty() || self.needs_flush;
             let event = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Event::Shutdown,
                 _ = self.kick.cancelled() => Event::Kicked,
                 stored = first_completion(&mut self.pending), if awaiting_storage => Event::Stored(stored),
-                wrote = self.writer.write_buf(&mut self.write_buf), if !self.write_buf.is_empty() => Event::Wrote(wrote),
+                wrote = write_or_flush(&mut self.writer, &mut self.write_buf), if wants_write => Event::Wrote(wrote),
                 read = self.reader.read_buf(&mut self.read_buf), if can_read => Event::Read(read),
                 _ = self.handle.mailbox.notified() => Event::MailboxReady,
                 _ = self.memory.changed(), if paused => Event::MemoryGuardChanged,
@@ -455,8 +518,13 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 Event::Kicked => Err(Close::TakenOver),
                 Event::KeepAliveExpired => Err(Close::KeepAliveTimeout),
                 Event::MailboxReady | Event::MemoryGuardChanged => Ok(()),
-                Event::Wrote(Ok(written)) => {
+                Event::Wrote(Ok(None)) => {
+                    self.needs_flush = false;
+                    Ok(())
+                }
+                Event::Wrote(Ok(Some(written))) => {
                     self.traffic.bytes_sent += written as u64;
+                    self.needs_flush = self.transport != metrics::TCP;
                     if self.write_buf.is_empty() {
                         // Idle connections hold no output buffer; a busy one gets a new one
                         // on its next wake-up, which costs far less than the write did.
@@ -797,6 +865,23 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             Some((seconds, inner)) => (inner, Some(seconds)),
             None => (topic, None),
         };
+        if topic.split('/').count() > config.max_topic_levels {
+            metrics::message_dropped(metrics::DROP_TOPIC_TOO_DEEP);
+            return self
+                .refuse_publish(publish.qos, packet_id, ReasonCode::TopicNameInvalid)
+                .await;
+        }
+        self.refresh_acl();
+        if self
+            .acl
+            .as_ref()
+            .is_some_and(|acl| !acl.may_publish(&topic))
+        {
+            debug!(%topic, "publish denied by the ACL");
+            metrics::acl_denied("publish");
+            metrics::message_dropped(metrics::DROP_NOT_AUTHORIZED);
+            return self.deny_publish(publish.qos, packet_id).await;
+        }
         let message = Arc::new(Message::new(
             topic,
             publish.payload,
@@ -931,7 +1016,43 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         .await
     }
 
+    /// Answers a PUBLISH the ACL denies: MQTT 5 clients are told 0x87 [MQTT-3.3.4-?]; 3.1.1
+    /// has no refusal, so it is acknowledged as if delivered and dropped, as Mosquitto does.
+    async fn deny_publish(&mut self, qos: QoS, packet_id: u16) -> Result<(), Close> {
+        if self.version.is_v5() {
+            return self
+                .refuse_publish(qos, packet_id, ReasonCode::NotAuthorized)
+                .await;
+        }
+        let kind = match qos {
+            QoS::AtMostOnce => return Ok(()),
+            QoS::AtLeastOnce => AckKind::PubAck,
+            QoS::ExactlyOnce => {
+                // Its PUBREL must still be answered.
+                self.session.inbound_qos2.insert(packet_id);
+                AckKind::PubRec
+            }
+        };
+        self.reply_after(Vec::new(), |out, version| {
+            encode::ack(version, kind, packet_id, 0, out)
+        })
+        .await
+    }
+
+    /// Rebuilds this client's ACL rules if a reload swapped the file since they were built.
+    fn refresh_acl(&mut self) {
+        let generation = self.state.auth.acl_generation();
+        if generation != self.acl_generation {
+            self.acl = self.state.auth.acl_for(&self.identity, &self.client_id);
+            self.acl_generation = generation;
+        }
+    }
+
     async fn handle_subscribe(&mut self, subscribe: Subscribe) -> Result<(), Close> {
+        self.refresh_acl();
+        let limits = &self.state.config.mqtt;
+        let (max_levels, max_subscriptions) =
+            (limits.max_topic_levels, limits.max_subscriptions_per_client);
         let v5 = self.version.is_v5();
         let persistent = self.handle.is_persistent();
         let mut codes = Vec::with_capacity(subscribe.filters.len());
@@ -955,6 +1076,33 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             if !shared && !is_valid_filter(&request.filter) {
                 // [MQTT-4.7.1-2], [MQTT-4.7.1-3]: refused per filter, the others still apply.
                 codes.push(ReasonCode::TopicFilterInvalid as u8);
+                continue;
+            }
+            let filter = match split_shared(&request.filter) {
+                Some(Ok((_, filter))) => filter,
+                _ => request.filter.as_str(),
+            };
+            if filter.split('/').count() > max_levels {
+                metrics::subscription_refused("topic_too_deep");
+                codes.push(ReasonCode::TopicFilterInvalid as u8);
+                continue;
+            }
+            if self
+                .acl
+                .as_ref()
+                .is_some_and(|acl| !acl.may_subscribe(filter))
+            {
+                debug!(filter, "subscription denied by the ACL");
+                metrics::acl_denied("subscribe");
+                codes.push(ReasonCode::NotAuthorized as u8);
+                continue;
+            }
+            if max_subscriptions > 0
+                && self.session.subscriptions.len() >= max_subscriptions
+                && !self.session.subscriptions.contains_key(&request.filter)
+            {
+                metrics::subscription_refused("max_subscriptions");
+                codes.push(ReasonCode::QuotaExceeded as u8);
                 continue;
             }
             let options = SubscriptionOptions {
@@ -1061,6 +1209,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     /// Moves deliveries from the mailbox into the write buffer while the client's receive window
     /// and the buffer allow.
     fn fill_from_mailbox(&mut self) {
+        self.refresh_acl();
         let now = SystemTime::now();
         let mut expired = Vec::new();
         while self.write_buf.len() < WRITE_HIGH_WATER {
@@ -1091,6 +1240,17 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 .dropped(&self.handle, &delivery, metrics::DROP_EXPIRED);
             return Some(delivery);
         };
+        if self
+            .acl
+            .as_ref()
+            .is_some_and(|acl| !acl.may_read(&message.topic))
+        {
+            // Subscriptions are checked when made, but a deny rule may cover part of one, and
+            // a reload may have narrowed the rules since.
+            metrics::acl_denied("deliver");
+            metrics::message_dropped(metrics::DROP_NOT_AUTHORIZED);
+            return Some(delivery);
+        }
         let stage = match delivery.qos {
             QoS::AtMostOnce => None,
             _ if delivery.awaiting_pubcomp => Some(Stage::AwaitingPubComp),
@@ -1161,7 +1321,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     /// Tells a v5 client why it is being disconnected, flushes, hands the session back and
     /// publishes the will where one is due.
     async fn finish(mut self, close: Close) -> Close {
-        self.traffic.flush(TRANSPORT);
+        self.traffic.flush(self.transport);
         self.drain_pending().await;
         persist::write_behind(&self.state, std::mem::take(&mut self.releases)).await;
         if self.version.is_v5() {
@@ -1264,6 +1424,19 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
 }
 
 /// Resolves when the storage write at the front of `pending` completes.
+/// Writes what the buffer holds or, once it is empty, flushes what a TLS or WebSocket layer
+/// may still hold.
+async fn write_or_flush<S: AsyncWrite>(
+    writer: &mut WriteHalf<S>,
+    buf: &mut BytesMut,
+) -> std::io::Result<Option<usize>> {
+    if buf.is_empty() {
+        writer.flush().await.map(|()| None)
+    } else {
+        writer.write_buf(buf).await.map(Some)
+    }
+}
+
 async fn first_completion(pending: &mut VecDeque<Pending>) -> Result<(), StorageError> {
     match pending.front_mut().and_then(|p| p.completion.as_mut()) {
         Some(completion) => completion.await.unwrap_or(Err(StorageError::Closed)),

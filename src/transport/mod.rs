@@ -1,38 +1,64 @@
 //! Listeners: accept connections and hand each to its own task.
 //!
-//! The accept loop stays trivial (take a connection permit, accept, spawn): anything that can
-//! stall on one client (TLS or WebSocket handshakes later, CONNECT now) runs in the spawned task
-//! under a deadline, never here.
+//! The accept loop stays trivial (admit, accept, spawn): anything that can stall on one client
+//! (the TLS and WebSocket handshakes, CONNECT) runs in the spawned task under a deadline, never
+//! here.
 
+pub mod admission;
+pub mod tls;
+pub mod websocket;
+mod x509;
+
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::broker::BrokerState;
-use crate::connection;
+use crate::connection::{self, Peer};
+use crate::metrics;
+use admission::Admission;
 
-/// Accepts plain TCP connections until `shutdown` is cancelled.
-pub async fn accept_tcp(
+/// What a listener speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Tls,
+    WebSocket,
+    SecureWebSocket,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Tcp => metrics::TCP,
+            Self::Tls => metrics::TLS,
+            Self::WebSocket => metrics::WS,
+            Self::SecureWebSocket => metrics::WSS,
+        }
+    }
+
+    fn is_tls(self) -> bool {
+        matches!(self, Self::Tls | Self::SecureWebSocket)
+    }
+}
+
+/// Accepts connections on one listener until `shutdown` is cancelled.
+pub async fn accept(
     listener: TcpListener,
+    transport: Transport,
     state: Arc<BrokerState>,
-    connection_permits: Arc<Semaphore>,
+    admission: Arc<Admission>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
-        let permit = tokio::select! {
-            permit = connection_permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = shutdown.cancelled() => return,
-        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.cancelled() => return,
@@ -53,13 +79,113 @@ pub async fn accept_tcp(
                 continue;
             }
         };
+        let Ok(admitted) = admission.admit(peer.ip()) else {
+            // Closed before a byte is read: refusing must cost less than serving.
+            continue;
+        };
         // Small MQTT packets (acks, telemetry) must not wait for Nagle's algorithm.
         let _ = socket.set_nodelay(true);
         let state = state.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            connection::serve(socket, peer, state, shutdown).await;
-            drop(permit);
+            serve(socket, peer, transport, state, shutdown).await;
+            drop(admitted);
         });
     }
+}
+
+/// Runs the transport's handshakes under the handshake timeout, then the MQTT connection.
+async fn serve(
+    socket: TcpStream,
+    peer: SocketAddr,
+    transport: Transport,
+    state: Arc<BrokerState>,
+    shutdown: CancellationToken,
+) {
+    let label = transport.label();
+    let deadline = state.config.tls.handshake_timeout;
+    if !transport.is_tls() {
+        if transport == Transport::WebSocket {
+            let Some(stream) = upgrade(socket, &state, label, deadline, &shutdown).await else {
+                return;
+            };
+            return run(stream, peer, transport, None, state, shutdown).await;
+        }
+        return run(socket, peer, transport, None, state, shutdown).await;
+    }
+    let Some(tls) = state.tls.as_ref() else {
+        return;
+    };
+    let handshake = tls.acceptor().accept(socket);
+    let stream = tokio::select! {
+        result = tokio::time::timeout(deadline, handshake) => match result {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                debug!(%peer, %error, "TLS handshake failed");
+                metrics::handshake_failed(label, "tls_failed");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "TLS handshake timed out");
+                metrics::handshake_failed(label, "timeout");
+                return;
+            }
+        },
+        _ = shutdown.cancelled() => return,
+    };
+    let identity = tls.identity(stream.get_ref().1.peer_certificates());
+    if transport == Transport::SecureWebSocket {
+        let Some(stream) = upgrade(stream, &state, label, deadline, &shutdown).await else {
+            return;
+        };
+        return run(stream, peer, transport, identity, state, shutdown).await;
+    }
+    run(stream, peer, transport, identity, state, shutdown).await
+}
+
+async fn upgrade<S>(
+    stream: S,
+    state: &BrokerState,
+    label: &'static str,
+    deadline: Duration,
+    shutdown: &CancellationToken,
+) -> Option<websocket::WsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let max_packet_size = state.config.mqtt.max_packet_size as usize;
+    let handshake = websocket::accept(stream, &state.config.websocket.path, max_packet_size);
+    tokio::select! {
+        result = tokio::time::timeout(deadline, handshake) => match result {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(error)) => {
+                debug!(%error, "WebSocket handshake failed");
+                metrics::handshake_failed(label, "websocket_failed");
+                None
+            }
+            Err(_) => {
+                metrics::handshake_failed(label, "timeout");
+                None
+            }
+        },
+        _ = shutdown.cancelled() => None,
+    }
+}
+
+async fn run<S>(
+    stream: S,
+    address: SocketAddr,
+    transport: Transport,
+    cert_identity: Option<String>,
+    state: Arc<BrokerState>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let peer = Peer {
+        address,
+        transport,
+        cert_identity,
+    };
+    connection::serve(stream, peer, state, shutdown).await;
 }

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod packets;
+pub mod pki;
+pub mod process;
 pub mod rumqtt;
 pub mod traffic;
 
@@ -44,6 +46,9 @@ impl TestBroker {
         let mut config = Config::default();
         config.listener.bind = "127.0.0.1:0".parse().unwrap();
         config.metrics.bind = "127.0.0.1:0".parse().unwrap();
+        config.websocket.bind = "127.0.0.1:0".parse().unwrap();
+        config.websocket.tls_bind = "127.0.0.1:0".parse().unwrap();
+        config.tls.bind = "127.0.0.1:0".parse().unwrap();
         // $SYS retained messages would show up in retained counts; tests that want them say so.
         config.metrics.sys_interval = Duration::ZERO;
         config.storage.data_dir = data_dir.path().to_path_buf();
@@ -100,19 +105,34 @@ pub async fn raw_v5(addr: SocketAddr, id: &str) -> RawClient {
         .0
 }
 
+/// Any byte stream a raw client can speak MQTT over: TCP, TLS, WebSocket.
+pub trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Duplex for T {}
+
 pub struct RawClient {
-    stream: TcpStream,
+    stream: Box<dyn Duplex>,
     buf: BytesMut,
 }
 
 impl RawClient {
+    /// A raw client over an already connected stream (TLS, WebSocket).
+    pub fn over(stream: impl Duplex + 'static) -> Self {
+        Self {
+            stream: Box::new(stream),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Sends CONNECT and returns the broker's answer (CONNACK), or `None` if it closed.
+    pub async fn connect_with(&mut self, connect: &[u8]) -> Option<RawPacket> {
+        self.send(connect).await;
+        self.recv().await
+    }
+
     pub async fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).await.expect("tcp connect");
         stream.set_nodelay(true).unwrap();
-        Self {
-            stream,
-            buf: BytesMut::new(),
-        }
+        Self::over(stream)
     }
 
     /// Connects with a 4 KiB socket receive buffer, so that a client that stops reading fills
@@ -122,19 +142,20 @@ impl RawClient {
         socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
         let stream = socket.connect(addr).await.expect("tcp connect");
         stream.set_nodelay(true).unwrap();
-        Self {
-            stream,
-            buf: BytesMut::new(),
-        }
+        Self::over(stream)
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");
+        // TLS and WebSocket layers hold what they are given until flushed.
+        self.stream.flush().await.expect("flush");
     }
 
     /// Sends without failing when the broker already closed the socket.
     pub async fn send_lenient(&mut self, bytes: &[u8]) {
-        let _ = self.stream.write_all(bytes).await;
+        if self.stream.write_all(bytes).await.is_ok() {
+            let _ = self.stream.flush().await;
+        }
     }
 
     fn try_parse(&mut self) -> Option<RawPacket> {

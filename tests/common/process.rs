@@ -1,0 +1,77 @@
+//! The real `telemq` binary as a child process, for tests of what only a process has: signals,
+//! SIGKILL, the command line.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The broker as a child process.
+pub struct BrokerProcess {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl BrokerProcess {
+    pub fn start(config: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_telemq"))
+            .arg("--config")
+            .arg(config)
+            .arg("--log")
+            .arg("info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start telemq");
+        let stdout = child.stdout.take().expect("stdout");
+        let (found, addr) = mpsc::channel();
+        // Keep draining the log so the broker never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut found = Some(found);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("mqtt_addr=").nth(1) {
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    if let Some(found) = found.take() {
+                        let _ = found.send(addr);
+                    }
+                }
+            }
+        });
+        let addr = addr
+            .recv_timeout(Duration::from_secs(30))
+            .expect("broker announced its address")
+            .parse()
+            .expect("address parses");
+        Self { child, addr }
+    }
+
+    /// Sends a signal (`"HUP"`, `"TERM"`) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill(self) {
+        drop(self);
+    }
+}
+
+impl Drop for BrokerProcess {
+    // Also on a failing assertion: an orphaned broker would outlive the test and hold its
+    // output pipe open.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
