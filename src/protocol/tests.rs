@@ -317,3 +317,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_connect_never_shows_its_password_when_printed() {
+    let mut bytes = BytesMut::from(
+        &[
+            0x10, 0x1C, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0xC2, 0x00, 0x3C, 0x00, 0x01,
+            b'c', 0x00, 0x01, b'u', 0x00, 0x0A, b's', b'3', b'c', b'r', b'e', b't', b'-', b'p',
+            b'w', b'!',
+        ][..],
+    );
+    let Some(Packet::Connect(connect)) = decode(&mut bytes, None, 1024).unwrap() else {
+        panic!("not a CONNECT");
+    };
+    assert_eq!(connect.password.as_deref(), Some(&b"s3cret-pw!"[..]));
+    let printed = format!("{connect:?}");
+    assert!(!printed.contains("s3cret"), "{printed}");
+    assert!(printed.contains("<redacted>"), "{printed}");
+}
