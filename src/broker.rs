@@ -261,9 +261,13 @@ impl Broker {
             let mut failures = state.auth.reload();
             if let Some(tls) = &state.tls {
                 match tls.reload() {
-                    Ok(()) => info!("TLS certificates reloaded"),
+                    Ok(()) => {
+                        info!("TLS certificates reloaded");
+                        metrics::reloaded("tls", true);
+                    }
                     Err(error) => {
                         warn!(%error, "TLS certificates not reloaded; the previous ones stay in force");
+                        metrics::reloaded("tls", false);
                         failures.push(error.to_string());
                     }
                 }

@@ -334,6 +334,8 @@ fn describe() {
     );
     // Present from the start (at zero), so dashboards and alerts have a series to read.
     counter!(AUTH_FAILURES_TOTAL).absolute(0);
+    counter!(ACL_DENIED_TOTAL).absolute(0);
+    counter!(HANDSHAKE_FAILURES_TOTAL).absolute(0);
     counter!(PUBLISHERS_PAUSED_TOTAL).absolute(0);
     counter!(STORAGE_WRITE_ERRORS_TOTAL).absolute(0);
     counter!(SESSIONS_EXPIRED_TOTAL).absolute(0);

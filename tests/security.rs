@@ -430,6 +430,8 @@ async fn reload_swaps_the_acl_under_a_connected_client_and_keeps_it_on_a_bad_fil
     std::fs::write(&acl, "topic sometimes feed/#\n").unwrap();
     let failures = broker.broker().reload().await.expect_err("bad file");
     assert!(failures[0].contains("line 1"), "{failures:?}");
+    assert!(telemq::metrics::render()
+        .contains("telemq_reloads_total{file=\"acl\",outcome=\"rejected\"}"));
     assert_eq!(publisher.publish_qos1_v5("feed/a", 3, b"still").await, 0);
     assert_eq!(subscribe(&mut client, true, "other/#").await, 0x87);
     // Still connected throughout.
@@ -631,4 +633,40 @@ async fn telemq_passwd_writes_a_file_the_broker_accepts_and_sighup_reloads_the_a
         .await
         .unwrap();
     assert_eq!(connack_code(&answer), 4);
+}
+
+#[tokio::test]
+async fn reload_swaps_the_server_certificate_and_keeps_it_on_a_bad_file() {
+    let old = Pki::new();
+    let new = Pki::new();
+    let broker = TestBroker::start_with(|c| old.configure(c)).await;
+    let addr = broker.broker().tls_addr().unwrap();
+    let mut kept = connected(
+        RawClient::over(old.connect(addr, None).await.unwrap()),
+        &packets::connect_v5("kept", true, 60, &[]),
+    )
+    .await;
+
+    std::fs::write(&old.server_cert, "not a certificate").unwrap();
+    let failures = broker.broker().reload().await.expect_err("bad certificate");
+    assert!(failures[0].contains("server.pem"), "{failures:?}");
+    assert!(
+        old.connect(addr, None).await.is_ok(),
+        "old certificate kept"
+    );
+
+    std::fs::copy(&new.server_cert, &old.server_cert).unwrap();
+    std::fs::copy(&new.server_key, &old.server_key).unwrap();
+    broker.broker().reload().await.expect("reload");
+    assert!(
+        new.connect(addr, None).await.is_ok(),
+        "new certificate served"
+    );
+    assert!(
+        old.connect(addr, None).await.is_err(),
+        "old CA no longer matches"
+    );
+    kept.send(&[0xC0, 0x00]).await;
+    assert_eq!(kept.recv_type(13).await.first_byte, 0xD0);
+    broker.shutdown().await;
 }

@@ -77,10 +77,12 @@ impl Auth {
             match PasswordFile::load(path) {
                 Ok(file) => {
                     info!(path = %path.display(), users = file.len(), "password file reloaded");
+                    metrics::reloaded("passwords", true);
                     *write_lock(&self.passwords) = Some(Arc::new(file));
                 }
                 Err(error) => {
                     warn!(%error, "password file not reloaded; the previous one stays in force");
+                    metrics::reloaded("passwords", false);
                     failures.push(error.to_string());
                 }
             }
@@ -89,11 +91,13 @@ impl Auth {
             match Acl::load(path) {
                 Ok(acl) => {
                     info!(path = %path.display(), "ACL reloaded");
+                    metrics::reloaded("acl", true);
                     *write_lock(&self.acl) = Some(Arc::new(acl));
                     self.acl_generation.fetch_add(1, Ordering::Release);
                 }
                 Err(error) => {
                     warn!(%error, "ACL not reloaded; the previous one stays in force");
+                    metrics::reloaded("acl", false);
                     failures.push(error.to_string());
                 }
             }
