@@ -107,8 +107,12 @@ fn finish(db: &DB, families: &[Cf], target: Sealing) -> Result<(), StorageError>
         .map(|&cf| meta::handle(db, cf))
         .collect::<Result<Vec<_>, _>>()?;
     db.flush_cfs_opt(&handles, &rocksdb::FlushOptions::default())?;
+    // Forced: by default files already in the bottom level are left as they are, and those
+    // may be the only place the old copies live.
+    let mut compaction = rocksdb::CompactOptions::default();
+    compaction.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
     for handle in handles {
-        db.compact_range_cf(handle, None::<&[u8]>, None::<&[u8]>);
+        db.compact_range_cf_opt(handle, None::<&[u8]>, None::<&[u8]>, &compaction);
     }
     Ok(())
 }
