@@ -93,16 +93,16 @@ impl Broker {
         let (storage, recovered) = match config.storage.engine {
             StorageEngine::Memory => (None, None),
             StorageEngine::RocksDb => {
-                let path = config.storage.data_dir.clone();
-                let durability = config.storage.durability;
+                let storage_config = config.storage.clone();
                 let storage_error = |source| StartError::Storage {
                     path: config.storage.data_dir.display().to_string(),
                     source,
                 };
-                let opened = tokio::task::spawn_blocking(move || Storage::open(&path, durability))
-                    .await
-                    .map_err(|e| storage_error(StorageError::Rocks(e.to_string().into())))?
-                    .map_err(storage_error)?;
+                let opened =
+                    tokio::task::spawn_blocking(move || Storage::open_configured(&storage_config))
+                        .await
+                        .map_err(|e| storage_error(StorageError::Rocks(e.to_string().into())))?
+                        .map_err(storage_error)?;
                 (Some(Arc::new(opened.0)), Some(opened.1))
             }
         };

@@ -169,6 +169,15 @@ data_dir = "./data"
 # crash or kill -9 of the broker. "fsync": additionally synced to disk (survives power loss);
 # concurrent writes share one sync (group commit).
 durability = "process"
+# Encryption at rest (AES-256-GCM): every stored value (messages, retained messages, wills,
+# delayed messages, session and queue records) is sealed with this key; keys such as topic names
+# and client ids stay in the clear. The file holds 32 raw bytes or 64 hex digits and must not be
+# readable by group or others; `telemq keygen FILE` writes one. A data directory is refused if
+# it was written with another key, or with encryption off (migrate with `telemq rekey`).
+# encryption_key_file = "/etc/telemq/storage.key"
+# During a key rotation: the previous key, still used to read what it sealed. `telemq rekey`
+# re-seals everything with encryption_key_file; then remove this line.
+# old_encryption_key_file = "/etc/telemq/storage.key.old"
 "#;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -383,6 +392,10 @@ pub struct StorageConfig {
     pub engine: StorageEngine,
     pub data_dir: PathBuf,
     pub durability: Durability,
+    /// Seals stored values (see `storage::cipher`); `None`: stored in the clear.
+    pub encryption_key_file: Option<PathBuf>,
+    /// Opens values sealed with the previous key during a rotation.
+    pub old_encryption_key_file: Option<PathBuf>,
 }
 
 impl Default for StorageConfig {
@@ -391,6 +404,8 @@ impl Default for StorageConfig {
             engine: StorageEngine::RocksDb,
             data_dir: PathBuf::from("./data"),
             durability: Durability::Process,
+            encryption_key_file: None,
+            old_encryption_key_file: None,
         }
     }
 }

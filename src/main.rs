@@ -1,5 +1,5 @@
-//! The `telemq` command: runs the broker, prints its default configuration, or manages a
-//! password file.
+//! The `telemq` command: runs the broker, prints its default configuration, manages a password
+//! file (`passwd`) or the storage encryption key (`keygen`, `rekey`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,17 +42,23 @@ enum Command {
         #[arg(long)]
         delete: bool,
     },
+    /// Write a new random storage encryption key to FILE (mode 0600; never overwrites).
+    Keygen { file: PathBuf },
+    /// Re-seal every stored record with storage.encryption_key_file (plain without one), reading
+    /// with it and storage.old_encryption_key_file. Run with the broker stopped.
+    Rekey,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {
+    match &cli.command {
         Some(Command::PrintDefaultConfig) => {
             print!("{}", telemq::config::DEFAULT_CONFIG);
             return Ok(());
         }
-        Some(Command::Passwd { file, user, delete }) => return passwd(&file, &user, delete),
-        None => {}
+        Some(Command::Passwd { file, user, delete }) => return passwd(file, user, *delete),
+        Some(Command::Keygen { file }) => return keygen(file),
+        Some(Command::Rekey) | None => {}
     }
     let filter = match &cli.log {
         Some(directives) => EnvFilter::try_new(directives).context("invalid --log filter")?,
@@ -71,6 +77,9 @@ fn main() -> anyhow::Result<()> {
         config.listener.bind = bind;
     }
     config.validate()?;
+    if let Some(Command::Rekey) = cli.command {
+        return rekey(&config);
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -162,4 +171,62 @@ fn read_password(user: &str) -> anyhow::Result<String> {
         anyhow::bail!("the passwords differ");
     }
     Ok(first)
+}
+
+fn keygen(file: &std::path::Path) -> anyhow::Result<()> {
+    let fingerprint = telemq::storage::cipher::write_new_key_file(file)?;
+    println!(
+        "wrote a new storage key to {} (fingerprint {fingerprint}); set storage.encryption_key_file to it",
+        file.display()
+    );
+    Ok(())
+}
+
+fn rekey(config: &Config) -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    use telemq::config::StorageEngine;
+    use telemq::storage::cipher::KeyRing;
+
+    let storage = &config.storage;
+    anyhow::ensure!(
+        storage.engine == StorageEngine::RocksDb,
+        "storage.engine is \"memory\": nothing is stored, nothing to rekey"
+    );
+    let keys = KeyRing::load(
+        storage.encryption_key_file.as_deref(),
+        storage.old_encryption_key_file.as_deref(),
+    )?;
+    let target = keys.sealing();
+    let mut last: Option<(Instant, u64)> = None;
+    let report = telemq::storage::rekey(&storage.data_dir, keys, |done, total| {
+        // At most one line a second, and always the last.
+        let due = match last {
+            None => true,
+            Some((at, printed)) => {
+                printed != done && (done == total || at.elapsed() >= Duration::from_secs(1))
+            }
+        };
+        if due {
+            println!("rekeyed {done}/{total} records");
+            last = Some((Instant::now(), done));
+        }
+    })
+    .with_context(|| format!("rekey of {} failed", storage.data_dir.display()))?;
+    println!(
+        "done: {} of {} records now under {target}",
+        report.rekeyed, report.total
+    );
+    if report.unreadable > 0 {
+        anyhow::bail!(
+            "{} records failed authentication (altered or moved) and were left as they were; \
+             see the log above",
+            report.unreadable
+        );
+    }
+    if storage.old_encryption_key_file.is_some() {
+        println!(
+            "storage.old_encryption_key_file is no longer needed; remove it from the configuration"
+        );
+    }
+    Ok(())
 }

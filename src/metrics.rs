@@ -234,6 +234,7 @@ pub const STORAGE_BATCH_REQUESTS: &str = "telemq_storage_batch_requests";
 pub const STORAGE_WRITE_SECONDS: &str = "telemq_storage_write_seconds";
 pub const STORAGE_WRITE_ERRORS_TOTAL: &str = "telemq_storage_write_errors_total";
 pub const RECOVERY_SECONDS: &str = "telemq_recovery_seconds";
+pub const STORAGE_DECRYPT_FAILURES_TOTAL: &str = "telemq_storage_decrypt_failures_total";
 
 fn describe() {
     describe_counter!(
@@ -338,6 +339,7 @@ fn describe() {
     counter!(HANDSHAKE_FAILURES_TOTAL).absolute(0);
     counter!(PUBLISHERS_PAUSED_TOTAL).absolute(0);
     counter!(STORAGE_WRITE_ERRORS_TOTAL).absolute(0);
+    counter!(STORAGE_DECRYPT_FAILURES_TOTAL).absolute(0);
     counter!(SESSIONS_EXPIRED_TOTAL).absolute(0);
     counter!(SHARED_REDELIVERED_TOTAL).absolute(0);
 
@@ -411,6 +413,11 @@ fn describe() {
         Unit::Count,
         "Storage batches that failed; their clients were refused"
     );
+    describe_counter!(
+        STORAGE_DECRYPT_FAILURES_TOTAL,
+        Unit::Count,
+        "Stored records skipped because they failed authentication (altered, moved, or sealed with another key)"
+    );
     describe_gauge!(
         RECOVERY_SECONDS,
         Unit::Seconds,
@@ -430,6 +437,10 @@ pub fn storage_batch(requests: usize, seconds: f64, ok: bool) {
     if !ok {
         counter!(STORAGE_WRITE_ERRORS_TOTAL).increment(1);
     }
+}
+
+pub fn storage_decrypt_failure() {
+    counter!(STORAGE_DECRYPT_FAILURES_TOTAL).increment(1);
 }
 
 pub fn recovery_seconds(seconds: f64) {

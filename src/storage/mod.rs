@@ -6,10 +6,16 @@
 //! commit) and completes each request when its batch is in the WAL (and, with
 //! `durability = "fsync"`, synced). Callers send acknowledgements only after that completion,
 //! which is what makes "acknowledged" mean "survives kill -9". Reads happen once, at start-up.
+//!
+//! With a key configured every value is sealed (`cipher`) on its way in and opened on its way
+//! out; the `meta` marker record keeps a directory from being read with the wrong key.
 
+pub mod cipher;
 pub mod keys;
+mod meta;
 pub mod records;
 mod recovery;
+mod rekey;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +31,10 @@ use crate::message::Message;
 use crate::metrics;
 
 pub use recovery::{Recovered, RecoveredSession};
+pub use rekey::{rekey, RekeyReport};
+
+use crate::config::StorageConfig;
+use cipher::{KeyRing, Sealing};
 
 /// Requests waiting for the writer thread; a full channel makes publishers wait, which pushes
 /// back on their sockets.
@@ -51,6 +61,16 @@ pub enum StorageError {
     Corrupt(String),
     #[error("storage is shut down")]
     Closed,
+    /// A key file is missing, malformed or readable by others.
+    #[error("encryption key file {0}")]
+    Key(String),
+    /// The data directory is sealed differently from what the configured keys can read.
+    #[error("{0}")]
+    Encryption(String),
+    /// A sealed record failed authentication: altered, moved to another key, or sealed with a
+    /// key that is not configured. Reported and skipped, never decoded.
+    #[error("stored record cannot be trusted: {0}")]
+    Unauthentic(String),
 }
 
 impl From<rocksdb::Error> for StorageError {
@@ -147,6 +167,9 @@ pub struct Storage {
     next_message_id: AtomicU64,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
+    /// Seals values before they are queued (on the caller's thread, so the single writer
+    /// thread does not do every client's encryption) and opens them when read back.
+    keys: Arc<KeyRing>,
 }
 
 impl std::fmt::Debug for Request {
@@ -159,33 +182,35 @@ impl std::fmt::Debug for Request {
 }
 
 impl Storage {
+    /// Opens the directory `config` names with the keys it names (see [`Storage::open`]).
+    /// Blocking: key files are read and RocksDB is opened.
+    pub fn open_configured(config: &StorageConfig) -> Result<(Self, Recovered), StorageError> {
+        let keys = KeyRing::load(
+            config.encryption_key_file.as_deref(),
+            config.old_encryption_key_file.as_deref(),
+        )?;
+        Self::open(&config.data_dir, config.durability, keys)
+    }
+
     /// Opens (creating if needed) the database in `path` and reads back everything stored.
-    /// Blocking: call it from `spawn_blocking` or before the runtime serves clients.
-    pub fn open(path: &Path, durability: Durability) -> Result<(Self, Recovered), StorageError> {
-        std::fs::create_dir_all(path).map_err(|e| {
-            StorageError::Rocks(format!("cannot create {}: {e}", path.display()).into())
-        })?;
-        let mut options = Options::default();
-        options.create_if_missing(true);
-        options.create_missing_column_families(true);
-        options.set_compression_type(DBCompressionType::Lz4);
-        options.set_bottommost_compression_type(DBCompressionType::Zstd);
-        // Cross-column-family batches must be recovered all-or-nothing.
-        options.set_atomic_flush(true);
-        options.set_keep_log_file_num(4);
-        let descriptors = Cf::ALL.iter().map(|cf| {
-            let mut cf_options = Options::default();
-            cf_options.set_compression_type(DBCompressionType::Lz4);
-            ColumnFamilyDescriptor::new(cf.name(), cf_options)
-        });
-        let db = Arc::new(DB::open_cf_descriptors(&options, path, descriptors)?);
+    /// Refuses a directory `keys` cannot read (encrypted without the key, plain with a key,
+    /// another key). Blocking: call it from `spawn_blocking` or before the runtime serves
+    /// clients.
+    pub fn open(
+        path: &Path,
+        durability: Durability,
+        keys: KeyRing,
+    ) -> Result<(Self, Recovered), StorageError> {
+        let db = Arc::new(open_db(path)?);
+        meta::check_and_mark(&db, &keys)?;
         let started = Instant::now();
-        let recovered = recovery::load(&db)?;
+        let recovered = recovery::load(&db, &keys)?;
         tracing::info!(
             path = %path.display(),
             sessions = recovered.sessions.len(),
             retained = recovered.retained.len(),
             queued = recovered.queued_messages(),
+            encryption = %keys.sealing(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "storage recovered"
         );
@@ -203,6 +228,7 @@ impl Storage {
             next_message_id: AtomicU64::new(recovered.next_message_id),
             writer: Mutex::new(Some(writer)),
             path: path.to_path_buf(),
+            keys: Arc::new(keys),
         };
         Ok((storage, recovered))
     }
@@ -212,7 +238,7 @@ impl Storage {
     }
 
     /// Reads message records by id (blocking: call from `spawn_blocking`). Ids without a record
-    /// are left out.
+    /// are left out, as are records that fail authentication (reported).
     pub fn read_messages(&self, ids: &[u64]) -> Result<HashMap<u64, Message>, StorageError> {
         let handle = self
             .db
@@ -221,8 +247,16 @@ impl Storage {
         let keys: Vec<_> = ids.iter().map(|&id| (&handle, keys::message(id))).collect();
         let mut found = HashMap::with_capacity(ids.len());
         for (&id, value) in ids.iter().zip(self.db.multi_get_cf(keys)) {
-            if let Some(value) = value? {
-                found.insert(id, records::decode_message(&value)?);
+            let Some(value) = value? else { continue };
+            let key = keys::message(id);
+            match self.keys.open(Cf::Messages, &key, &value) {
+                Ok(plain) => {
+                    found.insert(id, records::decode_message(&plain)?);
+                }
+                Err(error @ StorageError::Unauthentic(_)) => {
+                    report_unauthentic(Cf::Messages, &key, &error);
+                }
+                Err(error) => return Err(error),
             }
         }
         Ok(found)
@@ -236,6 +270,13 @@ impl Storage {
     /// Waits while the writer's queue is full.
     pub async fn write(&self, ops: Vec<Op>) -> Completion {
         let (done, completion) = oneshot::channel();
+        let ops = match self.seal(ops) {
+            Ok(ops) => ops,
+            Err(error) => {
+                let _ = done.send(Err(error));
+                return completion;
+            }
+        };
         let request = Request::Write {
             ops,
             done: Some(done),
@@ -255,7 +296,25 @@ impl Storage {
         if ops.is_empty() {
             return;
         }
-        let _ = self.requests.send(Request::Write { ops, done: None }).await;
+        match self.seal(ops) {
+            Ok(ops) => {
+                let _ = self.requests.send(Request::Write { ops, done: None }).await;
+            }
+            Err(error) => tracing::error!(%error, "storage write not queued"),
+        }
+    }
+
+    /// Seals the value of every put (no-op without a key).
+    fn seal(&self, mut ops: Vec<Op>) -> Result<Vec<Op>, StorageError> {
+        if self.keys.sealing() == Sealing::Plain {
+            return Ok(ops);
+        }
+        for op in &mut ops {
+            if let Op::Put(cf, key, value) = op {
+                *value = self.keys.seal(*cf, key, std::mem::take(value))?;
+            }
+        }
+        Ok(ops)
     }
 
     /// Writes everything queued, syncs the WAL and stops the writer thread.
@@ -296,6 +355,39 @@ impl Storage {
             .flush_cfs_opt(&handles, &rocksdb::FlushOptions::default())?;
         Ok(())
     }
+}
+
+/// Opens (creating if needed) the RocksDB database with every column family.
+fn open_db(path: &Path) -> Result<DB, StorageError> {
+    std::fs::create_dir_all(path).map_err(|e| {
+        StorageError::Rocks(format!("cannot create {}: {e}", path.display()).into())
+    })?;
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    options.set_compression_type(DBCompressionType::Lz4);
+    options.set_bottommost_compression_type(DBCompressionType::Zstd);
+    // Cross-column-family batches must be recovered all-or-nothing.
+    options.set_atomic_flush(true);
+    options.set_keep_log_file_num(4);
+    let descriptors = Cf::ALL.iter().map(|cf| {
+        let mut cf_options = Options::default();
+        cf_options.set_compression_type(DBCompressionType::Lz4);
+        ColumnFamilyDescriptor::new(cf.name(), cf_options)
+    });
+    Ok(DB::open_cf_descriptors(&options, path, descriptors)?)
+}
+
+/// A record that failed authentication: logged and counted, and the caller skips it. The key
+/// is logged because it holds no payload (topic, client id or ids; in the clear on disk too).
+fn report_unauthentic(cf: Cf, key: &[u8], error: &StorageError) {
+    metrics::storage_decrypt_failure();
+    tracing::error!(
+        cf = cf.name(),
+        key = %String::from_utf8_lossy(key).escape_debug(),
+        %error,
+        "stored record skipped: it fails authentication (altered, moved, or another key)"
+    );
 }
 
 fn write_loop(db: &DB, mut receiver: mpsc::Receiver<Request>, durability: Durability) {

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use rocksdb::{IteratorMode, DB};
 
+use super::cipher::KeyRing;
 use super::keys;
 use super::records::{self, QueueEntry, SessionRecord};
-use super::{Cf, StorageError};
+use super::{report_unauthentic, Cf, StorageError};
 use crate::message::Message;
 use crate::router::SubscriptionOptions;
 
@@ -39,8 +40,12 @@ impl Recovered {
     }
 }
 
+/// Visits every record of `cf` with its opened value. A record that fails authentication is
+/// reported and skipped, as if it were not there: the broker starts without it rather than
+/// not at all, and never acts on a value an attacker could have chosen.
 fn scan(
     db: &DB,
+    keys: &KeyRing,
     cf: Cf,
     mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
 ) -> Result<(), StorageError> {
@@ -49,7 +54,11 @@ fn scan(
         .ok_or_else(|| StorageError::Corrupt(format!("column family {} missing", cf.name())))?;
     for item in db.iterator_cf(handle, IteratorMode::Start) {
         let (key, value) = item?;
-        visit(&key, &value)?;
+        match keys.open(cf, &key, &value) {
+            Ok(plain) => visit(&key, &plain)?,
+            Err(error @ StorageError::Unauthentic(_)) => report_unauthentic(cf, &key, &error),
+            Err(error) => return Err(error),
+        }
     }
     Ok(())
 }
@@ -59,16 +68,16 @@ fn client_key(key: &[u8], cf: Cf) -> Result<(&str, &[u8]), StorageError> {
         .ok_or_else(|| StorageError::Corrupt(format!("malformed key in {}", cf.name())))
 }
 
-pub fn load(db: &DB) -> Result<Recovered, StorageError> {
+pub fn load(db: &DB, keys: &KeyRing) -> Result<Recovered, StorageError> {
     let mut recovered = Recovered::default();
 
-    scan(db, Cf::Retained, |_, value| {
+    scan(db, keys, Cf::Retained, |_, value| {
         recovered.retained.push(records::decode_message(value)?);
         Ok(())
     })?;
 
     let mut max_id = 0;
-    scan(db, Cf::Messages, |key, value| {
+    scan(db, keys, Cf::Messages, |key, value| {
         let id = u64::from_be_bytes(
             key.try_into()
                 .map_err(|_| StorageError::Corrupt("malformed message key".into()))?,
@@ -79,7 +88,7 @@ pub fn load(db: &DB) -> Result<Recovered, StorageError> {
             .insert(id, Arc::new(records::decode_message(value)?));
         Ok(())
     })?;
-    scan(db, Cf::Delayed, |key, value| {
+    scan(db, keys, Cf::Delayed, |key, value| {
         let (due, id) = keys::split_delayed(key)
             .ok_or_else(|| StorageError::Corrupt("malformed delayed key".into()))?;
         max_id = max_id.max(id);
@@ -92,7 +101,7 @@ pub fn load(db: &DB) -> Result<Recovered, StorageError> {
     recovered.next_message_id = max_id + 1;
 
     let mut sessions: BTreeMap<String, RecoveredSession> = BTreeMap::new();
-    scan(db, Cf::Sessions, |key, value| {
+    scan(db, keys, Cf::Sessions, |key, value| {
         let client_id = std::str::from_utf8(key)
             .map_err(|_| StorageError::Corrupt("session key is not UTF-8".into()))?;
         sessions.insert(
@@ -110,7 +119,7 @@ pub fn load(db: &DB) -> Result<Recovered, StorageError> {
 
     // Rows of sessions that no longer exist are ignored here; they are deleted with the
     // session, and a crash between the two writes leaves nothing a client can observe.
-    scan(db, Cf::Subscriptions, |key, value| {
+    scan(db, keys, Cf::Subscriptions, |key, value| {
         let (client_id, filter) = client_key(key, Cf::Subscriptions)?;
         if let Some(session) = sessions.get_mut(client_id) {
             let filter = std::str::from_utf8(filter)
@@ -121,14 +130,14 @@ pub fn load(db: &DB) -> Result<Recovered, StorageError> {
         }
         Ok(())
     })?;
-    scan(db, Cf::Inbound, |key, _| {
+    scan(db, keys, Cf::Inbound, |key, _| {
         let (client_id, rest) = client_key(key, Cf::Inbound)?;
         if let (Some(session), [hi, lo]) = (sessions.get_mut(client_id), rest) {
             session.inbound_qos2.push(u16::from_be_bytes([*hi, *lo]));
         }
         Ok(())
     })?;
-    scan(db, Cf::Queue, |key, value| {
+    scan(db, keys, Cf::Queue, |key, value| {
         let (client_id, rest) = client_key(key, Cf::Queue)?;
         let seq = u64::from_be_bytes(
             rest.try_into()
