@@ -10,6 +10,7 @@ mod handshake;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -157,6 +158,26 @@ async fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    // Everything before and after the event loop is boxed: an idle connection's future then
+    // holds the connection and its event loop only, not the (larger) CONNECT and close states.
+    let mut connection = match Box::pin(establish(stream, peer, state, shutdown)).await {
+        Ok(connection) => connection,
+        Err(close) => return close,
+    };
+    let close = connection.event_loop(shutdown).await;
+    Box::pin(connection.finish(close)).await
+}
+
+/// Reads CONNECT, authenticates, attaches the session and answers CONNACK.
+async fn establish<S>(
+    stream: S,
+    peer: &Peer,
+    state: &Arc<BrokerState>,
+    shutdown: &CancellationToken,
+) -> Result<Connection<S>, Close>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut read_buf = BytesMut::with_capacity(4096);
     let connect =
@@ -164,7 +185,7 @@ where
             .await
         {
             Ok(connect) => connect,
-            Err(close) => return close,
+            Err(close) => return Err(close),
         };
     let version = connect.version;
     let (client_id, assigned) = match handshake::choose_client_id(&connect) {
@@ -172,13 +193,13 @@ where
         Err((reason, detail)) => {
             info!(detail, "CONNECT refused");
             handshake::refuse(&mut writer, version, reason).await;
-            return Close::Refused(reason);
+            return Err(Close::Refused(reason));
         }
     };
     if connect.authentication_method.is_some() {
         // Enhanced authentication (AUTH) is not offered [MQTT-4.12.0-1].
         handshake::refuse(&mut writer, version, ReasonCode::BadAuthenticationMethod).await;
-        return Close::Refused(ReasonCode::BadAuthenticationMethod);
+        return Err(Close::Refused(ReasonCode::BadAuthenticationMethod));
     }
     tracing::Span::current().record("client_id", &*client_id);
     let identity = match state
@@ -199,7 +220,7 @@ where
                 "CONNECT refused"
             );
             handshake::refuse(&mut writer, version, reason).await;
-            return Close::Refused(reason);
+            return Err(Close::Refused(reason));
         }
     };
     let acl = state.auth.acl_for(&identity, &client_id);
@@ -209,7 +230,7 @@ where
             // The will could never be published: refused now rather than dropped later.
             metrics::acl_denied("will");
             handshake::refuse(&mut writer, version, ReasonCode::NotAuthorized).await;
-            return Close::Refused(ReasonCode::NotAuthorized);
+            return Err(Close::Refused(ReasonCode::NotAuthorized));
         }
     }
 
@@ -282,6 +303,10 @@ where
         // [MQTT-3.1.2-24] one and a half times the keep alive; 0 switches it off.
         keep_alive: (keep_alive_secs > 0)
             .then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500)),
+        keep_alive_timer: (keep_alive_secs > 0).then(|| {
+            let first = Duration::from_millis(u64::from(keep_alive_secs) * 1500);
+            Box::pin(tokio::time::sleep(first))
+        }),
         last_packet_at: Instant::now(),
         will: connect.will.clone(),
         session_expiry,
@@ -307,11 +332,11 @@ where
     };
     if let Err(error) = persisted_session {
         tracing::error!(%error, "cannot persist the session");
-        return connection.finish(Close::StorageFailure).await;
+        return Err(Box::pin(connection.finish(Close::StorageFailure)).await);
     }
     if let Err(error) = persist::unspill(state, &connection.handle).await {
         tracing::error!(%error, "cannot read the session's queued messages back");
-        return connection.finish(Close::StorageFailure).await;
+        return Err(Box::pin(connection.finish(Close::StorageFailure)).await);
     }
     connection.send_connack(
         &connect,
@@ -322,8 +347,7 @@ where
     if attached.session_present {
         connection.resend_inflight();
     }
-    let close = connection.event_loop(shutdown).await;
-    connection.finish(close).await
+    Ok(connection)
 }
 
 /// What woke the event loop.
@@ -333,7 +357,7 @@ enum Event {
     Wrote(std::io::Result<Option<usize>>),
     MailboxReady,
     MemoryGuardChanged,
-    KeepAliveExpired,
+    KeepAliveTimer,
     Kicked,
     Shutdown,
     Stored(Result<(), StorageError>),
@@ -354,6 +378,10 @@ struct Connection<S> {
     done: Option<oneshot::Sender<()>>,
     keep_alive: Option<Duration>,
     last_packet_at: Instant,
+    /// Armed for the keep-alive deadline as of when it was set; when it fires early (packets
+    /// came since), it is re-armed. Packets do not touch the timer, so the timer wheel sees
+    /// one operation per keep-alive period rather than one per turn of the event loop.
+    keep_alive_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     will: Option<Will>,
     session_expiry: u32,
     session_expiry_at_connect: u32,
@@ -487,11 +515,9 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             self.fill_from_mailbox();
             self.traffic.flush(self.transport);
             if !self.releases.is_empty() {
-                persist::write_behind(&self.state, std::mem::take(&mut self.releases)).await;
+                let releases = std::mem::take(&mut self.releases);
+                Box::pin(persist::write_behind(&self.state, releases)).await;
             }
-            let keep_alive_deadline = self
-                .keep_alive
-                .map(|keep_alive| tokio::time::Instant::from_std(self.last_packet_at + keep_alive));
             let paused = self.paused_by_memory_guard();
             let can_read = !paused
                 && self.write_buf.len() < WRITE_BACKLOG_LIMIT
@@ -510,13 +536,13 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 read = self.reader.read_buf(&mut self.read_buf), if can_read => Event::Read(read),
                 _ = self.handle.mailbox.notified() => Event::MailboxReady,
                 _ = self.memory.changed(), if paused => Event::MemoryGuardChanged,
-                _ = sleep_until_or_forever(keep_alive_deadline) => Event::KeepAliveExpired,
+                _ = keep_alive_timer_fired(&mut self.keep_alive_timer) => Event::KeepAliveTimer,
             };
             let outcome = match event {
                 Event::Shutdown => Err(Close::ServerShuttingDown),
                 Event::Kicked if self.handle.take_slow_consumer() => Err(Close::SlowConsumer),
                 Event::Kicked => Err(Close::TakenOver),
-                Event::KeepAliveExpired => Err(Close::KeepAliveTimeout),
+                Event::KeepAliveTimer => self.check_keep_alive(),
                 Event::MailboxReady | Event::MemoryGuardChanged => Ok(()),
                 Event::Wrote(Ok(None)) => {
                     self.needs_flush = false;
@@ -536,16 +562,35 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 Event::Read(Ok(0)) => Err(Close::PeerClosed),
                 Event::Read(Ok(read)) => {
                     self.traffic.bytes_received += read as u64;
-                    let outcome = self.process_input().await;
+                    // Boxed: handling a packet is the deepest state of the connection's future,
+                    // and inline it would be reserved in every idle connection's memory.
+                    let outcome = Box::pin(self.process_input()).await;
                     self.size_read_buffer(read);
                     outcome
                 }
-                Event::Stored(result) => self.complete_pending(result).await,
+                Event::Stored(result) => Box::pin(self.complete_pending(result)).await,
             };
             if let Err(close) = outcome {
                 return close;
             }
         }
+    }
+
+    /// The keep-alive timer fired: the client is gone if it stayed silent for the whole
+    /// period [MQTT-3.1.2-24]; otherwise the timer is re-armed for the current deadline.
+    fn check_keep_alive(&mut self) -> Result<(), Close> {
+        let (Some(keep_alive), Some(timer)) = (self.keep_alive, self.keep_alive_timer.as_mut())
+        else {
+            return Ok(());
+        };
+        let deadline = self.last_packet_at + keep_alive;
+        if Instant::now() >= deadline {
+            return Err(Close::KeepAliveTimeout);
+        }
+        timer
+            .as_mut()
+            .reset(tokio::time::Instant::from_std(deadline));
+        Ok(())
     }
 
     /// Whether to stop reading from this client because queued messages passed the memory
@@ -1460,9 +1505,9 @@ fn will_message(will: Will, client_id: &Arc<str>) -> Message {
     )
 }
 
-async fn sleep_until_or_forever(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
+async fn keep_alive_timer_fired(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(timer) => timer.as_mut().await,
         None => std::future::pending().await,
     }
 }

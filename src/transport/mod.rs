@@ -42,10 +42,6 @@ impl Transport {
             Self::SecureWebSocket => metrics::WSS,
         }
     }
-
-    fn is_tls(self) -> bool {
-        matches!(self, Self::Tls | Self::SecureWebSocket)
-    }
 }
 
 /// Accepts connections on one listener until `shutdown` is cancelled.
@@ -102,17 +98,41 @@ async fn serve(
     state: Arc<BrokerState>,
     shutdown: CancellationToken,
 ) {
+    // The future of a connection is as large as its largest state, and the TLS and WebSocket
+    // ones hold a rustls session and tungstenite's state inline: boxed, they cost a plain TCP
+    // connection a pointer instead of several kilobytes for its whole life.
+    match transport {
+        Transport::Tcp => run(socket, peer, transport, None, state, shutdown).await,
+        Transport::WebSocket => Box::pin(serve_websocket(socket, peer, state, shutdown)).await,
+        Transport::Tls | Transport::SecureWebSocket => {
+            Box::pin(serve_tls(socket, peer, transport, state, shutdown)).await
+        }
+    }
+}
+
+async fn serve_websocket(
+    socket: TcpStream,
+    peer: SocketAddr,
+    state: Arc<BrokerState>,
+    shutdown: CancellationToken,
+) {
+    let transport = Transport::WebSocket;
+    let deadline = state.config.tls.handshake_timeout;
+    let Some(stream) = upgrade(socket, &state, transport.label(), deadline, &shutdown).await else {
+        return;
+    };
+    run(stream, peer, transport, None, state, shutdown).await
+}
+
+async fn serve_tls(
+    socket: TcpStream,
+    peer: SocketAddr,
+    transport: Transport,
+    state: Arc<BrokerState>,
+    shutdown: CancellationToken,
+) {
     let label = transport.label();
     let deadline = state.config.tls.handshake_timeout;
-    if !transport.is_tls() {
-        if transport == Transport::WebSocket {
-            let Some(stream) = upgrade(socket, &state, label, deadline, &shutdown).await else {
-                return;
-            };
-            return run(stream, peer, transport, None, state, shutdown).await;
-        }
-        return run(socket, peer, transport, None, state, shutdown).await;
-    }
     let Some(tls) = state.tls.as_ref() else {
         return;
     };
