@@ -596,6 +596,13 @@ mod tests {
     }
 
     #[test]
+    fn the_compose_stack_configuration_is_valid() {
+        let config: Config = toml::from_str(include_str!("../grafana/telemq.toml")).unwrap();
+        config.validate().unwrap();
+        assert!(config.tls.enabled && config.websocket.tls_enabled);
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let err = toml::from_str::<Config>("[mqtt]\nmax_packet_sise = 10\n").unwrap_err();
         assert!(err.to_string().contains("max_packet_sise"), "{err}");

@@ -9,6 +9,11 @@ use clap::{Parser, Subcommand};
 use telemq::{Broker, Config};
 use tracing_subscriber::EnvFilter;
 
+// glibc's malloc is slow for the broker's pattern of allocating on the connection tasks and
+// freeing on the storage thread (and vice versa); docs/performance.md has the measurements.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "telemq",
