@@ -148,14 +148,7 @@ impl Broker {
             address_of(Transport::SecureWebSocket),
         );
         let metrics_listener = if config.metrics.enabled {
-            let addr = config.metrics.bind;
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })?;
-            let local = listener
-                .local_addr()
-                .map_err(|source| StartError::Bind { addr, source })?;
-            Some((listener, local))
+            Some(bind(config.metrics.bind).await?)
         } else {
             None
         };

@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use super::FileError;
 use crate::protocol::validate::is_valid_filter;
 use crate::router::trie::filter_matches;
 
@@ -53,21 +54,6 @@ impl Access {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum AclError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path} line {line}: {reason}")]
-    Invalid {
-        path: String,
-        line: usize,
-        reason: String,
-    },
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Rule {
     access: Access,
@@ -91,16 +77,8 @@ enum Section {
 }
 
 impl Acl {
-    pub fn load(path: &Path) -> Result<Self, AclError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AclError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|(line, reason)| AclError::Invalid {
-            path: path.display().to_string(),
-            line,
-            reason,
-        })
+    pub fn load(path: &Path) -> Result<Self, FileError> {
+        super::load_file(path, Self::parse)
     }
 
     /// Parses the file's text; an error names the 1-based line and what is wrong with it.

@@ -16,15 +16,47 @@ use tracing::{info, warn};
 use crate::config::AuthConfig;
 use crate::metrics;
 use crate::protocol::ReasonCode;
-use acl::{Acl, AclError, ClientAcl};
+use acl::{Acl, ClientAcl};
 use password::{PasswordFile, PasswordFileError};
+
+/// A line-oriented file (password file, ACL) that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: {reason}")]
+    Invalid {
+        path: String,
+        line: usize,
+        reason: String,
+    },
+}
+
+/// Reads `path` and parses it with `parse`, which names the 1-based line of an error.
+fn load_file<T>(
+    path: &std::path::Path,
+    parse: impl FnOnce(&str) -> Result<T, (usize, String)>,
+) -> Result<T, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text).map_err(|(line, reason)| FileError::Invalid {
+        path: path.display().to_string(),
+        line,
+        reason,
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error(transparent)]
     Passwords(#[from] PasswordFileError),
     #[error(transparent)]
-    Acl(#[from] AclError),
+    Acl(#[from] FileError),
 }
 
 /// Who the client turned out to be.

@@ -8,19 +8,12 @@ use std::sync::OnceLock;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 
+use super::FileError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordFileError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path} line {line}: {reason}")]
-    Invalid {
-        path: String,
-        line: usize,
-        reason: String,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("cannot hash the password: {0}")]
     Hash(String),
     #[error("cannot write {path}: {source}")]
@@ -38,15 +31,7 @@ pub struct PasswordFile {
 
 impl PasswordFile {
     pub fn load(path: &Path) -> Result<Self, PasswordFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PasswordFileError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|(line, reason)| PasswordFileError::Invalid {
-            path: path.display().to_string(),
-            line,
-            reason,
-        })
+        Ok(super::load_file(path, Self::parse)?)
     }
 
     /// Parses the file's text; an error names the 1-based line and what is wrong with it.
