@@ -670,3 +670,94 @@ async fn reload_swaps_the_server_certificate_and_keeps_it_on_a_bad_file() {
     assert_eq!(kept.recv_type(13).await.first_byte, 0xD0);
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn tls_1_2_clients_are_served_too() {
+    use rustls::pki_types::ServerName;
+    let pki = Pki::new();
+    let broker = TestBroker::start_with(|c| pki.configure(c)).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(
+        rustls::pki_types::CertificateDer::pem_file_iter(&pki.ca)
+            .unwrap()
+            .map(Result::unwrap),
+    );
+    use rustls::pki_types::pem::PemObject;
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(broker.broker().tls_addr().unwrap())
+        .await
+        .unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS 1.2 handshake");
+    assert_eq!(
+        stream.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    connected(
+        RawClient::over(stream),
+        &packets::connect_v5("tls12", true, 60, &[]),
+    )
+    .await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn websocket_text_frames_and_oversized_frames_close_the_connection() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let broker = TestBroker::start_with(|c| c.mqtt.max_packet_size = 1024).await;
+    let ws_addr = broker.broker().ws_addr().unwrap();
+    let open = || async {
+        let mut request = format!("ws://localhost:{}/mqtt", ws_addr.port())
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+        let tcp = TcpStream::connect(ws_addr).await.unwrap();
+        tokio_tungstenite::client_async(request, tcp)
+            .await
+            .unwrap()
+            .0
+    };
+    let closed = |mut socket: tokio_tungstenite::WebSocketStream<TcpStream>| async move {
+        use futures_util::StreamExt;
+        loop {
+            match tokio::time::timeout(common::WAIT, socket.next()).await {
+                Err(_) => panic!("the broker kept the connection open"),
+                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return,
+                Ok(Some(Ok(other))) => assert!(!other.is_binary(), "got MQTT data: {other:?}"),
+            }
+        }
+    };
+    // [MQTT-6.0.0-1] text frames close the connection.
+    let mut text = open().await;
+    text.send(Message::Text("CONNECT".into())).await.unwrap();
+    closed(text).await;
+    // A frame far past the largest packet is refused before it is buffered (64 KiB floor).
+    // The frame holds nothing but valid PINGREQs, which would each be answered if it were taken.
+    let mut big = open().await;
+    let connect = packets::connect_v5("big", true, 60, &[]);
+    big.send(Message::Binary(connect.into())).await.unwrap();
+    {
+        use futures_util::StreamExt;
+        let connack = tokio::time::timeout(common::WAIT, big.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(connack.is_binary());
+    }
+    let pings: Vec<u8> = [0xC0u8, 0x00].repeat(100 * 1024);
+    let _ = big.send(Message::Binary(pings.into())).await;
+    closed(big).await;
+    broker.shutdown().await;
+}
