@@ -68,6 +68,15 @@ async fn expect_publish(client: &mut RawClient, v5: bool, topic: &str, payload: 
     assert_eq!(publish.payload, payload);
 }
 
+/// Subscribes `subscriber` (connected over any transport) to `topic` and checks that a QoS 1
+/// message published to it over plain TCP arrives.
+async fn receives_from_tcp(subscriber: &mut RawClient, broker: SocketAddr, topic: &str) {
+    assert_eq!(subscribe(subscriber, true, topic).await, 1);
+    let mut publisher = common::raw_v5(broker, "tcp-publisher").await;
+    assert_eq!(publisher.publish_qos1_v5(topic, 1, b"from tcp").await, 0);
+    expect_publish(subscriber, true, topic, b"from tcp").await;
+}
+
 /// Opens a WebSocket to `path` asking for the `mqtt` subprotocol, over any stream.
 async fn websocket<S>(stream: S, addr: SocketAddr, scheme: &str, path: &str) -> Option<WsStream<S>>
 where
@@ -212,14 +221,7 @@ async fn websocket_clients_exchange_messages_with_tcp_clients() {
         &packets::connect_v5("ws-sub", true, 60, &[]),
     )
     .await;
-    assert_eq!(subscribe(&mut ws_subscriber, true, "x/#").await, 1);
-
-    let mut tcp_publisher = common::raw_v5(broker.addr, "tcp-pub").await;
-    assert_eq!(
-        tcp_publisher.publish_qos1_v5("x/1", 1, b"from tcp").await,
-        0
-    );
-    expect_publish(&mut ws_subscriber, true, "x/1", b"from tcp").await;
+    receives_from_tcp(&mut ws_subscriber, broker.addr, "x/1").await;
 
     // The other way, with packets split across frames and frames holding several packets.
     let mut tcp_subscriber = common::raw_v5(broker.addr, "tcp-sub").await;
@@ -269,10 +271,7 @@ async fn secure_websocket_round_trip() {
         &packets::connect_v5("wss", true, 60, &[]),
     )
     .await;
-    assert_eq!(subscribe(&mut client, true, "w/#").await, 1);
-    let mut publisher = common::raw_v5(broker.addr, "tcp-pub").await;
-    assert_eq!(publisher.publish_qos1_v5("w/1", 1, b"secure").await, 0);
-    expect_publish(&mut client, true, "w/1", b"secure").await;
+    receives_from_tcp(&mut client, broker.addr, "w/1").await;
     broker.shutdown().await;
 }
 
