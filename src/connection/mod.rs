@@ -515,8 +515,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             self.fill_from_mailbox();
             self.traffic.flush(self.transport);
             if !self.releases.is_empty() {
-                let releases = std::mem::take(&mut self.releases);
-                Box::pin(persist::write_behind(&self.state, releases)).await;
+                persist::write_behind(&self.state, std::mem::take(&mut self.releases)).await;
             }
             let paused = self.paused_by_memory_guard();
             let can_read = !paused
