@@ -6,6 +6,7 @@ pub mod packets;
 pub mod pki;
 pub mod process;
 pub mod rumqtt;
+pub mod scrape;
 pub mod traffic;
 
 use std::net::SocketAddr;
