@@ -3,21 +3,9 @@
 
 mod common;
 
-use common::packets::{self, string};
+use common::packets;
 use common::scrape::{scrape, value};
 use common::{RawClient, TestBroker};
-
-fn connect_v5_login(client_id: &str, username: &str, password: &[u8]) -> Vec<u8> {
-    let mut body = string("MQTT");
-    body.push(5);
-    body.push(0x02 | 0x80 | 0x40);
-    body.extend(60u16.to_be_bytes());
-    body.push(0);
-    body.extend(string(client_id));
-    body.extend(string(username));
-    body.extend(packets::binary(password));
-    packets::frame(0x10, &body)
-}
 
 async fn suback(client: &mut RawClient, packet_id: u16, filter: &str) -> u8 {
     client
@@ -45,7 +33,7 @@ async fn refusals_and_denials_are_counted_once_each() {
 
     let mut wrong = RawClient::connect(broker.addr).await;
     let answer = wrong
-        .connect_with(&connect_v5_login("w", "alice", b"wrong"))
+        .connect_with(&packets::connect_v5_login("w", "alice", b"wrong"))
         .await
         .unwrap();
     assert_eq!(answer.body[1], 0x86);
@@ -58,7 +46,7 @@ async fn refusals_and_denials_are_counted_once_each() {
 
     let mut alice = RawClient::connect(broker.addr).await;
     let answer = alice
-        .connect_with(&connect_v5_login("a", "alice", b"right"))
+        .connect_with(&packets::connect_v5_login("a", "alice", b"right"))
         .await
         .unwrap();
     assert_eq!(answer.body[1], 0);

@@ -7,38 +7,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::packets::{self, string};
+use common::packets;
 use common::pki::Pki;
 use common::{RawClient, RawPacket, TestBroker};
 use telemq::transport::websocket::WsStream;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-
-/// CONNECT v5 with username and password.
-fn connect_v5_login(client_id: &str, username: &str, password: &[u8]) -> Vec<u8> {
-    let mut body = string("MQTT");
-    body.push(5);
-    body.push(0x02 | 0x80 | 0x40);
-    body.extend(60u16.to_be_bytes());
-    body.push(0);
-    body.extend(string(client_id));
-    body.extend(string(username));
-    body.extend(packets::binary(password));
-    packets::frame(0x10, &body)
-}
-
-/// CONNECT 3.1.1 with username and password.
-fn connect_v4_login(client_id: &str, username: &str, password: &[u8]) -> Vec<u8> {
-    let mut body = string("MQTT");
-    body.push(4);
-    body.push(0x02 | 0x80 | 0x40);
-    body.extend(60u16.to_be_bytes());
-    body.extend(string(client_id));
-    body.extend(string(username));
-    body.extend(packets::binary(password));
-    packets::frame(0x10, &body)
-}
 
 fn connack_code(packet: &RawPacket) -> u8 {
     assert_eq!(packet.packet_type(), 2, "expected CONNACK, got {packet:?}");
@@ -295,17 +270,23 @@ async fn passwords_are_checked_and_refusals_use_each_versions_code() {
         connack_code(&client.connect_with(&connect).await.expect("CONNACK"))
     };
     assert_eq!(
-        answer(connect_v5_login("a", "alice", b"wonderland")).await,
+        answer(packets::connect_v5_login("a", "alice", b"wonderland")).await,
         0
     );
     assert_eq!(
-        answer(connect_v4_login("b", "alice", b"wonderland")).await,
+        answer(packets::connect_v4_login("b", "alice", b"wonderland")).await,
         0
     );
-    assert_eq!(answer(connect_v5_login("c", "alice", b"wrong")).await, 0x86);
-    assert_eq!(answer(connect_v4_login("d", "alice", b"wrong")).await, 4);
     assert_eq!(
-        answer(connect_v5_login("e", "mallory", b"wonderland")).await,
+        answer(packets::connect_v5_login("c", "alice", b"wrong")).await,
+        0x86
+    );
+    assert_eq!(
+        answer(packets::connect_v4_login("d", "alice", b"wrong")).await,
+        4
+    );
+    assert_eq!(
+        answer(packets::connect_v5_login("e", "mallory", b"wonderland")).await,
         0x86
     );
     // A password file makes anonymous access opt-in.
@@ -337,9 +318,9 @@ async fn the_acl_denies_subscriptions_publishes_and_retained_deliveries() {
     let broker = TestBroker::start_with(|c| c.auth.acl_file = Some(acl.clone())).await;
     let login = |user: &str, id: &str, v5: bool| {
         if v5 {
-            connect_v5_login(id, user, b"")
+            packets::connect_v5_login(id, user, b"")
         } else {
-            connect_v4_login(id, user, b"")
+            packets::connect_v4_login(id, user, b"")
         }
     };
     let mut admin = connected(
@@ -446,7 +427,7 @@ async fn reload_reads_new_passwords_without_dropping_connections() {
     let broker = TestBroker::start_with(|c| c.auth.password_file = Some(passwd.clone())).await;
     let mut alice = connected(
         RawClient::connect(broker.addr).await,
-        &connect_v5_login("a", "alice", b"one"),
+        &packets::connect_v5_login("a", "alice", b"one"),
     )
     .await;
     password_file(dir.path(), &[("alice", b"two")]);
@@ -454,14 +435,14 @@ async fn reload_reads_new_passwords_without_dropping_connections() {
     let mut client = RawClient::connect(broker.addr).await;
     let code = connack_code(
         &client
-            .connect_with(&connect_v5_login("b", "alice", b"one"))
+            .connect_with(&packets::connect_v5_login("b", "alice", b"one"))
             .await
             .unwrap(),
     );
     assert_eq!(code, 0x86);
     connected(
         RawClient::connect(broker.addr).await,
-        &connect_v5_login("c", "alice", b"two"),
+        &packets::connect_v5_login("c", "alice", b"two"),
     )
     .await;
     alice.send(&[0xC0, 0x00]).await;
@@ -608,7 +589,7 @@ async fn telemq_passwd_writes_a_file_the_broker_accepts_and_sighup_reloads_the_a
     let broker = common::process::BrokerProcess::start(&config);
     let mut client = connected(
         RawClient::connect(broker.addr).await,
-        &connect_v5_login("s", "sensor", b"pa55"),
+        &packets::connect_v5_login("s", "sensor", b"pa55"),
     )
     .await;
     assert_eq!(subscribe(&mut client, true, "b/#").await, 0x87);
@@ -628,7 +609,7 @@ async fn telemq_passwd_writes_a_file_the_broker_accepts_and_sighup_reloads_the_a
     }
     let mut refused = RawClient::connect(broker.addr).await;
     let answer = refused
-        .connect_with(&connect_v4_login("d", "dashboard", b"wrong"))
+        .connect_with(&packets::connect_v4_login("d", "dashboard", b"wrong"))
         .await
         .unwrap();
     assert_eq!(connack_code(&answer), 4);

@@ -182,3 +182,28 @@ pub fn parse_publish(packet: &super::RawPacket, v5: bool) -> ReceivedPublish {
         payload: b[i..].to_vec(),
     }
 }
+
+/// MQTT 5 CONNECT (clean start) with username and password.
+pub fn connect_v5_login(client_id: &str, username: &str, password: &[u8]) -> Vec<u8> {
+    let mut body = string("MQTT");
+    body.push(5);
+    body.push(0x02 | 0x80 | 0x40);
+    body.extend(60u16.to_be_bytes());
+    body.push(0);
+    body.extend(string(client_id));
+    body.extend(string(username));
+    body.extend(binary(password));
+    frame(0x10, &body)
+}
+
+/// MQTT 3.1.1 CONNECT (clean session) with username and password.
+pub fn connect_v4_login(client_id: &str, username: &str, password: &[u8]) -> Vec<u8> {
+    let mut body = string("MQTT");
+    body.push(4);
+    body.push(0x02 | 0x80 | 0x40);
+    body.extend(60u16.to_be_bytes());
+    body.extend(string(client_id));
+    body.extend(string(username));
+    body.extend(binary(password));
+    frame(0x10, &body)
+}
