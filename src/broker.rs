@@ -21,7 +21,7 @@ use crate::overload::MemoryGuard;
 use crate::persist;
 use crate::router::Router;
 use crate::session::{
-    PendingWill, QueueLimits, SessionRegistry, SessionState, Swept, NEVER_EXPIRES,
+    Kick, PendingWill, QueueLimits, SessionRegistry, SessionState, Swept, NEVER_EXPIRES,
 };
 use crate::storage::{keys, Cf, Op, Recovered, Storage, StorageError, StoredMessage};
 use crate::sys_topics;
@@ -325,7 +325,10 @@ impl Broker {
     /// Stops accepting, disconnects every client (v5 clients with reason 0x8B) and waits for
     /// every task to finish.
     pub async fn shutdown(self) {
+        // Connections not yet attached to a session watch the token (and check it once
+        // attached); the attached ones are told through their sessions.
         self.shutdown.cancel();
+        self.state.sessions.kick_all(Kick::ShuttingDown);
         self.tracker.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
             .await
@@ -482,7 +485,7 @@ fn restore(state: &BrokerState, recovered: Recovered) -> Vec<Op> {
         handle.mailbox.restore(deliveries);
         {
             let mut inner = handle.inner();
-            inner.state = Some(session_state);
+            inner.state = Some(Box::new(session_state));
             inner.protocol_level = record.protocol_level;
             // A client connected at the crash lost its connection abnormally: its will is due
             // after its delay, counted from now [MQTT-3.1.2-8].

@@ -37,6 +37,7 @@ pub mod persist;
 pub mod protocol;
 pub mod router;
 pub mod session;
+pub mod small_map;
 pub mod storage;
 mod sync;
 pub mod sys_topics;

@@ -8,13 +8,15 @@
 
 mod handshake;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -37,8 +39,10 @@ use crate::protocol::{
 use crate::router::{SubscriptionOptions, Target};
 use crate::session::inflight::{packet_id_for, OutboundEntry, PubRecOutcome, Stage};
 use crate::session::mailbox::is_spilled;
-use crate::session::{Detached, SessionHandle, SessionState, NEVER_EXPIRES};
+use crate::session::{Detached, Kick, SessionHandle, SessionState, NEVER_EXPIRES};
+use crate::small_map::SmallMap;
 use crate::storage::{Completion, Op, StorageError};
+use crate::transport::admission::Admitted;
 use crate::transport::Transport;
 
 /// Deliveries are encoded into the write buffer only while it holds less than this, so a client
@@ -120,9 +124,15 @@ pub struct Peer {
     pub cert_identity: Option<String>,
 }
 
-/// Serves one accepted connection until it closes.
-pub async fn serve<S>(stream: S, peer: Peer, state: Arc<BrokerState>, shutdown: CancellationToken)
-where
+/// Serves one accepted connection until it closes. `admitted` holds the connection's admission
+/// slots until then.
+pub async fn serve<S>(
+    stream: S,
+    peer: Peer,
+    admitted: Admitted,
+    state: Arc<BrokerState>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     metrics::connection_opened();
@@ -132,46 +142,47 @@ where
         transport = peer.transport.label(),
         client_id = tracing::field::Empty
     );
-    let close = run(stream, &peer, &state, &shutdown)
-        .instrument(span.clone())
-        .await;
-    span.in_scope(|| {
-        if let Close::Protocol(error) = &close {
-            info!(
-                reason = close.label(),
-                detail = error.detail,
-                "connection closed"
-            );
-        } else {
-            info!(reason = close.label(), "connection closed");
-        }
-    });
+    // Everything before and after the event loop is boxed, and no layer of async functions
+    // sits between this task and the event loop: an idle connection's task then holds the
+    // connection and its event loop, not the (larger) CONNECT and close states, nor copies of
+    // arguments passed down.
+    let close = 'served: {
+        let mut connection = match Box::pin(establish(stream, peer, &state, &shutdown))
+            .instrument(span.clone())
+            .await
+        {
+            Ok(connection) => connection,
+            Err(close) => break 'served close,
+        };
+        let close = connection
+            .event_loop(&shutdown)
+            .instrument(span.clone())
+            .await;
+        Box::pin(connection.finish(close))
+            .instrument(span.clone())
+            .await
+    };
+    span.in_scope(|| log_close(&close));
     metrics::connection_closed(close.label());
+    drop(admitted);
 }
 
-async fn run<S>(
-    stream: S,
-    peer: &Peer,
-    state: &Arc<BrokerState>,
-    shutdown: &CancellationToken,
-) -> Close
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    // Everything before and after the event loop is boxed: an idle connection's future then
-    // holds the connection and its event loop only, not the (larger) CONNECT and close states.
-    let mut connection = match Box::pin(establish(stream, peer, state, shutdown)).await {
-        Ok(connection) => connection,
-        Err(close) => return close,
-    };
-    let close = connection.event_loop(shutdown).await;
-    Box::pin(connection.finish(close)).await
+fn log_close(close: &Close) {
+    if let Close::Protocol(error) = &close {
+        info!(
+            reason = close.label(),
+            detail = error.detail,
+            "connection closed"
+        );
+    } else {
+        info!(reason = close.label(), "connection closed");
+    }
 }
 
 /// Reads CONNECT, authenticates, attaches the session and answers CONNACK.
 async fn establish<S>(
     stream: S,
-    peer: &Peer,
+    peer: Peer,
     state: &Arc<BrokerState>,
     shutdown: &CancellationToken,
 ) -> Result<Connection<S>, Close>
@@ -298,7 +309,6 @@ where
         handle: attached.handle,
         session: attached.state,
         connection_id: attached.connection_id,
-        kick: attached.kick,
         done: Some(attached.done),
         // [MQTT-3.1.2-24] one and a half times the keep alive; 0 switches it off.
         keep_alive: (keep_alive_secs > 0)
@@ -308,7 +318,7 @@ where
             Box::pin(tokio::time::sleep(first))
         }),
         last_packet_at: Instant::now(),
-        will: connect.will.clone(),
+        will: connect.will.clone().map(Box::new),
         session_expiry,
         session_expiry_at_connect: session_expiry,
         send_quota: usize::from(connect.receive_maximum.min(config.max_inflight_messages)),
@@ -316,13 +326,14 @@ where
             .maximum_packet_size
             .map_or(usize::MAX, |size| size as usize),
         client_topic_alias_max: connect.topic_alias_maximum,
-        inbound_aliases: HashMap::new(),
-        outbound_aliases: HashMap::new(),
+        inbound_aliases: SmallMap::new(),
+        outbound_aliases: SmallMap::new(),
         pending: VecDeque::new(),
         releases: Vec::new(),
         has_published: false,
         paused: false,
         memory: state.memory.subscribe(),
+        memory_resumed: None,
         traffic: metrics::Traffic::default(),
         transport: peer.transport.label(),
         needs_flush: false,
@@ -358,8 +369,6 @@ enum Event {
     MailboxReady,
     MemoryGuardChanged,
     KeepAliveTimer,
-    Kicked,
-    Shutdown,
     Stored(Result<(), StorageError>),
 }
 
@@ -374,7 +383,6 @@ struct Connection<S> {
     handle: Arc<SessionHandle>,
     session: SessionState,
     connection_id: u64,
-    kick: CancellationToken,
     done: Option<oneshot::Sender<()>>,
     keep_alive: Option<Duration>,
     last_packet_at: Instant,
@@ -382,15 +390,16 @@ struct Connection<S> {
     /// came since), it is re-armed. Packets do not touch the timer, so the timer wheel sees
     /// one operation per keep-alive period rather than one per turn of the event loop.
     keep_alive_timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    will: Option<Will>,
+    /// Boxed: most clients have none, and every idle connection would reserve its room.
+    will: Option<Box<Will>>,
     session_expiry: u32,
     session_expiry_at_connect: u32,
     /// Outbound QoS 1/2 messages allowed in flight: the client's Receive Maximum capped by ours.
     send_quota: usize,
     client_max_packet_size: usize,
     client_topic_alias_max: u16,
-    inbound_aliases: HashMap<u16, Arc<str>>,
-    outbound_aliases: HashMap<Arc<str>, u16>,
+    inbound_aliases: SmallMap<u16, Arc<str>>,
+    outbound_aliases: SmallMap<Arc<str>, u16>,
     /// Work waiting for storage, in the order the client's packets arrived: acknowledgements
     /// leave only once what they acknowledge is durable, and in order [MQTT-4.6.0-2].
     pending: VecDeque<Pending>,
@@ -401,8 +410,11 @@ struct Connection<S> {
     has_published: bool,
     /// Whether reading is paused by the memory guard now (for counting pauses).
     paused: bool,
-    /// The memory guard's flag, watched while paused.
+    /// The memory guard's flag.
     memory: watch::Receiver<bool>,
+    /// While paused, resolves when the memory guard's flag changes. Boxed and made only then:
+    /// the wait is rare and its future would otherwise be in every connection's memory.
+    memory_resumed: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
     /// Message and byte counts since the last turn of the event loop, added to the shared
     /// counters once per turn rather than once per message.
     traffic: metrics::Traffic,
@@ -512,10 +524,24 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
 
     async fn event_loop(&mut self, shutdown: &CancellationToken) -> Close {
         loop {
+            // Shutdown and takeover come through the session (its mailbox wakes this loop),
+            // not as futures of their own in the select below: every idle connection would
+            // hold them. The token is checked as well for a shutdown that began before this
+            // connection's session was attached, which `kick_all` could not see.
+            if shutdown.is_cancelled() {
+                return Close::ServerShuttingDown;
+            }
+            match self.handle.kicked(self.connection_id) {
+                Some(Kick::ShuttingDown) => return Close::ServerShuttingDown,
+                Some(Kick::TakenOver) => return Close::TakenOver,
+                Some(Kick::SlowConsumer) => return Close::SlowConsumer,
+                None => {}
+            }
             self.fill_from_mailbox();
             self.traffic.flush(self.transport);
             if !self.releases.is_empty() {
-                persist::write_behind(&self.state, std::mem::take(&mut self.releases)).await;
+                let releases = std::mem::take(&mut self.releases);
+                Box::pin(persist::write_behind(&self.state, releases)).await;
             }
             let paused = self.paused_by_memory_guard();
             let can_read = !paused
@@ -526,21 +552,18 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 .front()
                 .is_some_and(|pending| pending.completion.is_some());
             let wants_write = !self.write_buf.is_empty() || self.needs_flush;
+            // Every branch is a small future borrowing the connection's state: the select's
+            // futures are part of every idle connection's memory.
             let event = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => Event::Shutdown,
-                _ = self.kick.cancelled() => Event::Kicked,
                 stored = first_completion(&mut self.pending), if awaiting_storage => Event::Stored(stored),
                 wrote = write_or_flush(&mut self.writer, &mut self.write_buf), if wants_write => Event::Wrote(wrote),
                 read = self.reader.read_buf(&mut self.read_buf), if can_read => Event::Read(read),
                 _ = self.handle.mailbox.notified() => Event::MailboxReady,
-                _ = self.memory.changed(), if paused => Event::MemoryGuardChanged,
-                _ = keep_alive_timer_fired(&mut self.keep_alive_timer) => Event::KeepAliveTimer,
+                () = completion_of(&mut self.memory_resumed), if paused => Event::MemoryGuardChanged,
+                () = completion_of(&mut self.keep_alive_timer) => Event::KeepAliveTimer,
             };
             let outcome = match event {
-                Event::Shutdown => Err(Close::ServerShuttingDown),
-                Event::Kicked if self.handle.take_slow_consumer() => Err(Close::SlowConsumer),
-                Event::Kicked => Err(Close::TakenOver),
                 Event::KeepAliveTimer => self.check_keep_alive(),
                 Event::MailboxReady | Event::MemoryGuardChanged => Ok(()),
                 Event::Wrote(Ok(None)) => {
@@ -604,6 +627,15 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         if paused && !self.paused {
             metrics::publisher_paused();
             debug!("memory high-water mark passed: not reading from this publisher");
+        }
+        if !paused {
+            self.memory_resumed = None;
+        } else if self.memory_resumed.is_none() {
+            // A clone has seen what this receiver has, so it waits for the next change.
+            let mut memory = self.memory.clone();
+            self.memory_resumed = Some(Box::pin(async move {
+                let _ = memory.changed().await;
+            }));
         }
         self.paused = paused;
         paused
@@ -1400,7 +1432,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
 
         let will = self.will.take().map(|will| {
             let delay = will.delay_interval;
-            (Arc::new(will_message(will, &self.client_id)), delay)
+            (Arc::new(will_message(*will, &self.client_id)), delay)
         });
         let state = std::mem::take(&mut self.session);
         let detached = self.state.sessions.detach(
@@ -1470,22 +1502,36 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
 /// Resolves when the storage write at the front of `pending` completes.
 /// Writes what the buffer holds or, once it is empty, flushes what a TLS or WebSocket layer
 /// may still hold.
-async fn write_or_flush<S: AsyncWrite>(
-    writer: &mut WriteHalf<S>,
-    buf: &mut BytesMut,
-) -> std::io::Result<Option<usize>> {
-    if buf.is_empty() {
-        writer.flush().await.map(|()| None)
-    } else {
-        writer.write_buf(buf).await.map(Some)
-    }
+/// Writes what the buffer holds, or flushes when it is empty. A hand-written future (as are the
+/// ones below): each is in the select of every connection's event loop, and an `async fn`'s
+/// state would be larger than the two references this one holds.
+fn write_or_flush<'a, S: AsyncWrite>(
+    writer: &'a mut WriteHalf<S>,
+    buf: &'a mut BytesMut,
+) -> impl Future<Output = std::io::Result<Option<usize>>> + 'a {
+    std::future::poll_fn(move |cx| {
+        let writer = Pin::new(&mut *writer);
+        if buf.is_empty() {
+            return writer.poll_flush(cx).map_ok(|()| None);
+        }
+        let written = std::task::ready!(writer.poll_write(cx, buf))?;
+        buf.advance(written);
+        Poll::Ready(Ok(Some(written)))
+    })
 }
 
-async fn first_completion(pending: &mut VecDeque<Pending>) -> Result<(), StorageError> {
-    match pending.front_mut().and_then(|p| p.completion.as_mut()) {
-        Some(completion) => completion.await.unwrap_or(Err(StorageError::Closed)),
-        None => std::future::pending().await,
-    }
+/// The result of the oldest pending storage write; never resolves when it has none.
+fn first_completion(
+    pending: &mut VecDeque<Pending>,
+) -> impl Future<Output = Result<(), StorageError>> + '_ {
+    std::future::poll_fn(
+        move |cx| match pending.front_mut().and_then(|p| p.completion.as_mut()) {
+            Some(completion) => Pin::new(completion)
+                .poll(cx)
+                .map(|result| result.unwrap_or(Err(StorageError::Closed))),
+            None => Poll::Pending,
+        },
+    )
 }
 
 /// A delivery of a shared subscription not yet sent, which another member may take.
@@ -1504,9 +1550,12 @@ fn will_message(will: Will, client_id: &Arc<str>) -> Message {
     )
 }
 
-async fn keep_alive_timer_fired(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
-    match timer {
-        Some(timer) => timer.as_mut().await,
-        None => std::future::pending().await,
-    }
+/// Resolves when the boxed future in `slot` does; never when the slot is empty.
+fn completion_of<F: Future + ?Sized>(
+    slot: &mut Option<Pin<Box<F>>>,
+) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| match slot {
+        Some(future) => future.as_mut().poll(cx).map(|_| ()),
+        None => Poll::Pending,
+    })
 }

@@ -18,7 +18,7 @@ use crate::overload::{OverflowPolicy, PolicyRules};
 use crate::protocol::validate::split_shared;
 use crate::protocol::{QoS, RetainHandling};
 use crate::session::mailbox::is_spilled;
-use crate::session::{Pushed, SessionHandle};
+use crate::session::{Kick, Pushed, SessionHandle};
 use crate::sync::{read, write};
 
 use retained::RetainedTree;
@@ -251,7 +251,7 @@ impl Router {
             evicted.push(rejected);
         }
         if slow_consumer {
-            session.kick_slow_consumer();
+            session.kick_live(Kick::SlowConsumer);
         }
         evicted
     }

@@ -20,12 +20,13 @@
 //! `#` that is not the last level is kept as a literal level, which no valid topic name
 //! can match.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::iter::Flatten;
 use std::option;
 use std::str::Split;
+
+use crate::small_map::SmallMap;
 
 /// How many nested `+` branches matching follows on the call stack before it moves the
 /// remaining branches to a heap stack. Real filters never get near it, so ordinary
@@ -52,22 +53,25 @@ fn edges(filter: &str) -> (Edges<'_>, bool) {
 }
 
 /// Subscriptions to the filters that share one prefix.
+///
+/// Small maps throughout: most nodes of a telemetry trie are leaves of one device's topic with
+/// one subscriber, and a node is 80 bytes this way against 152 with `HashMap`s.
 struct Node<K, V> {
-    children: HashMap<Box<str>, Node<K, V>>,
+    children: SmallMap<Box<str>, Node<K, V>>,
     plus: Option<Box<Node<K, V>>>,
     /// Subscriptions whose filter ends at this node.
-    subscribers: HashMap<K, V>,
+    subscribers: SmallMap<K, V>,
     /// Subscriptions whose filter is this node's prefix followed by `/#`.
-    multi_level: HashMap<K, V>,
+    multi_level: SmallMap<K, V>,
 }
 
 impl<K, V> Node<K, V> {
     fn new() -> Self {
         Self {
-            children: HashMap::new(),
+            children: SmallMap::new(),
             plus: None,
-            subscribers: HashMap::new(),
-            multi_level: HashMap::new(),
+            subscribers: SmallMap::new(),
+            multi_level: SmallMap::new(),
         }
     }
 
@@ -86,7 +90,7 @@ impl<K, V> Node<K, V> {
             && self.children.len() + usize::from(self.plus.is_some()) == 1
     }
 
-    fn slot_mut(&mut self, multi_level: bool) -> &mut HashMap<K, V> {
+    fn slot_mut(&mut self, multi_level: bool) -> &mut SmallMap<K, V> {
         if multi_level {
             &mut self.multi_level
         } else {
@@ -115,8 +119,7 @@ impl<K, V> Node<K, V> {
             self.plus.get_or_insert_with(|| Box::new(Self::new()))
         } else {
             self.children
-                .entry(Box::from(level))
-                .or_insert_with(Self::new)
+                .get_or_insert_with(level, || Box::from(level), Self::new)
         }
     }
 
@@ -167,7 +170,8 @@ impl<K, V> Node<K, V> {
 
     fn take_children(&mut self) -> impl Iterator<Item = Self> {
         std::mem::take(&mut self.children)
-            .into_values()
+            .into_iter()
+            .map(|(_, child)| child)
             .chain(self.plus.take().map(|plus| *plus))
     }
 }

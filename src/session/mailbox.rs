@@ -359,7 +359,14 @@ impl Mailbox {
         lock(&self.queue).bytes
     }
 
-    /// Resolves once something was pushed since the last wake-up.
+    /// Wakes the connection waiting in [`Mailbox::notified`] (or its next wait) although
+    /// nothing was pushed: it has something else to look at.
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Resolves once something was pushed since the last wake-up, or [`Mailbox::wake`] was
+    /// called.
     pub async fn notified(&self) {
         self.notify.notified().await;
     }

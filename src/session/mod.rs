@@ -10,17 +10,17 @@ pub mod inflight;
 pub mod mailbox;
 mod registry;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 
 use crate::message::Message;
 use crate::overload::MemoryGuard;
 use crate::router::SubscriptionOptions;
+use crate::small_map::SmallMap;
 use crate::sync::lock;
 
 pub use inflight::Inflight;
@@ -34,8 +34,8 @@ pub const NEVER_EXPIRES: u32 = u32::MAX;
 
 #[derive(Clone, Debug, Default)]
 pub struct SessionState {
-    /// Topic filter → options, mirrored in the router's trie.
-    pub subscriptions: HashMap<String, SubscriptionOptions>,
+    /// Topic filter → options, mirrored in the router's trie. Most clients have one or two.
+    pub subscriptions: SmallMap<String, SubscriptionOptions>,
     pub inflight: Inflight,
     /// QoS 2 packet ids received and acknowledged with PUBREC, awaiting PUBREL. A PUBLISH that
     /// reuses one of them is a retransmission and is not routed again [MQTT-4.3.3-10].
@@ -50,20 +50,40 @@ pub struct PendingWill {
     pub publish_at: SystemTime,
 }
 
+/// Why a connection is told to close by someone other than its client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kick {
+    /// Another connection with the same client id took the session over.
+    TakenOver = 1,
+    /// Its queue overflowed under the `disconnect` policy.
+    SlowConsumer = 2,
+    ShuttingDown = 3,
+}
+
+impl Kick {
+    fn from_bits(bits: u64) -> Option<Self> {
+        match bits {
+            1 => Some(Self::TakenOver),
+            2 => Some(Self::SlowConsumer),
+            3 => Some(Self::ShuttingDown),
+            _ => None,
+        }
+    }
+}
+
 /// The connection currently attached to a session.
 #[derive(Debug)]
 pub struct LiveConnection {
     pub id: u64,
-    /// Cancelled to make the connection close (session takeover).
-    pub kick: CancellationToken,
     /// Completes when that connection has handed the session state back.
     pub done: oneshot::Receiver<()>,
 }
 
 #[derive(Debug)]
 pub struct SessionInner {
-    /// `None` while a connection owns the state.
-    pub state: Option<SessionState>,
+    /// `None` while a connection owns the state. Boxed: the connection holds it then, and an
+    /// online session should not reserve a second copy's room here.
+    pub state: Option<Box<SessionState>>,
     pub live: Option<LiveConnection>,
     /// Seconds after disconnect before the session is discarded.
     pub expiry_interval: u32,
@@ -96,9 +116,11 @@ pub struct SessionHandle {
     ever_persistent: AtomicBool,
     /// Set once the session is discarded: deliveries still arriving for it are released.
     ended: AtomicBool,
-    /// Set when the connection is kicked for letting its queue overflow under the `disconnect`
-    /// policy, so it closes as a slow consumer rather than as taken over.
-    slow_consumer: AtomicBool,
+    /// The connection told to close and why: its id shifted left by two, or'ed with the
+    /// [`Kick`]. One word, so a reader never pairs one kick's connection with another's reason;
+    /// the connection's own wake-up is the mailbox's notification, so an idle connection does
+    /// not hold a cancellation token and a future waiting on it.
+    kicked: AtomicU64,
     /// Next queue sequence number.
     next_seq: AtomicU64,
     inner: Mutex<SessionInner>,
@@ -118,7 +140,7 @@ impl SessionHandle {
             persistent: AtomicBool::new(false),
             ever_persistent: AtomicBool::new(false),
             ended: AtomicBool::new(false),
-            slow_consumer: AtomicBool::new(false),
+            kicked: AtomicU64::new(0),
             next_seq: AtomicU64::new(first_seq),
             inner: Mutex::new(SessionInner {
                 state: None,
@@ -163,18 +185,29 @@ impl SessionHandle {
         self.ended.store(true, Ordering::Release);
     }
 
-    /// Disconnects the live connection, if any, as a slow consumer.
-    pub fn kick_slow_consumer(&self) {
+    /// Disconnects the live connection, if any, for `reason`.
+    pub fn kick_live(&self, reason: Kick) {
         let inner = self.inner();
         if let Some(live) = &inner.live {
-            self.slow_consumer.store(true, Ordering::Release);
-            live.kick.cancel();
+            self.kick(live.id, reason);
         }
     }
 
-    /// Whether the last kick was for being a slow consumer (and forgets it).
-    pub fn take_slow_consumer(&self) -> bool {
-        self.slow_consumer.swap(false, Ordering::AcqRel)
+    /// Tells connection `connection_id` to close for `reason`. It notices when it next wakes,
+    /// which the mailbox's notification makes happen now.
+    pub fn kick(&self, connection_id: u64, reason: Kick) {
+        self.kicked
+            .store(connection_id << 2 | reason as u64, Ordering::Release);
+        self.mailbox.wake();
+    }
+
+    /// Why connection `connection_id` was told to close, if it was.
+    pub fn kicked(&self, connection_id: u64) -> Option<Kick> {
+        let kicked = self.kicked.load(Ordering::Acquire);
+        if kicked >> 2 != connection_id {
+            return None;
+        }
+        Kick::from_bits(kicked & 0b11)
     }
 
     /// Reserves the next queue sequence number.

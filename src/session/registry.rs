@@ -14,9 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 
-use super::{LiveConnection, PendingWill, QueueLimits, SessionHandle, SessionState};
+use super::{Kick, LiveConnection, PendingWill, QueueLimits, SessionHandle, SessionState};
 use crate::message::{Delivery, Message};
 use crate::overload::MemoryGuard;
 use crate::router::Router;
@@ -32,8 +31,6 @@ pub struct Attached {
     pub state: SessionState,
     pub session_present: bool,
     pub connection_id: u64,
-    /// Cancelled when another connection takes the session over.
-    pub kick: CancellationToken,
     /// Sent when the connection has detached, so a waiting takeover can proceed.
     pub done: oneshot::Sender<()>,
     /// The previous session of this client id, discarded by Clean Start or expiry.
@@ -138,6 +135,13 @@ impl SessionRegistry {
         stats
     }
 
+    /// Tells every connected client's connection to close for `reason`.
+    pub fn kick_all(&self, reason: Kick) {
+        for handle in lock(&self.sessions).values() {
+            handle.kick_live(reason);
+        }
+    }
+
     /// Sessions whose client is offline and which outlive their connection.
     pub fn offline_persistent(&self) -> Vec<Arc<SessionHandle>> {
         lock(&self.sessions)
@@ -191,11 +195,12 @@ impl SessionRegistry {
                 if let Some(handle) = &existing {
                     let mut inner = handle.inner();
                     if let Some(live) = inner.live.take() {
-                        taken_over = Some(live);
+                        taken_over = Some((handle.clone(), live));
                     } else {
                         let expired = inner.expires_at().is_some_and(|at| at <= now);
                         if !clean_start && !expired {
-                            resumed = Some(inner.state.take().unwrap_or_default());
+                            resumed =
+                                Some(inner.state.take().map(|state| *state).unwrap_or_default());
                             // Reconnecting before the will delay passed cancels the will [MQTT-3.1.3-9].
                             inner.pending_will = None;
                         }
@@ -205,10 +210,8 @@ impl SessionRegistry {
                     live
                 } else {
                     let (done, done_rx) = oneshot::channel();
-                    let kick = CancellationToken::new();
                     let live = LiveConnection {
                         id: connection_id,
-                        kick: kick.clone(),
                         done: done_rx,
                     };
                     let mut ended = None;
@@ -236,20 +239,19 @@ impl SessionRegistry {
                         inner.disconnected_at = None;
                     }
                     handle.set_persistent(expiry_interval > 0);
-                    handle.take_slow_consumer();
                     handle.set_online(true);
                     return Attached {
                         handle,
                         state,
                         session_present,
                         connection_id,
-                        kick,
                         done,
                         ended,
                     };
                 }
             };
-            previous.kick.cancel();
+            let (handle, previous) = previous;
+            handle.kick(previous.id, Kick::TakenOver);
             if tokio::time::timeout(TAKEOVER_GRACE, previous.done)
                 .await
                 .is_err()
@@ -296,7 +298,7 @@ impl SessionRegistry {
             return Detached::Ended(end_session(router, handle, Some((state, will))));
         }
         let now = SystemTime::now();
-        inner.state = Some(state);
+        inner.state = Some(Box::new(state));
         inner.expiry_interval = expiry_interval;
         inner.disconnected_at = Some(now);
         let will_now = match will {
@@ -362,7 +364,7 @@ fn end_session(
         let pending = inner.pending_will.take().map(|w| w.message);
         match live {
             Some((state, will)) => (Some(state), will.map(|(message, _)| message).or(pending)),
-            None => (inner.state.take(), pending),
+            None => (inner.state.take().map(|state| *state), pending),
         }
     };
     let mut deliveries = handle.mailbox.drain();

@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 use crate::broker::BrokerState;
 use crate::connection::{self, Peer};
 use crate::metrics;
-use admission::Admission;
+use admission::{Admission, Admitted};
 
 /// What a listener speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,36 +83,34 @@ pub async fn accept(
         let _ = socket.set_nodelay(true);
         let state = state.clone();
         let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            serve(socket, peer, transport, state, shutdown).await;
-            drop(admitted);
-        });
-    }
-}
-
-/// Runs the transport's handshakes under the handshake timeout, then the MQTT connection.
-async fn serve(
-    socket: TcpStream,
-    peer: SocketAddr,
-    transport: Transport,
-    state: Arc<BrokerState>,
-    shutdown: CancellationToken,
-) {
-    // The future of a connection is as large as its largest state, and the TLS and WebSocket
-    // ones hold a rustls session and tungstenite's state inline: boxed, they cost a plain TCP
-    // connection a pointer instead of several kilobytes for its whole life.
-    match transport {
-        Transport::Tcp => run(socket, peer, transport, None, state, shutdown).await,
-        Transport::WebSocket => Box::pin(serve_websocket(socket, peer, state, shutdown)).await,
-        Transport::Tls | Transport::SecureWebSocket => {
-            Box::pin(serve_tls(socket, peer, transport, state, shutdown)).await
+        // One task type per transport: a task is as large as its future's largest state, and a
+        // plain TCP connection should reserve no room for a TLS session or WebSocket state.
+        match transport {
+            Transport::Tcp => {
+                let peer = Peer {
+                    address: peer,
+                    transport,
+                    cert_identity: None,
+                };
+                tracker.spawn(connection::serve(socket, peer, admitted, state, shutdown));
+            }
+            Transport::WebSocket => {
+                tracker.spawn(serve_websocket(socket, peer, admitted, state, shutdown));
+            }
+            Transport::Tls | Transport::SecureWebSocket => {
+                tracker.spawn(serve_tls(
+                    socket, peer, transport, admitted, state, shutdown,
+                ));
+            }
         }
     }
 }
 
+/// Runs the WebSocket upgrade under the handshake timeout, then the MQTT connection.
 async fn serve_websocket(
     socket: TcpStream,
     peer: SocketAddr,
+    admitted: Admitted,
     state: Arc<BrokerState>,
     shutdown: CancellationToken,
 ) {
@@ -121,13 +119,21 @@ async fn serve_websocket(
     let Some(stream) = upgrade(socket, &state, transport.label(), deadline, &shutdown).await else {
         return;
     };
-    run(stream, peer, transport, None, state, shutdown).await
+    let peer = Peer {
+        address: peer,
+        transport,
+        cert_identity: None,
+    };
+    connection::serve(stream, peer, admitted, state, shutdown).await
 }
 
+/// Runs the TLS handshake (and for WSS the WebSocket upgrade) under the handshake timeout,
+/// then the MQTT connection.
 async fn serve_tls(
     socket: TcpStream,
     peer: SocketAddr,
     transport: Transport,
+    admitted: Admitted,
     state: Arc<BrokerState>,
     shutdown: CancellationToken,
 ) {
@@ -153,14 +159,18 @@ async fn serve_tls(
         },
         _ = shutdown.cancelled() => return,
     };
-    let identity = tls.identity(stream.get_ref().1.peer_certificates());
+    let peer = Peer {
+        address: peer,
+        transport,
+        cert_identity: tls.identity(stream.get_ref().1.peer_certificates()),
+    };
     if transport == Transport::SecureWebSocket {
         let Some(stream) = upgrade(stream, &state, label, deadline, &shutdown).await else {
             return;
         };
-        return run(stream, peer, transport, identity, state, shutdown).await;
+        return connection::serve(stream, peer, admitted, state, shutdown).await;
     }
-    run(stream, peer, transport, identity, state, shutdown).await
+    connection::serve(stream, peer, admitted, state, shutdown).await
 }
 
 async fn upgrade<S>(
@@ -190,22 +200,4 @@ where
         },
         _ = shutdown.cancelled() => None,
     }
-}
-
-async fn run<S>(
-    stream: S,
-    address: SocketAddr,
-    transport: Transport,
-    cert_identity: Option<String>,
-    state: Arc<BrokerState>,
-    shutdown: CancellationToken,
-) where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let peer = Peer {
-        address,
-        transport,
-        cert_identity,
-    };
-    connection::serve(stream, peer, state, shutdown).await;
 }
