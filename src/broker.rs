@@ -459,7 +459,9 @@ fn restore(state: &BrokerState, recovered: Recovered) -> Vec<Op> {
             state.router.subscribe(&handle, &filter, options.clone());
             session_state.subscriptions.insert(filter, options);
         }
-        session_state.inbound_qos2.extend(session.inbound_qos2);
+        for packet_id in session.inbound_qos2 {
+            session_state.inbound_qos2.insert(packet_id, ());
+        }
         let mut deliveries = Vec::with_capacity(session.queue.len());
         for (seq, entry) in session.queue {
             let (Some(message), Some(stored)) = (
@@ -489,12 +491,14 @@ fn restore(state: &BrokerState, recovered: Recovered) -> Vec<Op> {
             inner.protocol_level = record.protocol_level;
             // A client connected at the crash lost its connection abnormally: its will is due
             // after its delay, counted from now [MQTT-3.1.2-8].
-            inner.pending_will = record.will.map(|will| PendingWill {
-                publish_at: will
-                    .publish_at
-                    .unwrap_or(now + Duration::from_secs(u64::from(will.delay_interval))),
-                delay_interval: will.delay_interval,
-                message: Arc::new(will.message),
+            inner.pending_will = record.will.map(|will| {
+                Box::new(PendingWill {
+                    publish_at: will
+                        .publish_at
+                        .unwrap_or(now + Duration::from_secs(u64::from(will.delay_interval))),
+                    delay_interval: will.delay_interval,
+                    message: Arc::new(will.message),
+                })
             });
         }
         state

@@ -500,32 +500,43 @@ pub fn reloaded(file: &'static str, ok: bool) {
 
 /// One connection's message and byte counts, accumulated locally and added to the shared
 /// counters (atomics on cache lines every core writes) once per turn of its event loop.
+/// 32-bit: one turn is one read or write and what it led to, and every connection holds one.
 #[derive(Debug, Default)]
 pub struct Traffic {
-    pub received: [u64; 3],
-    pub sent: [u64; 3],
-    pub bytes_received: u64,
-    pub bytes_sent: u64,
+    pub received: [u32; 3],
+    pub sent: [u32; 3],
+    bytes_received: u32,
+    bytes_sent: u32,
 }
 
 impl Traffic {
+    pub fn add_bytes_received(&mut self, bytes: usize) {
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        self.bytes_received = self.bytes_received.saturating_add(bytes);
+    }
+
+    pub fn add_bytes_sent(&mut self, bytes: usize) {
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        self.bytes_sent = self.bytes_sent.saturating_add(bytes);
+    }
+
     pub fn flush(&mut self, transport: &'static str) {
         let traffic = std::mem::take(self);
         for (qos, count) in (0u8..).zip(traffic.received) {
             if count > 0 {
-                messages_received(qos, transport, count);
+                messages_received(qos, transport, u64::from(count));
             }
         }
         for (qos, count) in (0u8..).zip(traffic.sent) {
             if count > 0 {
-                messages_sent(qos, transport, count);
+                messages_sent(qos, transport, u64::from(count));
             }
         }
         if traffic.bytes_received > 0 {
-            bytes_received(transport, traffic.bytes_received);
+            bytes_received(transport, u64::from(traffic.bytes_received));
         }
         if traffic.bytes_sent > 0 {
-            bytes_sent(transport, traffic.bytes_sent);
+            bytes_sent(transport, u64::from(traffic.bytes_sent));
         }
     }
 }

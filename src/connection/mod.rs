@@ -55,6 +55,8 @@ const WRITE_BACKLOG_LIMIT: usize = 1024 * 1024;
 const READ_BUSY: usize = 1024;
 /// Room made for the next read of a busy client.
 const READ_CHUNK: usize = 16 * 1024;
+/// The most a client whose read buffer was released gets read in one go (on the stack).
+const IDLE_READ: usize = READ_BUSY;
 /// Packets waiting for storage before the task stops reading more from the client.
 const PENDING_LIMIT: usize = 4096;
 /// Time allowed to flush the last packets (DISCONNECT) of a closing connection.
@@ -136,7 +138,10 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     metrics::connection_opened();
-    let span = tracing::info_span!(
+    // A debug span: at info level a span per connection would cost each connection over a
+    // kilobyte in the subscriber's registry (measured), so the info events name their client
+    // themselves.
+    let span = tracing::debug_span!(
         "conn",
         peer = %peer.address,
         transport = peer.transport.label(),
@@ -146,43 +151,47 @@ pub async fn serve<S>(
     // sits between this task and the event loop: an idle connection's task then holds the
     // connection and its event loop, not the (larger) CONNECT and close states, nor copies of
     // arguments passed down.
-    let close = 'served: {
-        let mut connection = match Box::pin(establish(stream, peer, &state, &shutdown))
+    let (close, client_id) = 'served: {
+        let mut connection = match Box::pin(establish(stream, &peer, &state, &shutdown))
             .instrument(span.clone())
             .await
         {
             Ok(connection) => connection,
-            Err(close) => break 'served close,
+            Err(close) => break 'served (close, None),
         };
         let close = connection
             .event_loop(&shutdown)
             .instrument(span.clone())
             .await;
-        Box::pin(connection.finish(close))
+        let client_id = connection.client_id.clone();
+        let close = Box::pin(connection.finish(close))
             .instrument(span.clone())
-            .await
+            .await;
+        (close, Some(client_id))
     };
-    span.in_scope(|| log_close(&close));
+    log_close(&close, &peer, client_id.as_deref());
     metrics::connection_closed(close.label());
     drop(admitted);
 }
 
-fn log_close(close: &Close) {
-    if let Close::Protocol(error) = &close {
-        info!(
-            reason = close.label(),
-            detail = error.detail,
-            "connection closed"
-        );
-    } else {
-        info!(reason = close.label(), "connection closed");
-    }
+fn log_close(close: &Close, peer: &Peer, client_id: Option<&str>) {
+    let detail = match close {
+        Close::Protocol(error) => Some(error.detail),
+        _ => None,
+    };
+    info!(
+        peer = %peer.address,
+        client_id = client_id.map(tracing::field::display),
+        reason = close.label(),
+        detail,
+        "connection closed"
+    );
 }
 
 /// Reads CONNECT, authenticates, attaches the session and answers CONNACK.
 async fn establish<S>(
     stream: S,
-    peer: Peer,
+    peer: &Peer,
     state: &Arc<BrokerState>,
     shutdown: &CancellationToken,
 ) -> Result<Connection<S>, Close>
@@ -202,7 +211,7 @@ where
     let (client_id, assigned) = match handshake::choose_client_id(&connect) {
         Ok(id) => id,
         Err((reason, detail)) => {
-            info!(detail, "CONNECT refused");
+            info!(peer = %peer.address, detail, "CONNECT refused");
             handshake::refuse(&mut writer, version, reason).await;
             return Err(Close::Refused(reason));
         }
@@ -226,6 +235,8 @@ where
         Err(reason) => {
             // Never the password; the username only, to tell a typo from an attack.
             info!(
+                peer = %peer.address,
+                %client_id,
                 username = connect.username.as_deref(),
                 reason = reason.label(),
                 "CONNECT refused"
@@ -263,6 +274,8 @@ where
         )
         .await;
     info!(
+        peer = %peer.address,
+        %client_id,
         version = version.label(),
         clean_start = connect.clean_start,
         session_present = attached.session_present,
@@ -335,18 +348,22 @@ where
         memory: state.memory.subscribe(),
         memory_resumed: None,
         traffic: metrics::Traffic::default(),
-        transport: peer.transport.label(),
+        transport: peer.transport,
         needs_flush: false,
-        identity,
-        acl,
-        acl_generation,
+        access: acl.map(|acl| {
+            Box::new(Access {
+                identity,
+                acl,
+                generation: acl_generation,
+            })
+        }),
     };
     if let Err(error) = persisted_session {
-        tracing::error!(%error, "cannot persist the session");
+        tracing::error!(client_id = %connection.client_id, %error, "cannot persist the session");
         return Err(Box::pin(connection.finish(Close::StorageFailure)).await);
     }
     if let Err(error) = persist::unspill(state, &connection.handle).await {
-        tracing::error!(%error, "cannot read the session's queued messages back");
+        tracing::error!(client_id = %connection.client_id, %error, "cannot read the session's queued messages back");
         return Err(Box::pin(connection.finish(Close::StorageFailure)).await);
     }
     connection.send_connack(
@@ -419,14 +436,19 @@ struct Connection<S> {
     /// counters once per turn rather than once per message.
     traffic: metrics::Traffic,
     /// Transport label of the byte and message counters.
-    transport: &'static str,
+    transport: Transport,
     /// Whether written bytes may sit in a TLS or WebSocket layer's buffer until flushed.
     needs_flush: bool,
+    /// This client's ACL rules; `None` when no ACL is configured (a reload does not add one).
+    access: Option<Box<Access>>,
+}
+
+/// A client's ACL rules and what they were built from.
+struct Access {
     identity: Identity,
-    /// This client's ACL rules; `None` when no ACL is configured.
-    acl: Option<ClientAcl>,
+    acl: ClientAcl,
     /// The ACL generation `acl` was built from; a reload makes it stale.
-    acl_generation: u64,
+    generation: u64,
 }
 
 /// Something to finish once its storage write completes.
@@ -538,7 +560,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 None => {}
             }
             self.fill_from_mailbox();
-            self.traffic.flush(self.transport);
+            self.traffic.flush(self.transport.label());
             if !self.releases.is_empty() {
                 let releases = std::mem::take(&mut self.releases);
                 Box::pin(persist::write_behind(&self.state, releases)).await;
@@ -558,7 +580,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 biased;
                 stored = first_completion(&mut self.pending), if awaiting_storage => Event::Stored(stored),
                 wrote = write_or_flush(&mut self.writer, &mut self.write_buf), if wants_write => Event::Wrote(wrote),
-                read = self.reader.read_buf(&mut self.read_buf), if can_read => Event::Read(read),
+                read = read_into(&mut self.reader, &mut self.read_buf), if can_read => Event::Read(read),
                 _ = self.handle.mailbox.notified() => Event::MailboxReady,
                 () = completion_of(&mut self.memory_resumed), if paused => Event::MemoryGuardChanged,
                 () = completion_of(&mut self.keep_alive_timer) => Event::KeepAliveTimer,
@@ -571,8 +593,8 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                     Ok(())
                 }
                 Event::Wrote(Ok(Some(written))) => {
-                    self.traffic.bytes_sent += written as u64;
-                    self.needs_flush = self.transport != metrics::TCP;
+                    self.traffic.add_bytes_sent(written);
+                    self.needs_flush = self.transport != Transport::Tcp;
                     if self.write_buf.is_empty() {
                         // Idle connections hold no output buffer; a busy one gets a new one
                         // on its next wake-up, which costs far less than the write did.
@@ -583,7 +605,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 Event::Wrote(Err(_)) | Event::Read(Err(_)) => Err(Close::Io),
                 Event::Read(Ok(0)) => Err(Close::PeerClosed),
                 Event::Read(Ok(read)) => {
-                    self.traffic.bytes_received += read as u64;
+                    self.traffic.add_bytes_received(read);
                     // Boxed: handling a packet is the deepest state of the connection's future,
                     // and inline it would be reserved in every idle connection's memory.
                     let outcome = Box::pin(self.process_input()).await;
@@ -642,8 +664,8 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     }
 
     /// Keeps the read buffer small for quiet clients and large for busy ones: after a short
-    /// read that left nothing unparsed it is released (the next read starts with a 64-byte
-    /// allocation), after a long one it gets room for a large next read.
+    /// read that left nothing unparsed it is released (the next read lands on the stack, see
+    /// `read_into`), after a long one it gets room for a large next read.
     fn size_read_buffer(&mut self, last_read: usize) {
         if self.read_buf.is_empty() && last_read < READ_BUSY {
             self.read_buf = BytesMut::new();
@@ -717,7 +739,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             Packet::PubRel { packet_id, .. } => {
                 // The packet id is released: a later PUBLISH reusing it is a new message, so the
                 // release is durable before PUBCOMP tells the client so [MQTT-4.3.3-11].
-                let known = self.session.inbound_qos2.remove(&packet_id);
+                let known = self.session.inbound_qos2.remove(&packet_id).is_some();
                 let reason = if known {
                     0
                 } else {
@@ -837,7 +859,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 qos2_packet_id,
             } => {
                 if let Err(error) = outcome {
-                    tracing::error!(%error, "message not accepted: storage failed");
+                    tracing::error!(client_id = %self.client_id, %error, "message not accepted: storage failed");
                     metrics::message_dropped(metrics::DROP_STORAGE_FAILED);
                     if let Some(packet_id) = qos2_packet_id {
                         self.session.inbound_qos2.remove(&packet_id);
@@ -861,7 +883,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             }
             Action::Reply { bytes, deliveries } => {
                 if let Err(error) = outcome {
-                    tracing::error!(%error, "request not completed: storage failed");
+                    tracing::error!(client_id = %self.client_id, %error, "request not completed: storage failed");
                     return Err(Close::StorageFailure);
                 }
                 self.write_buf.extend_from_slice(&bytes);
@@ -909,7 +931,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             )));
         }
         if publish.qos == QoS::ExactlyOnce {
-            if self.session.inbound_qos2.contains(&publish.packet_id) {
+            if self.session.inbound_qos2.contains_key(&publish.packet_id) {
                 // A retransmission of a message already accepted: acknowledge it again (after
                 // anything still being written), but do not deliver it twice [MQTT-4.3.3-9].
                 let packet_id = publish.packet_id;
@@ -949,9 +971,9 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         }
         self.refresh_acl();
         if self
-            .acl
+            .access
             .as_ref()
-            .is_some_and(|acl| !acl.may_publish(&topic))
+            .is_some_and(|access| !access.acl.may_publish(&topic))
         {
             debug!(%topic, "publish denied by the ACL");
             metrics::acl_denied("publish");
@@ -997,7 +1019,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             QoS::ExactlyOnce => {
                 // Remembered now, so a retransmission arriving while this one is still being
                 // written is recognised.
-                self.session.inbound_qos2.insert(publish.packet_id);
+                self.session.inbound_qos2.insert(publish.packet_id, ());
                 if self.handle.is_persistent() {
                     ops.push(persist::inbound_put(&self.client_id, publish.packet_id));
                 }
@@ -1056,7 +1078,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             }
             QoS::AtLeastOnce => AckKind::PubAck,
             QoS::ExactlyOnce => {
-                self.session.inbound_qos2.insert(packet_id);
+                self.session.inbound_qos2.insert(packet_id, ());
                 if self.handle.is_persistent() {
                     ops.push(persist::inbound_put(&self.client_id, packet_id));
                 }
@@ -1105,7 +1127,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             QoS::AtLeastOnce => AckKind::PubAck,
             QoS::ExactlyOnce => {
                 // Its PUBREL must still be answered.
-                self.session.inbound_qos2.insert(packet_id);
+                self.session.inbound_qos2.insert(packet_id, ());
                 AckKind::PubRec
             }
         };
@@ -1117,10 +1139,15 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
 
     /// Rebuilds this client's ACL rules if a reload swapped the file since they were built.
     fn refresh_acl(&mut self) {
+        let Some(access) = self.access.as_mut() else {
+            return;
+        };
         let generation = self.state.auth.acl_generation();
-        if generation != self.acl_generation {
-            self.acl = self.state.auth.acl_for(&self.identity, &self.client_id);
-            self.acl_generation = generation;
+        if generation != access.generation {
+            if let Some(acl) = self.state.auth.acl_for(&access.identity, &self.client_id) {
+                access.acl = acl;
+            }
+            access.generation = generation;
         }
     }
 
@@ -1164,9 +1191,9 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 continue;
             }
             if self
-                .acl
+                .access
                 .as_ref()
-                .is_some_and(|acl| !acl.may_subscribe(filter))
+                .is_some_and(|access| !access.acl.may_subscribe(filter))
             {
                 debug!(filter, "subscription denied by the ACL");
                 metrics::acl_denied("subscribe");
@@ -1317,9 +1344,9 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             return Some(delivery);
         };
         if self
-            .acl
+            .access
             .as_ref()
-            .is_some_and(|acl| !acl.may_read(&message.topic))
+            .is_some_and(|access| !access.acl.may_read(&message.topic))
         {
             // Subscriptions are checked when made, but a deny rule may cover part of one, and
             // a reload may have narrowed the rules since.
@@ -1397,7 +1424,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     /// Tells a v5 client why it is being disconnected, flushes, hands the session back and
     /// publishes the will where one is due.
     async fn finish(mut self, close: Close) -> Close {
-        self.traffic.flush(self.transport);
+        self.traffic.flush(self.transport.label());
         self.drain_pending().await;
         persist::write_behind(&self.state, std::mem::take(&mut self.releases)).await;
         if self.version.is_v5() {
@@ -1517,6 +1544,25 @@ fn write_or_flush<'a, S: AsyncWrite>(
         let written = std::task::ready!(writer.poll_write(cx, buf))?;
         buf.advance(written);
         Poll::Ready(Ok(Some(written)))
+    })
+}
+
+/// Reads what the client sent into `buf`. A released buffer (a quiet client's) is not given
+/// memory until bytes arrive: they are read into the stack first, so an idle connection
+/// waits holding no read buffer at all.
+fn read_into<'a, R: AsyncRead>(
+    reader: &'a mut ReadHalf<R>,
+    buf: &'a mut BytesMut,
+) -> impl Future<Output = std::io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        if buf.capacity() > 0 {
+            return std::pin::pin!(reader.read_buf(&mut *buf)).poll(cx);
+        }
+        let mut landing = [0u8; IDLE_READ];
+        let mut landed = tokio::io::ReadBuf::new(&mut landing);
+        std::task::ready!(Pin::new(&mut *reader).poll_read(cx, &mut landed))?;
+        buf.extend_from_slice(landed.filled());
+        Poll::Ready(Ok(landed.filled().len()))
     })
 }
 

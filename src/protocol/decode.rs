@@ -783,6 +783,14 @@ fn decode_disconnect(
             session_expiry_interval: None,
         });
     }
+    if header.remaining_len == 1 {
+        // A reason code without a property length: "If the Remaining Length is less than 2, a
+        // value of 0 is used" [MQTT-3.14.2.2.1], which the codec does not accept. Mosquitto's
+        // clients send exactly this (`e0 01 04`, disconnect with will) when they time out.
+        // Rewritten with the property length, so the codec still validates the reason code.
+        let reason = frame[header.header_len];
+        frame = BytesMut::from(&[header.first_byte, 2, reason, 0][..]);
+    }
     let packet = codec::v5::Packet::read(&mut frame, None).map_err(map_codec_error)?;
     let codec::v5::Packet::Disconnect(d) = packet else {
         return Err(ProtocolError::malformed(

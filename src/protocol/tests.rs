@@ -147,6 +147,20 @@ fn zero_length_v5_disconnect_is_a_normal_disconnect() {
 }
 
 #[test]
+fn v5_disconnect_with_a_reason_code_and_no_property_length() {
+    // Remaining length 1 [MQTT-3.14.2.2.1]: sent by mosquitto_sub -W on its timeout.
+    let Packet::Disconnect(disconnect) =
+        decode_one(&[0xE0, 0x01, 0x04], Some(ProtocolVersion::V5)).unwrap()
+    else {
+        panic!("not a DISCONNECT");
+    };
+    assert_eq!(disconnect.reason, ReasonCode::DisconnectWithWill as u8);
+    assert_eq!(disconnect.session_expiry_interval, None);
+    // Still validated: 0x05 is no DISCONNECT reason code.
+    assert!(decode_one(&[0xE0, 0x01, 0x05], Some(ProtocolVersion::V5)).is_err());
+}
+
+#[test]
 fn partial_frames_wait_for_more_bytes_without_consuming() {
     let full = [0x30, 0x05, 0x00, 0x01, b't', b'h', b'i'];
     for cut in 0..full.len() {

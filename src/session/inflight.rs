@@ -10,12 +10,12 @@
 //! it may already have gone out with, and the client's QoS 2 de-duplication recognises it. The
 //! only cost: a delivery whose derived id is still in use waits until it is free.
 
-use std::collections::{HashSet, VecDeque};
-
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
 use crate::message::Delivery;
 use crate::metrics::INFLIGHT;
+use crate::small_map::SmallMap;
 
 /// Where an outbound QoS 1/2 delivery stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +54,8 @@ pub fn packet_id_for(seq: u64) -> u16 {
 #[derive(Debug, Default)]
 pub struct Inflight {
     entries: VecDeque<OutboundEntry>,
-    in_use: HashSet<u16>,
+    /// Small while the window is: most sessions have a few messages in flight at most.
+    in_use: SmallMap<u16, ()>,
 }
 
 // Every window counts its entries into the process-wide in-flight gauge, copies and drops
@@ -94,7 +95,7 @@ impl Inflight {
 
     /// Empties the window (the session is ending).
     pub fn drain(&mut self) -> impl Iterator<Item = OutboundEntry> + '_ {
-        self.in_use.clear();
+        self.in_use = SmallMap::new();
         INFLIGHT.fetch_sub(self.entries.len(), Ordering::Relaxed);
         self.entries.drain(..)
     }
@@ -118,12 +119,12 @@ impl Inflight {
 
     /// Whether `packet_id` belongs to an unfinished delivery [MQTT-2.3.1-2].
     pub fn is_in_use(&self, packet_id: u16) -> bool {
-        self.in_use.contains(&packet_id)
+        self.in_use.contains_key(&packet_id)
     }
 
     pub fn push(&mut self, entry: OutboundEntry) {
         INFLIGHT.fetch_add(1, Ordering::Relaxed);
-        self.in_use.insert(entry.packet_id);
+        self.in_use.insert(entry.packet_id, ());
         self.entries.push_back(entry);
     }
 

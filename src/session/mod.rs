@@ -10,7 +10,6 @@ pub mod inflight;
 pub mod mailbox;
 mod registry;
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -39,7 +38,7 @@ pub struct SessionState {
     pub inflight: Inflight,
     /// QoS 2 packet ids received and acknowledged with PUBREC, awaiting PUBREL. A PUBLISH that
     /// reuses one of them is a retransmission and is not routed again [MQTT-4.3.3-10].
-    pub inbound_qos2: HashSet<u16>,
+    pub inbound_qos2: SmallMap<u16, ()>,
 }
 
 /// A will message waiting out its Will Delay Interval [MQTT-3.1.3-9].
@@ -88,7 +87,8 @@ pub struct SessionInner {
     /// Seconds after disconnect before the session is discarded.
     pub expiry_interval: u32,
     pub disconnected_at: Option<SystemTime>,
-    pub pending_will: Option<PendingWill>,
+    /// Boxed: rare, and every session would reserve its room.
+    pub pending_will: Option<Box<PendingWill>>,
     /// Protocol level (3, 4, 5) of the last connection, kept in the stored session record.
     pub protocol_level: u8,
 }

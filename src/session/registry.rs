@@ -303,11 +303,11 @@ impl SessionRegistry {
         inner.disconnected_at = Some(now);
         let will_now = match will {
             Some((message, delay)) if delay > 0 => {
-                inner.pending_will = Some(PendingWill {
+                inner.pending_will = Some(Box::new(PendingWill {
                     message,
                     delay_interval: delay,
                     publish_at: now + Duration::from_secs(u64::from(delay)),
-                });
+                }));
                 None
             }
             Some((message, _)) => Some(message),
