@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::auth::{Auth, AuthError};
 use crate::config::{Config, ConfigError, StorageEngine};
@@ -21,7 +21,7 @@ use crate::overload::MemoryGuard;
 use crate::persist;
 use crate::router::Router;
 use crate::session::{
-    Kick, PendingWill, QueueLimits, SessionRegistry, SessionState, Swept, NEVER_EXPIRES,
+    self, Kick, PendingWill, QueueLimits, SessionRegistry, SessionState, Swept, NEVER_EXPIRES,
 };
 use crate::storage::{keys, Cf, Op, Recovered, Storage, StorageError, StoredMessage};
 use crate::sys_topics;
@@ -31,6 +31,8 @@ use crate::transport::{self, Transport};
 
 /// How often offline sessions are checked for expiry and delayed wills for being due.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often silent clients are looked for: the most a keep-alive timeout is late by.
+const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(250);
 /// How long shutdown waits for connections to say goodbye.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -201,6 +203,7 @@ impl Broker {
             ));
         }
         tracker.spawn(sweep_sessions(state.clone(), shutdown.clone()));
+        tracker.spawn(close_silent_clients(state.clone(), shutdown.clone()));
         tracker.spawn(delayed::run(state.clone(), shutdown.clone()));
         tracker.spawn(sys_topics::run(state.clone(), shutdown.clone()));
         let metrics_addr = metrics_listener.map(|(listener, addr)| {
@@ -351,6 +354,23 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError>
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
     Ok((listener, local))
+}
+
+/// Closes connections whose client stayed silent past its keep alive, in passes
+/// `KEEP_ALIVE_SWEEP` apart, so a connection closes at most that late.
+async fn close_silent_clients(state: Arc<BrokerState>, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(KEEP_ALIVE_SWEEP);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let closed = state.sessions.close_silent(session::clock_ms());
+        if closed > 0 {
+            debug!(closed, "keep alive expired");
+        }
+    }
 }
 
 async fn sweep_sessions(state: Arc<BrokerState>, shutdown: CancellationToken) {

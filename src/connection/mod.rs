@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -39,7 +39,7 @@ use crate::protocol::{
 use crate::router::{SubscriptionOptions, Target};
 use crate::session::inflight::{packet_id_for, OutboundEntry, PubRecOutcome, Stage};
 use crate::session::mailbox::is_spilled;
-use crate::session::{Detached, Kick, SessionHandle, SessionState, NEVER_EXPIRES};
+use crate::session::{self, Detached, Kick, SessionHandle, SessionState, NEVER_EXPIRES};
 use crate::small_map::SmallMap;
 use crate::storage::{Completion, Op, StorageError};
 use crate::transport::admission::Admitted;
@@ -311,6 +311,10 @@ where
         // The 4 KiB that CONNECT was read into is not kept for an idle session.
         read_buf = BytesMut::new();
     }
+    // The keep-alive sweep starts counting from the CONNECT.
+    attached
+        .handle
+        .heard_from_client(keep_alive_secs, session::clock_ms());
     let mut connection = Connection {
         reader,
         writer,
@@ -323,14 +327,7 @@ where
         session: attached.state,
         connection_id: attached.connection_id,
         done: Some(attached.done),
-        // [MQTT-3.1.2-24] one and a half times the keep alive; 0 switches it off.
-        keep_alive: (keep_alive_secs > 0)
-            .then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500)),
-        keep_alive_timer: (keep_alive_secs > 0).then(|| {
-            let first = Duration::from_millis(u64::from(keep_alive_secs) * 1500);
-            Box::pin(tokio::time::sleep(first))
-        }),
-        last_packet_at: Instant::now(),
+        keep_alive: keep_alive_secs,
         will: connect.will.clone().map(Box::new),
         session_expiry,
         session_expiry_at_connect: session_expiry,
@@ -385,7 +382,6 @@ enum Event {
     Wrote(std::io::Result<Option<usize>>),
     MailboxReady,
     MemoryGuardChanged,
-    KeepAliveTimer,
     Stored(Result<(), StorageError>),
 }
 
@@ -401,12 +397,9 @@ struct Connection<S> {
     session: SessionState,
     connection_id: u64,
     done: Option<oneshot::Sender<()>>,
-    keep_alive: Option<Duration>,
-    last_packet_at: Instant,
-    /// Armed for the keep-alive deadline as of when it was set; when it fires early (packets
-    /// came since), it is re-armed. Packets do not touch the timer, so the timer wheel sees
-    /// one operation per keep-alive period rather than one per turn of the event loop.
-    keep_alive_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Keep Alive in seconds, 0 for none. The broker's keep-alive sweep, not a timer of this
+    /// connection's, closes it when its client falls silent: see `Kick::KeepAliveTimeout`.
+    keep_alive: u16,
     /// Boxed: most clients have none, and every idle connection would reserve its room.
     will: Option<Box<Will>>,
     session_expiry: u32,
@@ -557,6 +550,8 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 Some(Kick::ShuttingDown) => return Close::ServerShuttingDown,
                 Some(Kick::TakenOver) => return Close::TakenOver,
                 Some(Kick::SlowConsumer) => return Close::SlowConsumer,
+                // [MQTT-3.1.2-24] silent for one and a half times its keep alive.
+                Some(Kick::KeepAliveTimeout) => return Close::KeepAliveTimeout,
                 None => {}
             }
             self.fill_from_mailbox();
@@ -583,10 +578,8 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 read = read_into(&mut self.reader, &mut self.read_buf), if can_read => Event::Read(read),
                 _ = self.handle.mailbox.notified() => Event::MailboxReady,
                 () = completion_of(&mut self.memory_resumed), if paused => Event::MemoryGuardChanged,
-                () = completion_of(&mut self.keep_alive_timer) => Event::KeepAliveTimer,
             };
             let outcome = match event {
-                Event::KeepAliveTimer => self.check_keep_alive(),
                 Event::MailboxReady | Event::MemoryGuardChanged => Ok(()),
                 Event::Wrote(Ok(None)) => {
                     self.needs_flush = false;
@@ -618,23 +611,6 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 return close;
             }
         }
-    }
-
-    /// The keep-alive timer fired: the client is gone if it stayed silent for the whole
-    /// period [MQTT-3.1.2-24]; otherwise the timer is re-armed for the current deadline.
-    fn check_keep_alive(&mut self) -> Result<(), Close> {
-        let (Some(keep_alive), Some(timer)) = (self.keep_alive, self.keep_alive_timer.as_mut())
-        else {
-            return Ok(());
-        };
-        let deadline = self.last_packet_at + keep_alive;
-        if Instant::now() >= deadline {
-            return Err(Close::KeepAliveTimeout);
-        }
-        timer
-            .as_mut()
-            .reset(tokio::time::Instant::from_std(deadline));
-        Ok(())
     }
 
     /// Whether to stop reading from this client because queued messages passed the memory
@@ -677,6 +653,8 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     /// Decodes and handles every complete packet in the read buffer.
     async fn process_input(&mut self) -> Result<(), Close> {
         let max_packet_size = self.state.config.mqtt.max_packet_size as usize;
+        // Once per read, not per packet: the word is shared with the sweep's core.
+        let mut heard = false;
         loop {
             let packet =
                 match protocol::decode(&mut self.read_buf, Some(self.version), max_packet_size) {
@@ -687,7 +665,11 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                         return Err(Close::Protocol(error));
                     }
                 };
-            self.last_packet_at = Instant::now();
+            if !heard {
+                heard = true;
+                self.handle
+                    .heard_from_client(self.keep_alive, session::clock_ms());
+            }
             if let Err(close) = self.handle_packet(packet).await {
                 if let Close::Protocol(error) = &close {
                     metrics::protocol_error(error.reason.label());

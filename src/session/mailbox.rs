@@ -128,12 +128,12 @@ impl Queue {
 pub struct Mailbox {
     queue: Mutex<Queue>,
     notify: Notify,
-    limits: QueueLimits,
+    limits: Arc<QueueLimits>,
     guard: Arc<MemoryGuard>,
 }
 
 impl Mailbox {
-    pub fn new(limits: QueueLimits, guard: Arc<MemoryGuard>) -> Self {
+    pub fn new(limits: Arc<QueueLimits>, guard: Arc<MemoryGuard>) -> Self {
         Self {
             queue: Mutex::new(Queue::default()),
             notify: Notify::new(),
@@ -393,11 +393,11 @@ mod tests {
 
     fn mailbox(max_messages: usize, max_bytes: usize, qos0_first: bool) -> Mailbox {
         Mailbox::new(
-            QueueLimits {
+            Arc::new(QueueLimits {
                 max_messages,
                 max_bytes,
                 qos0_first,
-            },
+            }),
             Arc::new(MemoryGuard::new(usize::MAX, usize::MAX - 1)),
         )
     }
@@ -509,11 +509,11 @@ mod tests {
     fn spilled_messages_are_freed_held_back_and_refilled_in_place() {
         let guard = Arc::new(MemoryGuard::new(usize::MAX, usize::MAX - 1));
         let mailbox = Mailbox::new(
-            QueueLimits {
+            Arc::new(QueueLimits {
                 max_messages: 10,
                 max_bytes: usize::MAX,
                 qos0_first: false,
-            },
+            }),
             guard.clone(),
         );
         let mut stored = delivery(0, QoS::AtLeastOnce, 1000);
@@ -561,7 +561,7 @@ mod tests {
         ) {
             let guard = Arc::new(MemoryGuard::new(usize::MAX, usize::MAX - 1));
             let mailbox = Mailbox::new(
-                QueueLimits { max_messages, max_bytes, qos0_first },
+                Arc::new(QueueLimits { max_messages, max_bytes, qos0_first }),
                 guard.clone(),
             );
             let (mut pushes, mut accounted) = (0usize, 0usize);

@@ -11,8 +11,8 @@ pub mod mailbox;
 mod registry;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::oneshot;
 
@@ -27,6 +27,13 @@ pub use mailbox::{Mailbox, Pushed, QueueLimits};
 pub use registry::{
     Attached, Detached, DueWill, EndedSession, QueueStats, SessionRegistry, Swept, WillWithDelay,
 };
+
+/// Milliseconds since the first call: the clock of keep-alive bookkeeping, monotonic and
+/// small enough to share a word with a Keep Alive.
+pub fn clock_ms() -> u64 {
+    static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+    START.elapsed().as_millis() as u64
+}
 
 /// Session Expiry Interval value meaning "never expires" [MQTT-3.1.2-?, §3.1.2.11.2].
 pub const NEVER_EXPIRES: u32 = u32::MAX;
@@ -57,6 +64,8 @@ pub enum Kick {
     /// Its queue overflowed under the `disconnect` policy.
     SlowConsumer = 2,
     ShuttingDown = 3,
+    /// The client stayed silent past its keep alive.
+    KeepAliveTimeout = 4,
 }
 
 impl Kick {
@@ -65,6 +74,7 @@ impl Kick {
             1 => Some(Self::TakenOver),
             2 => Some(Self::SlowConsumer),
             3 => Some(Self::ShuttingDown),
+            4 => Some(Self::KeepAliveTimeout),
             _ => None,
         }
     }
@@ -116,20 +126,25 @@ pub struct SessionHandle {
     ever_persistent: AtomicBool,
     /// Set once the session is discarded: deliveries still arriving for it are released.
     ended: AtomicBool,
-    /// The connection told to close and why: its id shifted left by two, or'ed with the
+    /// The connection told to close and why: its id shifted left by three, or'ed with the
     /// [`Kick`]. One word, so a reader never pairs one kick's connection with another's reason;
     /// the connection's own wake-up is the mailbox's notification, so an idle connection does
     /// not hold a cancellation token and a future waiting on it.
     kicked: AtomicU64,
     /// Next queue sequence number.
     next_seq: AtomicU64,
+    /// The live connection's keep alive: when it last heard from its client (milliseconds of
+    /// [`clock_ms`]) shifted left by 16, or'ed with the Keep Alive in seconds (0: none).
+    /// One word, written by the connection as packets arrive and read by the keep-alive sweep
+    /// ([`SessionRegistry::close_silent`]).
+    heard: AtomicU64,
     inner: Mutex<SessionInner>,
 }
 
 impl SessionHandle {
     pub fn new(
         client_id: Arc<str>,
-        limits: QueueLimits,
+        limits: Arc<QueueLimits>,
         guard: Arc<MemoryGuard>,
         first_seq: u64,
     ) -> Self {
@@ -142,6 +157,7 @@ impl SessionHandle {
             ended: AtomicBool::new(false),
             kicked: AtomicU64::new(0),
             next_seq: AtomicU64::new(first_seq),
+            heard: AtomicU64::new(0),
             inner: Mutex::new(SessionInner {
                 state: None,
                 live: None,
@@ -197,17 +213,32 @@ impl SessionHandle {
     /// which the mailbox's notification makes happen now.
     pub fn kick(&self, connection_id: u64, reason: Kick) {
         self.kicked
-            .store(connection_id << 2 | reason as u64, Ordering::Release);
+            .store(connection_id << 3 | reason as u64, Ordering::Release);
         self.mailbox.wake();
     }
 
     /// Why connection `connection_id` was told to close, if it was.
     pub fn kicked(&self, connection_id: u64) -> Option<Kick> {
         let kicked = self.kicked.load(Ordering::Acquire);
-        if kicked >> 2 != connection_id {
+        if kicked >> 3 != connection_id {
             return None;
         }
-        Kick::from_bits(kicked & 0b11)
+        Kick::from_bits(kicked & 0b111)
+    }
+
+    /// Records that the live connection, with Keep Alive `keep_alive` seconds, heard from its
+    /// client at `now_ms`.
+    pub fn heard_from_client(&self, keep_alive: u16, now_ms: u64) {
+        self.heard
+            .store(now_ms << 16 | u64::from(keep_alive), Ordering::Relaxed);
+    }
+
+    /// Whether the live connection's client stayed silent for one and a half keep-alive
+    /// periods as of `now_ms` [MQTT-3.1.2-24].
+    fn is_silent(&self, now_ms: u64) -> bool {
+        let heard = self.heard.load(Ordering::Relaxed);
+        let keep_alive = heard & 0xFFFF;
+        keep_alive > 0 && now_ms.saturating_sub(heard >> 16) >= keep_alive * 1500
     }
 
     /// Reserves the next queue sequence number.
@@ -221,5 +252,55 @@ impl SessionHandle {
 
     pub fn inner(&self) -> MutexGuard<'_, SessionInner> {
         lock(&self.inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle() -> SessionHandle {
+        let limits = Arc::new(QueueLimits {
+            max_messages: 10,
+            max_bytes: 1 << 20,
+            qos0_first: false,
+        });
+        let guard = Arc::new(MemoryGuard::new(usize::MAX, usize::MAX - 1));
+        SessionHandle::new("c".into(), limits, guard, 0)
+    }
+
+    #[test]
+    fn silent_after_one_and_a_half_keep_alives_and_never_without_one() {
+        let handle = handle();
+        handle.heard_from_client(2, 10_000);
+        assert!(!handle.is_silent(12_999));
+        assert!(handle.is_silent(13_000));
+        handle.heard_from_client(2, 12_500);
+        assert!(!handle.is_silent(13_000));
+        handle.heard_from_client(0, 10_000);
+        assert!(!handle.is_silent(u64::MAX >> 16));
+        handle.heard_from_client(u16::MAX, 1);
+        assert!(!handle.is_silent(1 + 65_535 * 1_500 - 1));
+        assert!(handle.is_silent(1 + 65_535 * 1_500));
+    }
+
+    #[test]
+    fn a_kick_names_one_connection_and_its_reason() {
+        let handle = handle();
+        assert_eq!(handle.kicked(7), None);
+        for reason in [
+            Kick::TakenOver,
+            Kick::SlowConsumer,
+            Kick::ShuttingDown,
+            Kick::KeepAliveTimeout,
+        ] {
+            handle.kick(7, reason);
+            assert_eq!(handle.kicked(7), Some(reason));
+            assert_eq!(handle.kicked(8), None);
+        }
+        // A takeover's new connection is not the kicked one.
+        handle.kick(u64::MAX >> 3, Kick::TakenOver);
+        assert_eq!(handle.kicked(u64::MAX >> 3), Some(Kick::TakenOver));
+        assert_eq!(handle.kicked(7), None);
     }
 }

@@ -91,7 +91,8 @@ pub enum Detached {
 #[derive(Debug)]
 pub struct SessionRegistry {
     sessions: Mutex<HashMap<Arc<str>, Arc<SessionHandle>>>,
-    limits: QueueLimits,
+    /// Shared by every session's mailbox rather than copied into each.
+    limits: Arc<QueueLimits>,
     guard: Arc<MemoryGuard>,
     next_connection_id: AtomicU64,
 }
@@ -100,7 +101,7 @@ impl SessionRegistry {
     pub fn new(limits: QueueLimits, guard: Arc<MemoryGuard>) -> Self {
         Self {
             sessions: Mutex::new(HashMap::new()),
-            limits,
+            limits: Arc::new(limits),
             guard,
             next_connection_id: AtomicU64::new(1),
         }
@@ -133,6 +134,20 @@ impl SessionRegistry {
             stats.deepest = stats.deepest.max(queued);
         }
         stats
+    }
+
+    /// Closes the connections whose client stayed silent for one and a half keep-alive periods
+    /// [MQTT-3.1.2-24]. Run periodically: one pass over the sessions costs the broker less
+    /// than a timer per connection costs each idle connection's memory. Returns how many.
+    pub fn close_silent(&self, now_ms: u64) -> usize {
+        let mut closed = 0;
+        for handle in lock(&self.sessions).values() {
+            if handle.is_online() && handle.is_silent(now_ms) {
+                handle.kick_live(Kick::KeepAliveTimeout);
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Tells every connected client's connection to close for `reason`.
@@ -170,7 +185,12 @@ impl SessionRegistry {
 
     /// A fresh, empty handle for a client id (not registered).
     pub fn new_handle(&self, client_id: Arc<str>, first_seq: u64) -> SessionHandle {
-        SessionHandle::new(client_id, self.limits, self.guard.clone(), first_seq)
+        SessionHandle::new(
+            client_id,
+            self.limits.clone(),
+            self.guard.clone(),
+            first_seq,
+        )
     }
 
     /// Attaches a new connection to the session of `client_id`, closing any connection that
