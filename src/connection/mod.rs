@@ -326,15 +326,12 @@ where
         handle: attached.handle,
         session: attached.state,
         connection_id: attached.connection_id,
-        done: Some(attached.done),
         keep_alive: keep_alive_secs,
         will: connect.will.clone().map(Box::new),
         session_expiry,
         session_expiry_at_connect: session_expiry,
-        send_quota: usize::from(connect.receive_maximum.min(config.max_inflight_messages)),
-        client_max_packet_size: connect
-            .maximum_packet_size
-            .map_or(usize::MAX, |size| size as usize),
+        send_quota: connect.receive_maximum.min(config.max_inflight_messages),
+        client_max_packet_size: connect.maximum_packet_size.unwrap_or(u32::MAX),
         client_topic_alias_max: connect.topic_alias_maximum,
         inbound_aliases: SmallMap::new(),
         outbound_aliases: SmallMap::new(),
@@ -396,7 +393,6 @@ struct Connection<S> {
     handle: Arc<SessionHandle>,
     session: SessionState,
     connection_id: u64,
-    done: Option<oneshot::Sender<()>>,
     /// Keep Alive in seconds, 0 for none. The broker's keep-alive sweep, not a timer of this
     /// connection's, closes it when its client falls silent: see `Kick::KeepAliveTimeout`.
     keep_alive: u16,
@@ -405,8 +401,8 @@ struct Connection<S> {
     session_expiry: u32,
     session_expiry_at_connect: u32,
     /// Outbound QoS 1/2 messages allowed in flight: the client's Receive Maximum capped by ours.
-    send_quota: usize,
-    client_max_packet_size: usize,
+    send_quota: u16,
+    client_max_packet_size: u32,
     client_topic_alias_max: u16,
     inbound_aliases: SmallMap<u16, Arc<str>>,
     outbound_aliases: SmallMap<Arc<str>, u16>,
@@ -1298,7 +1294,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         let now = SystemTime::now();
         let mut expired = Vec::new();
         while self.write_buf.len() < WRITE_HIGH_WATER {
-            let window_full = self.session.inflight.len() >= self.send_quota;
+            let window_full = self.session.inflight.len() >= usize::from(self.send_quota);
             let inflight = &self.session.inflight;
             let Some(delivery) = self.handle.mailbox.pop_if(|d| {
                 d.qos == QoS::AtMostOnce
@@ -1369,7 +1365,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             topic_alias: None,
             subscription_ids: &delivery.subscription_ids,
         };
-        if encode::publish_size(self.version, &publish) > self.client_max_packet_size {
+        if encode::publish_size(self.version, &publish) > self.client_max_packet_size as usize {
             // [MQTT-3.1.2-25] discarded as if delivered.
             metrics::message_dropped(metrics::DROP_TOO_LARGE_FOR_CLIENT);
             return Some(delivery);
@@ -1501,9 +1497,9 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 }
             }
         }
-        if let Some(done) = self.done.take() {
-            let _ = done.send(());
-        }
+        self.state
+            .sessions
+            .finished_closing(&self.handle, self.connection_id);
         close
     }
 }

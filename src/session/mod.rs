@@ -14,8 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::oneshot;
-
 use crate::message::Message;
 use crate::overload::MemoryGuard;
 use crate::router::SubscriptionOptions;
@@ -84,8 +82,6 @@ impl Kick {
 #[derive(Debug)]
 pub struct LiveConnection {
     pub id: u64,
-    /// Completes when that connection has handed the session state back.
-    pub done: oneshot::Receiver<()>,
 }
 
 #[derive(Debug)]
@@ -138,6 +134,9 @@ pub struct SessionHandle {
     /// One word, written by the connection as packets arrive and read by the keep-alive sweep
     /// ([`SessionRegistry::close_silent`]).
     heard: AtomicU64,
+    /// The highest id of this session's connections that finished closing: a takeover waits
+    /// for the connection it displaces to get here.
+    finished: AtomicU64,
     inner: Mutex<SessionInner>,
 }
 
@@ -158,6 +157,7 @@ impl SessionHandle {
             kicked: AtomicU64::new(0),
             next_seq: AtomicU64::new(first_seq),
             heard: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
             inner: Mutex::new(SessionInner {
                 state: None,
                 live: None,
@@ -239,6 +239,15 @@ impl SessionHandle {
         let heard = self.heard.load(Ordering::Relaxed);
         let keep_alive = heard & 0xFFFF;
         keep_alive > 0 && now_ms.saturating_sub(heard >> 16) >= keep_alive * 1500
+    }
+
+    fn set_finished(&self, connection_id: u64) {
+        self.finished.fetch_max(connection_id, Ordering::AcqRel);
+    }
+
+    /// Whether connection `connection_id` (or a later one) finished closing.
+    fn has_finished(&self, connection_id: u64) -> bool {
+        self.finished.load(Ordering::Acquire) >= connection_id
     }
 
     /// Reserves the next queue sequence number.

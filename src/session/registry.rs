@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
 
 use super::{Kick, LiveConnection, PendingWill, QueueLimits, SessionHandle, SessionState};
 use crate::message::{Delivery, Message};
@@ -31,8 +31,6 @@ pub struct Attached {
     pub state: SessionState,
     pub session_present: bool,
     pub connection_id: u64,
-    /// Sent when the connection has detached, so a waiting takeover can proceed.
-    pub done: oneshot::Sender<()>,
     /// The previous session of this client id, discarded by Clean Start or expiry.
     pub ended: Option<EndedSession>,
 }
@@ -95,6 +93,8 @@ pub struct SessionRegistry {
     limits: Arc<QueueLimits>,
     guard: Arc<MemoryGuard>,
     next_connection_id: AtomicU64,
+    /// Notified whenever a connection has finished closing; see [`Self::finished_closing`].
+    finished_closing: Notify,
 }
 
 impl SessionRegistry {
@@ -104,6 +104,7 @@ impl SessionRegistry {
             limits: Arc::new(limits),
             guard,
             next_connection_id: AtomicU64::new(1),
+            finished_closing: Notify::new(),
         }
     }
 
@@ -229,11 +230,7 @@ impl SessionRegistry {
                 if let Some(live) = taken_over {
                     live
                 } else {
-                    let (done, done_rx) = oneshot::channel();
-                    let live = LiveConnection {
-                        id: connection_id,
-                        done: done_rx,
-                    };
+                    let live = LiveConnection { id: connection_id };
                     let mut ended = None;
                     let (handle, state, session_present) = match (existing, resumed) {
                         (Some(handle), Some(state)) => (handle, state, true),
@@ -265,20 +262,41 @@ impl SessionRegistry {
                         state,
                         session_present,
                         connection_id,
-                        done,
                         ended,
                     };
                 }
             };
             let (handle, previous) = previous;
             handle.kick(previous.id, Kick::TakenOver);
-            if tokio::time::timeout(TAKEOVER_GRACE, previous.done)
+            if tokio::time::timeout(TAKEOVER_GRACE, self.finished(&handle, previous.id))
                 .await
                 .is_err()
             {
                 tracing::warn!(client_id = %client_id, "taken-over connection did not hand its session back in time");
             }
         }
+    }
+
+    /// Resolves once connection `connection_id` of `handle` has finished closing.
+    async fn finished(&self, handle: &SessionHandle, connection_id: u64) {
+        loop {
+            // Registered before the check, so a finish between the two still wakes this.
+            let notified = self.finished_closing.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if handle.has_finished(connection_id) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Called by a connection once it has closed and handed everything back: a takeover
+    /// waiting for it may proceed. One notification shared by all sessions rather than a
+    /// channel per connection; takeovers are rare and re-check their own session.
+    pub fn finished_closing(&self, handle: &SessionHandle, connection_id: u64) {
+        handle.set_finished(connection_id);
+        self.finished_closing.notify_waiters();
     }
 
     /// Hands the session back when a connection ends.
