@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::Close;
@@ -15,9 +15,8 @@ use crate::protocol::encode::{self, ConnAck};
 use crate::protocol::{self, Connect, Packet, ProtocolError, ProtocolVersion, ReasonCode};
 
 /// Reads the first packet, which must be a CONNECT [MQTT-3.1.0-1], within the connect timeout.
-pub(super) async fn read_connect<S: AsyncRead + AsyncWrite>(
-    reader: &mut ReadHalf<S>,
-    writer: &mut WriteHalf<S>,
+pub(super) async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     read_buf: &mut BytesMut,
     state: &BrokerState,
     shutdown: &CancellationToken,
@@ -43,13 +42,13 @@ pub(super) async fn read_connect<S: AsyncRead + AsyncWrite>(
                     _ => None,
                 };
                 if let Some(version) = answer_version {
-                    refuse(writer, version, error.reason).await;
+                    refuse(stream, version, error.reason).await;
                 }
                 return Err(Close::Protocol(error));
             }
         }
         let read = tokio::select! {
-            read = reader.read_buf(read_buf) => read,
+            read = stream.read_buf(read_buf) => read,
             _ = tokio::time::sleep_until(deadline) => return Err(Close::ConnectTimeout),
             _ = shutdown.cancelled() => return Err(Close::ServerShuttingDown),
         };
@@ -62,8 +61,8 @@ pub(super) async fn read_connect<S: AsyncRead + AsyncWrite>(
 }
 
 /// Sends a refusing CONNACK and flushes it; the caller closes the connection [MQTT-3.2.2-5].
-pub(super) async fn refuse<S: AsyncWrite>(
-    writer: &mut WriteHalf<S>,
+pub(super) async fn refuse<S: AsyncWrite + Unpin>(
+    writer: &mut S,
     version: ProtocolVersion,
     reason: ReasonCode,
 ) {

@@ -17,8 +17,8 @@ use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{oneshot, watch};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
@@ -135,43 +135,41 @@ pub async fn serve<S>(
     state: Arc<BrokerState>,
     shutdown: CancellationToken,
 ) where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     metrics::connection_opened();
-    // A debug span: at info level a span per connection would cost each connection over a
-    // kilobyte in the subscriber's registry (measured), so the info events name their client
-    // themselves.
-    let span = tracing::debug_span!(
-        "conn",
-        peer = %peer.address,
-        transport = peer.transport.label(),
-        client_id = tracing::field::Empty
-    );
-    // Everything before and after the event loop is boxed, and no layer of async functions
-    // sits between this task and the event loop: an idle connection's task then holds the
+    // Everything before and after the event loop is boxed, and no layer of async functions or
+    // span sits between this task and the event loop: an idle connection's task then holds the
     // connection and its event loop, not the (larger) CONNECT and close states, nor copies of
-    // arguments passed down.
+    // arguments passed down. Events of the event loop name their client themselves.
     let (close, client_id) = 'served: {
-        let mut connection = match Box::pin(establish(stream, &peer, &state, &shutdown))
-            .instrument(span.clone())
-            .await
-        {
+        let establishing = establish(stream, &peer, &state, &shutdown).instrument(span(&peer));
+        let mut connection = match Box::pin(establishing).await {
             Ok(connection) => connection,
             Err(close) => break 'served (close, None),
         };
-        let close = connection
-            .event_loop(&shutdown)
-            .instrument(span.clone())
-            .await;
+        let close = connection.event_loop(&shutdown).await;
         let client_id = connection.client_id.clone();
-        let close = Box::pin(connection.finish(close))
-            .instrument(span.clone())
-            .await;
-        (close, Some(client_id))
+        let finishing_span = span(&peer);
+        finishing_span.record("client_id", &*client_id);
+        let finishing = connection.finish(close).instrument(finishing_span);
+        (Box::pin(finishing).await, Some(client_id))
     };
     log_close(&close, &peer, client_id.as_deref());
     metrics::connection_closed(close.label());
     drop(admitted);
+}
+
+/// A debug span: at info level a span per connection would cost each connection over a
+/// kilobyte in the subscriber's registry (measured), so the info events name their client
+/// themselves.
+fn span(peer: &Peer) -> tracing::Span {
+    tracing::debug_span!(
+        "conn",
+        peer = %peer.address,
+        transport = peer.transport.label(),
+        client_id = tracing::field::Empty
+    )
 }
 
 fn log_close(close: &Close, peer: &Peer, client_id: Option<&str>) {
@@ -196,29 +194,26 @@ async fn establish<S>(
     shutdown: &CancellationToken,
 ) -> Result<Connection<S>, Close>
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut stream = stream;
     let mut read_buf = BytesMut::with_capacity(4096);
-    let connect =
-        match handshake::read_connect(&mut reader, &mut writer, &mut read_buf, state, shutdown)
-            .await
-        {
-            Ok(connect) => connect,
-            Err(close) => return Err(close),
-        };
+    let connect = match handshake::read_connect(&mut stream, &mut read_buf, state, shutdown).await {
+        Ok(connect) => connect,
+        Err(close) => return Err(close),
+    };
     let version = connect.version;
     let (client_id, assigned) = match handshake::choose_client_id(&connect) {
         Ok(id) => id,
         Err((reason, detail)) => {
             info!(peer = %peer.address, detail, "CONNECT refused");
-            handshake::refuse(&mut writer, version, reason).await;
+            handshake::refuse(&mut stream, version, reason).await;
             return Err(Close::Refused(reason));
         }
     };
     if connect.authentication_method.is_some() {
         // Enhanced authentication (AUTH) is not offered [MQTT-4.12.0-1].
-        handshake::refuse(&mut writer, version, ReasonCode::BadAuthenticationMethod).await;
+        handshake::refuse(&mut stream, version, ReasonCode::BadAuthenticationMethod).await;
         return Err(Close::Refused(ReasonCode::BadAuthenticationMethod));
     }
     tracing::Span::current().record("client_id", &*client_id);
@@ -241,7 +236,7 @@ where
                 reason = reason.label(),
                 "CONNECT refused"
             );
-            handshake::refuse(&mut writer, version, reason).await;
+            handshake::refuse(&mut stream, version, reason).await;
             return Err(Close::Refused(reason));
         }
     };
@@ -251,7 +246,7 @@ where
         if !acl.may_publish(&will.topic) {
             // The will could never be published: refused now rather than dropped later.
             metrics::acl_denied("will");
-            handshake::refuse(&mut writer, version, ReasonCode::NotAuthorized).await;
+            handshake::refuse(&mut stream, version, ReasonCode::NotAuthorized).await;
             return Err(Close::Refused(ReasonCode::NotAuthorized));
         }
     }
@@ -316,8 +311,7 @@ where
         .handle
         .heard_from_client(keep_alive_secs, session::clock_ms());
     let mut connection = Connection {
-        reader,
-        writer,
+        stream,
         read_buf,
         write_buf: BytesMut::new(),
         state: state.clone(),
@@ -333,13 +327,11 @@ where
         send_quota: connect.receive_maximum.min(config.max_inflight_messages),
         client_max_packet_size: connect.maximum_packet_size.unwrap_or(u32::MAX),
         client_topic_alias_max: connect.topic_alias_maximum,
-        inbound_aliases: SmallMap::new(),
-        outbound_aliases: SmallMap::new(),
+        aliases: None,
         pending: VecDeque::new(),
         releases: Vec::new(),
         has_published: false,
         paused: false,
-        memory: state.memory.subscribe(),
         memory_resumed: None,
         traffic: metrics::Traffic::default(),
         transport: peer.transport,
@@ -383,8 +375,9 @@ enum Event {
 }
 
 struct Connection<S> {
-    reader: ReadHalf<S>,
-    writer: WriteHalf<S>,
+    /// Not split into halves: the halves share an allocation, and one poll can serve both
+    /// directions (`read_or_write`).
+    stream: S,
     read_buf: BytesMut,
     write_buf: BytesMut,
     state: Arc<BrokerState>,
@@ -404,8 +397,9 @@ struct Connection<S> {
     send_quota: u16,
     client_max_packet_size: u32,
     client_topic_alias_max: u16,
-    inbound_aliases: SmallMap<u16, Arc<str>>,
-    outbound_aliases: SmallMap<Arc<str>, u16>,
+    /// Made on first use: few telemetry clients use topic aliases, and every idle connection
+    /// would reserve room for both maps.
+    aliases: Option<Box<TopicAliases>>,
     /// Work waiting for storage, in the order the client's packets arrived: acknowledgements
     /// leave only once what they acknowledge is durable, and in order [MQTT-4.6.0-2].
     pending: VecDeque<Pending>,
@@ -416,9 +410,7 @@ struct Connection<S> {
     has_published: bool,
     /// Whether reading is paused by the memory guard now (for counting pauses).
     paused: bool,
-    /// The memory guard's flag.
-    memory: watch::Receiver<bool>,
-    /// While paused, resolves when the memory guard's flag changes. Boxed and made only then:
+    /// While paused, resolves when the memory guard lets publishers resume. Boxed and made only then:
     /// the wait is rare and its future would otherwise be in every connection's memory.
     memory_resumed: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
     /// Message and byte counts since the last turn of the event loop, added to the shared
@@ -430,6 +422,14 @@ struct Connection<S> {
     needs_flush: bool,
     /// This client's ACL rules; `None` when no ACL is configured (a reload does not add one).
     access: Option<Box<Access>>,
+}
+
+#[derive(Default)]
+struct TopicAliases {
+    /// Set by the client [MQTT-3.3.2-?]: alias → topic.
+    inbound: SmallMap<u16, Arc<str>>,
+    /// Set by the broker: topic → alias.
+    outbound: SmallMap<Arc<str>, u16>,
 }
 
 /// A client's ACL rules and what they were built from.
@@ -462,7 +462,7 @@ enum Action {
     },
 }
 
-impl<S: AsyncRead + AsyncWrite> Connection<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn send_connack(
         &mut self,
         connect: &Connect,
@@ -570,13 +570,17 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             let event = tokio::select! {
                 biased;
                 stored = first_completion(&mut self.pending), if awaiting_storage => Event::Stored(stored),
-                wrote = write_or_flush(&mut self.writer, &mut self.write_buf), if wants_write => Event::Wrote(wrote),
-                read = read_into(&mut self.reader, &mut self.read_buf), if can_read => Event::Read(read),
-                _ = self.handle.mailbox.notified() => Event::MailboxReady,
+                io = read_or_write(&mut self.stream, &mut self.read_buf, can_read, &mut self.write_buf, wants_write), if can_read || wants_write => io,
+                () = self.handle.mailbox.notified() => Event::MailboxReady,
                 () = completion_of(&mut self.memory_resumed), if paused => Event::MemoryGuardChanged,
             };
             let outcome = match event {
-                Event::MailboxReady | Event::MemoryGuardChanged => Ok(()),
+                Event::MailboxReady => Ok(()),
+                Event::MemoryGuardChanged => {
+                    // Completed: never polled again.
+                    self.memory_resumed = None;
+                    Ok(())
+                }
                 Event::Wrote(Ok(None)) => {
                     self.needs_flush = false;
                     Ok(())
@@ -613,22 +617,20 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
     /// high-water mark. Only publishers pause, and not while the client owes acknowledgements
     /// for messages sent to it: reading those is what lets queues drain.
     fn paused_by_memory_guard(&mut self) -> bool {
-        // The atomic first: the channel (whose version `changed()` waits on) only when paused.
-        let paused = self.has_published
-            && self.session.inflight.is_empty()
-            && self.state.memory.is_paused()
-            && *self.memory.borrow_and_update();
+        let paused =
+            self.has_published && self.session.inflight.is_empty() && self.state.memory.is_paused();
         if paused && !self.paused {
             metrics::publisher_paused();
-            debug!("memory high-water mark passed: not reading from this publisher");
+            debug!(client_id = %self.client_id, "memory high-water mark passed: not reading from this publisher");
         }
         if !paused {
             self.memory_resumed = None;
         } else if self.memory_resumed.is_none() {
-            // A clone has seen what this receiver has, so it waits for the next change.
-            let mut memory = self.memory.clone();
+            // The guard's flag changes under the channel's lock, so this agrees with the
+            // atomic read above.
+            let mut memory = self.state.memory.subscribe();
             self.memory_resumed = Some(Box::pin(async move {
-                let _ = memory.changed().await;
+                let _ = memory.wait_for(|paused| !*paused).await;
             }));
         }
         self.paused = paused;
@@ -680,7 +682,9 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             Packet::Publish(publish) => self.handle_publish(publish).await?,
             Packet::PubAck { packet_id, .. } => match self.session.inflight.on_puback(packet_id) {
                 Some(entry) => self.release(&entry.delivery).await,
-                None => debug!(packet_id, "PUBACK for no in-flight QoS 1 message"),
+                None => {
+                    debug!(client_id = %self.client_id, packet_id, "PUBACK for no in-flight QoS 1 message")
+                }
             },
             Packet::PubRec { packet_id, reason } => {
                 match self.session.inflight.on_pubrec(packet_id, reason >= 0x80) {
@@ -711,7 +715,9 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             Packet::PubComp { packet_id, .. } => {
                 match self.session.inflight.on_pubcomp(packet_id) {
                     Some(entry) => self.release(&entry.delivery).await,
-                    None => debug!(packet_id, "PUBCOMP for no in-flight QoS 2 message"),
+                    None => {
+                        debug!(client_id = %self.client_id, packet_id, "PUBCOMP for no in-flight QoS 2 message")
+                    }
                 }
             }
             Packet::PubRel { packet_id, .. } => {
@@ -887,7 +893,11 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                     "[MQTT-3.3.2-9] topic alias greater than the broker's Topic Alias Maximum",
                 )))
             }
-            Some(alias) if publish.topic.is_empty() => match self.inbound_aliases.get(&alias) {
+            Some(alias) if publish.topic.is_empty() => match self
+                .aliases
+                .as_ref()
+                .and_then(|aliases| aliases.inbound.get(&alias))
+            {
                 Some(topic) => topic.clone(),
                 None => {
                     return Err(Close::Protocol(ProtocolError::violation(
@@ -897,7 +907,8 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             },
             Some(alias) => {
                 let topic: Arc<str> = publish.topic.into();
-                self.inbound_aliases.insert(alias, topic.clone());
+                let aliases = self.aliases.get_or_insert_with(Box::default);
+                aliases.inbound.insert(alias, topic.clone());
                 topic
             }
             None => publish.topic.into(),
@@ -953,7 +964,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
             .as_ref()
             .is_some_and(|access| !access.acl.may_publish(&topic))
         {
-            debug!(%topic, "publish denied by the ACL");
+            debug!(client_id = %self.client_id, %topic, "publish denied by the ACL");
             metrics::acl_denied("publish");
             metrics::message_dropped(metrics::DROP_NOT_AUTHORIZED);
             return self.deny_publish(publish.qos, packet_id).await;
@@ -1173,7 +1184,7 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
                 .as_ref()
                 .is_some_and(|access| !access.acl.may_subscribe(filter))
             {
-                debug!(filter, "subscription denied by the ACL");
+                debug!(client_id = %self.client_id, filter, "subscription denied by the ACL");
                 metrics::acl_denied("subscribe");
                 codes.push(ReasonCode::NotAuthorized as u8);
                 continue;
@@ -1373,15 +1384,16 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         // Aliases are assigned only once the packet is certain to be sent: an alias the client
         // never saw would make every later use of it unresolvable.
         if self.version.is_v5() && self.client_topic_alias_max > 0 {
-            match self.outbound_aliases.get(&message.topic) {
+            let outbound = &mut self.aliases.get_or_insert_with(Box::default).outbound;
+            match outbound.get(&message.topic) {
                 Some(&alias) => {
                     publish.topic = "";
                     publish.topic_alias = Some(alias);
                 }
-                None if self.outbound_aliases.len() < usize::from(self.client_topic_alias_max) => {
+                None if outbound.len() < usize::from(self.client_topic_alias_max) => {
                     // [MQTT-3.3.2-12]: aliases stay within the client's Topic Alias Maximum.
-                    let alias = self.outbound_aliases.len() as u16 + 1;
-                    self.outbound_aliases.insert(message.topic.clone(), alias);
+                    let alias = outbound.len() as u16 + 1;
+                    outbound.insert(message.topic.clone(), alias);
                     publish.topic_alias = Some(alias);
                 }
                 None => {}
@@ -1412,9 +1424,9 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
         }
         let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
             while !self.write_buf.is_empty() {
-                self.writer.write_buf(&mut self.write_buf).await?;
+                self.stream.write_buf(&mut self.write_buf).await?;
             }
-            self.writer.shutdown().await
+            self.stream.shutdown().await
         })
         .await;
 
@@ -1507,41 +1519,62 @@ impl<S: AsyncRead + AsyncWrite> Connection<S> {
 /// Resolves when the storage write at the front of `pending` completes.
 /// Writes what the buffer holds or, once it is empty, flushes what a TLS or WebSocket layer
 /// may still hold.
-/// Writes what the buffer holds, or flushes when it is empty. A hand-written future (as are the
-/// ones below): each is in the select of every connection's event loop, and an `async fn`'s
-/// state would be larger than the two references this one holds.
-fn write_or_flush<'a, S: AsyncWrite>(
-    writer: &'a mut WriteHalf<S>,
-    buf: &'a mut BytesMut,
-) -> impl Future<Output = std::io::Result<Option<usize>>> + 'a {
+/// Writes what `output` holds, or flushes when it is empty, if `write`; else (or while that
+/// cannot proceed) reads what the client sent into `input`, if `read`. Writing first lets
+/// output drain before more input adds to it.
+///
+/// A hand-written future (as are the ones below): each is in the select of every connection's
+/// event loop, and an `async fn`'s state would be larger than the references this one holds.
+fn read_or_write<'a, S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &'a mut S,
+    input: &'a mut BytesMut,
+    read: bool,
+    output: &'a mut BytesMut,
+    write: bool,
+) -> impl Future<Output = Event> + 'a {
     std::future::poll_fn(move |cx| {
-        let writer = Pin::new(&mut *writer);
-        if buf.is_empty() {
-            return writer.poll_flush(cx).map_ok(|()| None);
+        if write {
+            if let Poll::Ready(wrote) = poll_write_or_flush(Pin::new(&mut *stream), cx, output) {
+                return Poll::Ready(Event::Wrote(wrote));
+            }
         }
-        let written = std::task::ready!(writer.poll_write(cx, buf))?;
-        buf.advance(written);
-        Poll::Ready(Ok(Some(written)))
+        if read {
+            if let Poll::Ready(read) = poll_read_into(Pin::new(&mut *stream), cx, input) {
+                return Poll::Ready(Event::Read(read));
+            }
+        }
+        Poll::Pending
     })
 }
 
-/// Reads what the client sent into `buf`. A released buffer (a quiet client's) is not given
-/// memory until bytes arrive: they are read into the stack first, so an idle connection
-/// waits holding no read buffer at all.
-fn read_into<'a, R: AsyncRead>(
-    reader: &'a mut ReadHalf<R>,
-    buf: &'a mut BytesMut,
-) -> impl Future<Output = std::io::Result<usize>> + 'a {
-    std::future::poll_fn(move |cx| {
-        if buf.capacity() > 0 {
-            return std::pin::pin!(reader.read_buf(&mut *buf)).poll(cx);
-        }
-        let mut landing = [0u8; IDLE_READ];
-        let mut landed = tokio::io::ReadBuf::new(&mut landing);
-        std::task::ready!(Pin::new(&mut *reader).poll_read(cx, &mut landed))?;
-        buf.extend_from_slice(landed.filled());
-        Poll::Ready(Ok(landed.filled().len()))
-    })
+fn poll_write_or_flush<S: AsyncWrite>(
+    stream: Pin<&mut S>,
+    cx: &mut std::task::Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<std::io::Result<Option<usize>>> {
+    if buf.is_empty() {
+        return stream.poll_flush(cx).map_ok(|()| None);
+    }
+    let written = std::task::ready!(stream.poll_write(cx, buf))?;
+    buf.advance(written);
+    Poll::Ready(Ok(Some(written)))
+}
+
+/// A released buffer (a quiet client's) is not given memory until bytes arrive: they are read
+/// into the stack first, so an idle connection waits holding no read buffer at all.
+fn poll_read_into<S: AsyncRead + Unpin>(
+    mut stream: Pin<&mut S>,
+    cx: &mut std::task::Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<std::io::Result<usize>> {
+    if buf.capacity() > 0 {
+        return std::pin::pin!(stream.read_buf(&mut *buf)).poll(cx);
+    }
+    let mut landing = [0u8; IDLE_READ];
+    let mut landed = tokio::io::ReadBuf::new(&mut landing);
+    std::task::ready!(stream.as_mut().poll_read(cx, &mut landed))?;
+    buf.extend_from_slice(landed.filled());
+    Poll::Ready(Ok(landed.filled().len()))
 }
 
 /// The result of the oldest pending storage write; never resolves when it has none.

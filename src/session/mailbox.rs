@@ -367,8 +367,8 @@ impl Mailbox {
 
     /// Resolves once something was pushed since the last wake-up, or [`Mailbox::wake`] was
     /// called.
-    pub async fn notified(&self) {
-        self.notify.notified().await;
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
     }
 }
 
