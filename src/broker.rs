@@ -86,6 +86,11 @@ pub struct Broker {
 }
 
 impl Broker {
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> &Arc<BrokerState> {
+        &self.state
+    }
+
     /// Validates the configuration, binds the listeners and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         config.validate()?;

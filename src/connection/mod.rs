@@ -1616,3 +1616,48 @@ fn completion_of<F: Future + ?Sized>(
         None => Poll::Pending,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, StorageEngine};
+    use crate::transport::admission::Admission;
+
+    /// tokio allocates a task as one block: header and scheduler (48 bytes), the future, the
+    /// trailer (48), rounded up to 128 bytes; `transport::accept` spawns `serve` under the task
+    /// tracker (8 more). Past 920 bytes every idle connection costs 128 more; the layout
+    /// choices that keep it under are in docs/architecture.md ("Memory per connection").
+    #[tokio::test]
+    async fn an_idle_tcp_connection_task_fits_in_1024_bytes() {
+        let mut config = Config::default();
+        config.storage.engine = StorageEngine::Memory;
+        config.listener.bind = "127.0.0.1:0".parse().unwrap();
+        config.metrics.enabled = false;
+        config.websocket.enabled = false;
+        let broker = crate::Broker::start(config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let admission = Admission::new(&broker.state().config.listener);
+        let admitted = admission.admit(address.ip()).unwrap();
+        let peer = Peer {
+            address,
+            transport: Transport::Tcp,
+            cert_identity: None,
+        };
+        let task = serve(
+            stream,
+            peer,
+            admitted,
+            broker.state().clone(),
+            CancellationToken::new(),
+        );
+        let size = std::mem::size_of_val(&task);
+        drop(task);
+        broker.shutdown().await;
+        assert!(
+            size <= 920,
+            "the connection future is {size} bytes: every idle connection now costs 128 more"
+        );
+    }
+}
