@@ -27,7 +27,7 @@ pub enum SmallMap<K, V> {
 
 impl<K, V> Default for SmallMap<K, V> {
     fn default() -> Self {
-        Self::Few(Vec::new())
+        Self::new()
     }
 }
 
