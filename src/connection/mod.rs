@@ -188,7 +188,7 @@ fn log_close(close: &Close, peer: &Peer, client_id: Option<&str>) {
 
 /// Reads CONNECT, authenticates, attaches the session and answers CONNACK.
 async fn establish<S>(
-    stream: S,
+    mut stream: S,
     peer: &Peer,
     state: &Arc<BrokerState>,
     shutdown: &CancellationToken,
@@ -196,7 +196,6 @@ async fn establish<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut stream = stream;
     let mut read_buf = BytesMut::with_capacity(4096);
     let connect = match handshake::read_connect(&mut stream, &mut read_buf, state, shutdown).await {
         Ok(connect) => connect,
@@ -1570,8 +1569,10 @@ fn poll_read_into<S: AsyncRead + Unpin>(
     if buf.capacity() > 0 {
         return std::pin::pin!(stream.read_buf(&mut *buf)).poll(cx);
     }
-    let mut landing = [0u8; IDLE_READ];
-    let mut landed = tokio::io::ReadBuf::new(&mut landing);
+    // Uninitialised: a subscriber with no read buffer is polled here on every wake-up for
+    // deliveries, and zeroing the landing each time would be wasted work.
+    let mut landing = [std::mem::MaybeUninit::<u8>::uninit(); IDLE_READ];
+    let mut landed = tokio::io::ReadBuf::uninit(&mut landing);
     std::task::ready!(stream.as_mut().poll_read(cx, &mut landed))?;
     buf.extend_from_slice(landed.filled());
     Poll::Ready(Ok(landed.filled().len()))
