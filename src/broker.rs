@@ -1,7 +1,7 @@
 //! Wiring: builds the shared state, binds listeners, runs background tasks and shuts it all down.
 //! No protocol logic lives here.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -442,24 +442,37 @@ fn restore(state: &BrokerState, recovered: Recovered) -> Vec<Op> {
         ) {
             continue;
         }
-        for (_, entry) in &session.queue {
-            if recovered.messages.contains_key(&entry.message_id) {
-                *refs.entry(entry.message_id).or_default() += 1;
-            }
+        for delivery in &session.queue {
+            *refs.entry(delivery.message_id).or_default() += 1;
         }
     }
+    cleanup.extend(
+        recovered
+            .stale_queue_keys
+            .into_iter()
+            .map(|key| Op::Delete(Cf::Queue, key)),
+    );
+    let mut released = recovered.released;
     let stored: HashMap<u64, Arc<StoredMessage>> = refs
         .iter()
-        .map(|(&id, &count)| (id, Arc::new(StoredMessage::new(id, count))))
+        .map(|(&id, &count)| {
+            let masks = released.remove(&id).unwrap_or_default();
+            (id, Arc::new(StoredMessage::recovered(id, count, masks)))
+        })
         .collect();
-    let referenced: HashSet<u64> = refs.into_keys().collect();
+    // What nothing references goes, with the records masking its deliveries.
     for id in recovered
         .messages
         .keys()
-        .filter(|id| !referenced.contains(id))
+        .filter(|id| !refs.contains_key(id))
     {
         cleanup.push(Op::Delete(Cf::Messages, keys::message(*id)));
+        let masks = released.remove(id).unwrap_or_default();
+        cleanup.extend(masks.into_iter().map(|key| Op::Delete(Cf::Queue, key)));
     }
+    state
+        .sessions
+        .continue_store_ids_from(recovered.next_store_id);
 
     let (mut restored, mut expired) = (0usize, 0usize);
     for session in recovered.sessions {
@@ -471,14 +484,19 @@ fn restore(state: &BrokerState, recovered: Recovered) -> Vec<Op> {
             let prefix = keys::client_prefix(&client_id);
             let end = keys::prefix_end(&prefix);
             cleanup.push(Op::Delete(Cf::Sessions, keys::session(&client_id)));
-            for cf in [Cf::Subscriptions, Cf::Queue, Cf::Inbound] {
+            for cf in [Cf::Subscriptions, Cf::Inbound] {
                 cleanup.push(Op::DeleteRange(cf, prefix.clone(), end.clone()));
             }
+            let (from, to) = keys::queue_range(record.store_id);
+            cleanup.push(Op::DeleteRange(Cf::Queue, from, to));
             continue;
         }
         restored += 1;
-        let next_seq = session.queue.last().map_or(0, |(seq, _)| seq + 1);
-        let handle = Arc::new(state.sessions.new_handle(client_id.clone(), next_seq));
+        let handle = Arc::new(state.sessions.handle_with_store_id(
+            client_id.clone(),
+            record.store_id,
+            session.next_seq,
+        ));
         let mut session_state = SessionState::default();
         for (filter, options) in session.subscriptions {
             state.router.subscribe(&handle, &filter, options.clone());
@@ -488,25 +506,26 @@ fn restore(state: &BrokerState, recovered: Recovered) -> Vec<Op> {
             session_state.inbound_qos2.insert(packet_id, ());
         }
         let mut deliveries = Vec::with_capacity(session.queue.len());
-        for (seq, entry) in session.queue {
+        for queued in session.queue {
             let (Some(message), Some(stored)) = (
-                recovered.messages.get(&entry.message_id),
-                stored.get(&entry.message_id),
+                recovered.messages.get(&queued.message_id),
+                stored.get(&queued.message_id),
             ) else {
-                cleanup.push(Op::Delete(Cf::Queue, keys::queue(&client_id, seq)));
                 continue;
             };
             let mut delivery = Delivery::new(
                 message.clone(),
-                entry.qos,
-                entry.retain,
-                entry.subscription_ids,
-                seq,
+                queued.qos,
+                queued.retain,
+                queued.subscription_ids,
+                queued.seq,
             );
             delivery.stored = Some(stored.clone());
             // It may have gone out before the restart [MQTT-3.3.1-1].
             delivery.dup = true;
-            delivery.awaiting_pubcomp = entry.awaiting_pubcomp;
+            delivery.awaiting_pubcomp = queued.awaiting_pubcomp;
+            delivery.listed = queued.listed;
+            delivery.own_entry = queued.own_entry;
             deliveries.push(delivery);
         }
         handle.mailbox.restore(deliveries);

@@ -100,6 +100,11 @@ pub struct Delivery {
     pub dup: bool,
     /// Recovered past PUBREC: only PUBREL is re-sent.
     pub awaiting_pubcomp: bool,
+    /// Listed in its stored message record (see `records::StoredTarget`).
+    pub listed: bool,
+    /// Has a `queue` record of its own (handed over from another shared-subscription member,
+    /// or past PUBREC).
+    pub own_entry: bool,
     /// The shared subscription (`$share/<group>/<filter>`) it came through, so that another
     /// member can take it when this session's client goes away.
     pub share: Option<Arc<str>>,
@@ -131,6 +136,8 @@ impl Delivery {
             stored: None,
             dup: false,
             awaiting_pubcomp: false,
+            listed: false,
+            own_entry: false,
             share: None,
         }
     }

@@ -15,11 +15,11 @@ use crate::metrics;
 use crate::protocol::{ProtocolVersion, QoS};
 use crate::router::{SubscriptionOptions, Target};
 use crate::session::{EndedSession, SessionHandle};
-use crate::storage::records::{self, QueueEntry, SessionRecord, StoredWill};
-use crate::storage::{keys, Cf, Op, Storage, StorageError, StoredMessage};
+use crate::storage::records::{self, QueueEntry, SessionRecord, StoredWill, TargetRef};
+use crate::storage::{keys, Cf, Op, Release, Storage, StorageError, StoredMessage};
 
-/// Operations that make a routed message durable: the retained store change and, for every
-/// persistent session taking it at QoS 1 or 2, one queue entry referencing a single stored copy.
+/// Operations that make a routed message durable: the retained store change and, when
+/// persistent sessions take it at QoS 1 or 2, one message record listing those deliveries.
 /// Marks those deliveries as stored.
 pub fn publish_ops(storage: &Storage, message: &Arc<Message>, targets: &mut [Target]) -> Vec<Op> {
     let mut ops = Vec::new();
@@ -31,34 +31,33 @@ pub fn publish_ops(storage: &Storage, message: &Arc<Message>, targets: &mut [Tar
             ops.push(Op::Put(Cf::Retained, key, records::encode_message(message)));
         }
     }
-    let durable = targets
-        .iter()
-        .filter(|t| t.delivery.qos != QoS::AtMostOnce && t.session.is_persistent())
-        .count();
+    let is_durable = |t: &Target| t.delivery.qos != QoS::AtMostOnce && t.session.is_persistent();
+    let durable = targets.iter().filter(|t| is_durable(t)).count();
     if durable == 0 {
         return ops;
     }
     let stored = Arc::new(StoredMessage::new(storage.next_message_id(), durable));
-    ops.push(Op::Put(
-        Cf::Messages,
-        keys::message(stored.id),
-        records::encode_message(message),
-    ));
-    for target in targets
-        .iter_mut()
-        .filter(|t| t.delivery.qos != QoS::AtMostOnce && t.session.is_persistent())
-    {
+    let record = records::encode_stored_message(
+        message,
+        durable,
+        targets.iter().filter(|t| is_durable(t)).map(|t| TargetRef {
+            store_id: t.session.store_id,
+            seq: t.delivery.seq,
+            qos: t.delivery.qos,
+            retain: t.delivery.retain,
+            subscription_ids: &t.delivery.subscription_ids,
+        }),
+    );
+    ops.push(Op::Put(Cf::Messages, keys::message(stored.id), record));
+    for target in targets.iter_mut().filter(|t| is_durable(t)) {
         target.delivery.stored = Some(stored.clone());
-        ops.push(queue_put(
-            &target.session.client_id,
-            &target.delivery,
-            false,
-        ));
+        target.delivery.listed = true;
     }
     ops
 }
 
-fn queue_put(client_id: &str, delivery: &Delivery, awaiting_pubcomp: bool) -> Op {
+/// A `queue` entry of the delivery's own (see `records::QueueEntry`).
+fn queue_put(store_id: u64, delivery: &Delivery, awaiting_pubcomp: bool) -> Op {
     let message_id = delivery.stored.as_ref().map_or(0, |s| s.id);
     let entry = QueueEntry {
         message_id,
@@ -69,30 +68,39 @@ fn queue_put(client_id: &str, delivery: &Delivery, awaiting_pubcomp: bool) -> Op
     };
     Op::Put(
         Cf::Queue,
-        keys::queue(client_id, delivery.seq),
+        keys::queue(store_id, delivery.seq),
         records::encode_queue_entry(&entry),
     )
 }
 
 /// The delivery reached PUBREC: on a restart only PUBREL may be re-sent, never the message
 /// (the client may already have passed it on and forgotten its packet id after PUBREL).
-pub fn pubrec_ops(client_id: &str, delivery: &Delivery) -> Vec<Op> {
+/// The delivery now has an entry of its own.
+pub fn pubrec_ops(store_id: u64, delivery: &mut Delivery) -> Vec<Op> {
     if delivery.stored.is_none() {
         return Vec::new();
     }
-    vec![queue_put(client_id, delivery, true)]
+    delivery.own_entry = true;
+    vec![queue_put(store_id, delivery, true)]
 }
 
-/// The delivery is complete (or dropped): its queue entry goes, and the message record with
-/// its last reference.
-pub fn release_ops(client_id: &str, delivery: &Delivery, ops: &mut Vec<Op>) {
-    let Some(stored) = &delivery.stored else {
-        return;
-    };
-    ops.push(Op::Delete(Cf::Queue, keys::queue(client_id, delivery.seq)));
-    if stored.release() {
-        ops.push(Op::Delete(Cf::Messages, keys::message(stored.id)));
+/// The delivery is complete (or dropped): the writer masks or deletes its record, and deletes
+/// the message record with its last reference.
+pub fn release_ops(store_id: u64, delivery: &Delivery, ops: &mut Vec<Op>) {
+    if let Some(release) = release(store_id, delivery, true) {
+        ops.push(Op::Release(release));
     }
+}
+
+fn release(store_id: u64, delivery: &Delivery, drops_reference: bool) -> Option<Release> {
+    let stored = delivery.stored.as_ref()?;
+    Some(Release {
+        stored: stored.clone(),
+        key: keys::queue(store_id, delivery.seq),
+        drops_reference,
+        mask: delivery.listed.then(|| records::encode_released(stored.id)),
+        own_entry: delivery.own_entry,
+    })
 }
 
 pub fn inbound_put(client_id: &str, packet_id: u16) -> Op {
@@ -131,6 +139,7 @@ pub fn session_without_will(session: &SessionHandle) -> Option<Op> {
     }
     let inner = session.inner();
     let record = SessionRecord {
+        store_id: session.store_id,
         protocol_level: inner.protocol_level,
         expiry_interval: inner.expiry_interval,
         disconnected_at: inner.disconnected_at,
@@ -147,12 +156,14 @@ pub fn session_without_will(session: &SessionHandle) -> Option<Op> {
 /// connection is gone).
 pub fn session_put(
     client_id: &str,
+    store_id: u64,
     version: ProtocolVersion,
     expiry_interval: u32,
     disconnected_at: Option<SystemTime>,
     will: Option<(&Message, u32, Option<SystemTime>)>,
 ) -> Op {
     let record = SessionRecord {
+        store_id,
         protocol_level: protocol_level(version),
         expiry_interval,
         disconnected_at,
@@ -170,23 +181,27 @@ pub fn session_put(
 }
 
 /// Everything of an ended session goes: its record, subscriptions, queue and QoS 2 state, and
-/// the message records only it still referenced.
+/// the message records only it still referenced. Its deliveries listed in records other
+/// sessions still hold are not masked one by one: they name a store id no session has any
+/// more, which start-up ignores.
 pub fn end_session_ops(ended: &EndedSession) -> Vec<Op> {
     let mut ops = Vec::new();
     for delivery in &ended.deliveries {
-        if let Some(stored) = &delivery.stored {
-            if stored.release() {
-                ops.push(Op::Delete(Cf::Messages, keys::message(stored.id)));
-            }
+        if let Some(mut release) = release(ended.store_id, delivery, true) {
+            release.mask = None;
+            release.own_entry = false;
+            ops.push(Op::Release(release));
         }
     }
     if ended.was_persistent {
         let prefix = keys::client_prefix(&ended.client_id);
         let end = keys::prefix_end(&prefix);
         ops.push(Op::Delete(Cf::Sessions, keys::session(&ended.client_id)));
-        for cf in [Cf::Subscriptions, Cf::Queue, Cf::Inbound] {
+        for cf in [Cf::Subscriptions, Cf::Inbound] {
             ops.push(Op::DeleteRange(cf, prefix.clone(), end.clone()));
         }
+        let (from, to) = keys::queue_range(ended.store_id);
+        ops.push(Op::DeleteRange(Cf::Queue, from, to));
     }
     ops
 }
@@ -214,7 +229,7 @@ pub async fn write_behind(state: &BrokerState, ops: Vec<Op>) {
 pub async fn release_dropped(state: &BrokerState, dropped: Vec<Target>) {
     let mut ops = Vec::new();
     for target in &dropped {
-        release_ops(&target.session.client_id, &target.delivery, &mut ops);
+        release_ops(target.session.store_id, &target.delivery, &mut ops);
     }
     write_behind(state, ops).await;
 }
@@ -231,6 +246,7 @@ pub async fn hand_over_shared(
 ) -> Vec<Delivery> {
     let mut left = Vec::new();
     let mut moves = Vec::new();
+    let from_store = from.store_id;
     let mut ops = Vec::new();
     for old in deliveries {
         let rerouted = old
@@ -252,10 +268,11 @@ pub async fn hand_over_shared(
         match &old.stored {
             Some(stored) if session.is_persistent() && delivery.qos != QoS::AtMostOnce => {
                 delivery.stored = Some(stored.clone());
-                ops.push(queue_put(&session.client_id, &delivery, false));
-                ops.push(Op::Delete(Cf::Queue, keys::queue(&from.client_id, old.seq)));
+                delivery.own_entry = true;
+                ops.push(queue_put(session.store_id, &delivery, false));
+                ops.extend(release(from_store, &old, false).map(Op::Release));
             }
-            _ => release_ops(&from.client_id, &old, &mut ops),
+            _ => release_ops(from_store, &old, &mut ops),
         }
         moves.push((session, delivery, old));
     }
@@ -307,7 +324,7 @@ pub async fn unspill(state: &BrokerState, session: &SessionHandle) -> Result<(),
         tracing::warn!(count = lost.len(), "queued messages missing from storage");
         let mut ops = Vec::new();
         for delivery in &lost {
-            release_ops(&session.client_id, delivery, &mut ops);
+            release_ops(session.store_id, delivery, &mut ops);
         }
         write_behind(state, ops).await;
     }

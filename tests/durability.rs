@@ -294,12 +294,14 @@ async fn a_message_for_many_persistent_sessions_is_stored_once() {
         persistent_subscriber(broker.addr, id, "fan/#", 1).await;
     }
     publish_qos1(broker.addr, "fan/x", &[b"shared payload"], false).await;
-    // The PUBACK came after the write, so the counts are final now.
+    // The PUBACK came after the write, so the counts are final now: one record, listing the
+    // three deliveries.
     let counts = broker.broker().storage_key_counts().await;
     assert!(counts.contains(&("messages", 1)), "{counts:?}");
-    assert!(counts.contains(&("queue", 3)), "{counts:?}");
+    assert!(counts.contains(&("queue", 0)), "{counts:?}");
 
-    // Each session's acknowledgement releases one reference; the record goes with the last.
+    // Each session's acknowledgement releases one reference and masks its listed delivery;
+    // the record and the masks go with the last.
     for (i, id) in ["fan-1", "fan-2", "fan-3"].into_iter().enumerate() {
         let (mut client, _) =
             RawClient::handshake(broker.addr, &packets::connect_v4(id, false, 60)).await;
@@ -308,11 +310,80 @@ async fn a_message_for_many_persistent_sessions_is_stored_once() {
         client.send(&packets::DISCONNECT).await;
         client.expect_closed().await;
         let left = 2 - i;
+        let masks = if left > 0 { i + 1 } else { 0 };
         wait_for_storage(&broker, |count| {
-            count("queue") == left && count("messages") == usize::from(left > 0)
+            count("queue") == masks && count("messages") == usize::from(left > 0)
         })
         .await;
     }
+    broker.shutdown().await;
+}
+
+/// Connects `id` as a persistent 3.1.1 session and acknowledges every PUBLISH until the
+/// broker falls silent; returns the payloads in the order they came.
+async fn drain_session(addr: std::net::SocketAddr, id: &str) -> (bool, Vec<Vec<u8>>) {
+    let (mut client, connack) =
+        RawClient::handshake(addr, &packets::connect_v4(id, false, 60)).await;
+    let mut received = Vec::new();
+    while let Ok(Some(packet)) = client.recv_within(Duration::from_millis(300)).await {
+        assert_eq!(packet.packet_type(), PUBLISH, "{packet:?}");
+        let publish = parse_publish(&packet, false);
+        client.send(&packets::puback(publish.packet_id)).await;
+        received.push(publish.payload);
+    }
+    client.send(&packets::DISCONNECT).await;
+    client.expect_closed().await;
+    (connack.body[0] == 1, received)
+}
+
+#[tokio::test]
+async fn released_deliveries_stay_released_and_a_new_session_inherits_nothing_across_restarts() {
+    let broker = TestBroker::start().await;
+    for id in ["rel-a", "rel-b", "rel-c"] {
+        persistent_subscriber(broker.addr, id, "rel/#", 1).await;
+    }
+    publish_qos1(broker.addr, "rel/x", &[b"m1", b"m2", b"m3"], false).await;
+
+    // rel-a takes all three: its deliveries are masked, the records stay for rel-c.
+    let (present, got) = drain_session(broker.addr, "rel-a").await;
+    assert!(present);
+    assert_eq!(got, [b"m1", b"m2", b"m3"]);
+    wait_for_storage(&broker, |count| {
+        count("queue") == 3 && count("messages") == 3
+    })
+    .await;
+
+    // rel-b starts over: a clean session ends the old one, then a new persistent session
+    // for the same client id subscribes elsewhere. The records still list the old rel-b.
+    let (mut clean, _) =
+        RawClient::handshake(broker.addr, &packets::connect_v4("rel-b", true, 60)).await;
+    clean.send(&packets::DISCONNECT).await;
+    clean.expect_closed().await;
+    persistent_subscriber(broker.addr, "rel-b", "other/#", 1).await;
+
+    // Two restarts: one between the releases and the next publish, one after it, so the
+    // new delivery to rel-a is read back next to the records masking its old ones.
+    let broker = broker.restart().await;
+    publish_qos1(broker.addr, "rel/x", &[b"m4"], false).await;
+    let broker = broker.restart().await;
+
+    let (present, got) = drain_session(broker.addr, "rel-a").await;
+    assert!(present);
+    assert_eq!(got, [b"m4"], "rel-a: only what it had not acknowledged");
+    let (present, got) = drain_session(broker.addr, "rel-b").await;
+    assert!(present);
+    assert!(
+        got.is_empty(),
+        "the new rel-b got the old one's messages: {got:?}"
+    );
+    let (present, got) = drain_session(broker.addr, "rel-c").await;
+    assert!(present);
+    assert_eq!(got, [&b"m1"[..], b"m2", b"m3", b"m4"]);
+    let counts = wait_for_storage(&broker, |count| {
+        count("queue") == 0 && count("messages") == 0
+    })
+    .await;
+    assert!(counts.contains(&("sessions", 3)), "{counts:?}");
     broker.shutdown().await;
 }
 

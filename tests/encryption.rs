@@ -564,7 +564,8 @@ async fn the_cli_generates_keys_and_migrates_a_plain_directory() {
         .split_once('/')
         .unwrap();
     assert_eq!(done, total, "{stdout}");
-    assert!(total.parse::<u64>().unwrap() >= 4, "{stdout}");
+    // The session, its subscription and the message record (which lists the delivery).
+    assert!(total.parse::<u64>().unwrap() >= 3, "{stdout}");
     let leaked = files_containing(data_dir.path(), b"written in the clear");
     assert!(leaked.is_empty(), "{leaked:?}");
 

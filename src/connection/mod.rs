@@ -286,6 +286,7 @@ where
             .map(|will| (will_message(will.clone(), &client_id), will.delay_interval));
         let op = persist::session_put(
             &client_id,
+            attached.handle.store_id,
             version,
             session_expiry,
             None,
@@ -688,11 +689,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Packet::PubRec { packet_id, reason } => {
                 match self.session.inflight.on_pubrec(packet_id, reason >= 0x80) {
                     (PubRecOutcome::Release, _) => {
+                        let store_id = self.handle.store_id;
                         let ops = self
                             .session
                             .inflight
-                            .get(packet_id)
-                            .map(|entry| persist::pubrec_ops(&self.client_id, &entry.delivery))
+                            .get_mut(packet_id)
+                            .map(|entry| persist::pubrec_ops(store_id, &mut entry.delivery))
                             .unwrap_or_default();
                         self.reply_after(ops, |out, version| {
                             encode::ack(version, AckKind::PubRel, packet_id, 0, out)
@@ -760,7 +762,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// means a redelivery, which QoS 1 allows and QoS 2's PUBREL state covers).
     async fn release(&self, delivery: &Delivery) {
         let mut ops = Vec::new();
-        persist::release_ops(&self.client_id, delivery, &mut ops);
+        persist::release_ops(self.handle.store_id, delivery, &mut ops);
         persist::write_behind(&self.state, ops).await;
     }
 
@@ -1317,7 +1319,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
         for delivery in &expired {
-            persist::release_ops(&self.client_id, delivery, &mut self.releases);
+            persist::release_ops(self.handle.store_id, delivery, &mut self.releases);
         }
     }
 
@@ -1479,6 +1481,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     };
                     let op = persist::session_put(
                         &self.client_id,
+                        self.handle.store_id,
                         self.version,
                         self.session_expiry,
                         Some(SystemTime::now()),
@@ -1496,7 +1499,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let mut ops = Vec::new();
                 for delivery in &unplaced {
                     metrics::message_dropped(metrics::DROP_SESSION_ENDED);
-                    persist::release_ops(&self.client_id, delivery, &mut ops);
+                    persist::release_ops(self.handle.store_id, delivery, &mut ops);
                 }
                 persist::write_behind(&self.state, ops).await;
                 persist::finish_ended_sessions(&self.state, vec![ended]).await

@@ -132,6 +132,10 @@ impl Inflight {
         self.entries.iter().find(|e| e.packet_id == packet_id)
     }
 
+    pub fn get_mut(&mut self, packet_id: u16) -> Option<&mut OutboundEntry> {
+        self.entries.iter_mut().find(|e| e.packet_id == packet_id)
+    }
+
     fn remove_at(&mut self, index: usize) -> Option<OutboundEntry> {
         let entry = self.entries.remove(index)?;
         INFLIGHT.fetch_sub(1, Ordering::Relaxed);

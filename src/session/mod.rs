@@ -112,6 +112,9 @@ impl SessionInner {
 #[derive(Debug)]
 pub struct SessionHandle {
     pub client_id: Arc<str>,
+    /// Names the session in storage (`queue` keys, message records); never reused, so a new
+    /// session for the same client id is never mistaken for the old one's leftovers.
+    pub store_id: u64,
     pub mailbox: Mailbox,
     /// Whether a client is connected; read on the publish path without taking `inner`.
     online: AtomicBool,
@@ -143,12 +146,14 @@ pub struct SessionHandle {
 impl SessionHandle {
     pub fn new(
         client_id: Arc<str>,
+        store_id: u64,
         limits: Arc<QueueLimits>,
         guard: Arc<MemoryGuard>,
         first_seq: u64,
     ) -> Self {
         Self {
             client_id,
+            store_id,
             mailbox: Mailbox::new(limits, guard),
             online: AtomicBool::new(false),
             persistent: AtomicBool::new(false),
@@ -275,7 +280,7 @@ mod tests {
             qos0_first: false,
         });
         let guard = Arc::new(MemoryGuard::new(usize::MAX, usize::MAX - 1));
-        SessionHandle::new("c".into(), limits, guard, 0)
+        SessionHandle::new("c".into(), 1, limits, guard, 0)
     }
 
     #[test]

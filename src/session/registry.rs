@@ -39,6 +39,7 @@ pub struct Attached {
 #[derive(Debug)]
 pub struct EndedSession {
     pub client_id: Arc<str>,
+    pub store_id: u64,
     /// Deliveries that were queued or in flight; their storage references must be released.
     pub deliveries: Vec<Delivery>,
     /// Its will, due now that the session is over [MQTT-3.1.3-9].
@@ -93,6 +94,8 @@ pub struct SessionRegistry {
     limits: Arc<QueueLimits>,
     guard: Arc<MemoryGuard>,
     next_connection_id: AtomicU64,
+    /// Next session store id (`SessionHandle::store_id`); continues above what storage holds.
+    next_store_id: AtomicU64,
     /// Notified whenever a connection has finished closing; see [`Self::finished_closing`].
     finished_closing: Notify,
 }
@@ -104,6 +107,7 @@ impl SessionRegistry {
             limits: Arc::new(limits),
             guard,
             next_connection_id: AtomicU64::new(1),
+            next_store_id: AtomicU64::new(1),
             finished_closing: Notify::new(),
         }
     }
@@ -184,14 +188,31 @@ impl SessionRegistry {
         lock(&self.sessions).insert(handle.client_id.clone(), handle);
     }
 
-    /// A fresh, empty handle for a client id (not registered).
+    /// A fresh, empty handle for a client id (not registered), with a new store id.
     pub fn new_handle(&self, client_id: Arc<str>, first_seq: u64) -> SessionHandle {
+        let store_id = self.next_store_id.fetch_add(1, Ordering::Relaxed);
+        self.handle_with_store_id(client_id, store_id, first_seq)
+    }
+
+    /// An empty handle for a session read back from storage (not registered).
+    pub fn handle_with_store_id(
+        &self,
+        client_id: Arc<str>,
+        store_id: u64,
+        first_seq: u64,
+    ) -> SessionHandle {
         SessionHandle::new(
             client_id,
+            store_id,
             self.limits.clone(),
             self.guard.clone(),
             first_seq,
         )
+    }
+
+    /// New store ids continue from `next` (recovery: above every id storage mentions).
+    pub fn continue_store_ids_from(&self, next: u64) {
+        self.next_store_id.fetch_max(next, Ordering::Relaxed);
     }
 
     /// Attaches a new connection to the session of `client_id`, closing any connection that
@@ -414,6 +435,7 @@ fn end_session(
     }
     EndedSession {
         client_id: handle.client_id.clone(),
+        store_id: handle.store_id,
         deliveries,
         will,
         was_persistent,

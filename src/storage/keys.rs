@@ -21,7 +21,7 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     // All 0xFF: no finite successor; the caller's ranges never get here because a client
-    // prefix starts with a length below 0xFFFF.
+    // prefix starts with a length below 0xFFFF and store ids are counted up from 1.
     vec![0xFF; prefix.len() + 1]
 }
 
@@ -37,11 +37,30 @@ pub fn subscription(client_id: &str, filter: &str) -> Vec<u8> {
     key
 }
 
-/// `queue`: client prefix ‖ sequence number (big-endian, so a prefix scan reads in order).
-pub fn queue(client_id: &str, seq: u64) -> Vec<u8> {
-    let mut key = client_prefix(client_id);
+/// `queue`: the session's store id ‖ sequence number (both big-endian, so one session's
+/// records are one range, in order). Store ids are never reused, so a record an ended session
+/// left behind can never be read as the next session's.
+pub fn queue(store_id: u64, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(16);
+    key.extend_from_slice(&store_id.to_be_bytes());
     key.extend_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// The range of every `queue` record of one session, for a range delete.
+pub fn queue_range(store_id: u64) -> (Vec<u8>, Vec<u8>) {
+    let from = store_id.to_be_bytes().to_vec();
+    let to = prefix_end(&from);
+    (from, to)
+}
+
+/// The store id and sequence number of a `queue` key.
+pub fn split_queue(key: &[u8]) -> Option<(u64, u64)> {
+    let (store_id, seq) = key.split_at_checked(8)?;
+    Some((
+        u64::from_be_bytes(store_id.try_into().ok()?),
+        u64::from_be_bytes(seq.try_into().ok()?),
+    ))
 }
 
 /// `inbound`: client prefix ‖ packet id of a QoS 2 PUBLISH awaiting PUBREL.
@@ -93,18 +112,27 @@ mod tests {
     #[test]
     fn client_ranges_do_not_overlap_for_prefix_ids() {
         let a = client_prefix("a");
-        let ab_key = queue("ab", 0);
+        let ab_key = inbound("ab", 0);
         assert!(!ab_key.starts_with(&a));
         let end = prefix_end(&a);
-        assert!(queue("a", u64::MAX) < end);
-        assert!(queue("a", 0) >= a);
+        assert!(inbound("a", u16::MAX).as_slice() < end.as_slice());
+        assert!(inbound("a", 0) >= a);
         assert!(!(a.as_slice()..end.as_slice()).contains(&ab_key.as_slice()));
     }
 
     #[test]
-    fn queue_keys_sort_by_sequence() {
-        assert!(queue("c", 1) < queue("c", 2));
-        assert!(queue("c", 255) < queue("c", 256));
+    fn queue_keys_sort_by_sequence_within_their_session_range() {
+        assert!(queue(3, 1) < queue(3, 2));
+        assert!(queue(3, 255) < queue(3, 256));
+        let (from, to) = queue_range(3);
+        for key in [queue(3, 0), queue(3, u64::MAX)] {
+            assert!((from.as_slice()..to.as_slice()).contains(&key.as_slice()));
+        }
+        for key in [queue(2, u64::MAX), queue(4, 0)] {
+            assert!(!(from.as_slice()..to.as_slice()).contains(&key.as_slice()));
+        }
+        assert_eq!(split_queue(&queue(7, 9)), Some((7, 9)));
+        assert_eq!(split_queue(&[0; 15]), None);
     }
 
     #[test]

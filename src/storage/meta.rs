@@ -14,6 +14,10 @@ use super::{Cf, StorageError};
 
 const MARKER_KEY: &[u8] = b"encryption";
 const FORMAT: u8 = 1;
+const LAYOUT_KEY: &[u8] = b"layout";
+/// Version of the key and record layout. 2 (2026-11-25): `queue` keyed by session store id,
+/// deliveries listed in their message record.
+const LAYOUT: u8 = 2;
 
 pub(super) fn handle(db: &DB, cf: Cf) -> Result<&rocksdb::ColumnFamily, StorageError> {
     db.cf_handle(cf.name())
@@ -51,6 +55,39 @@ pub fn store(db: &DB, sealings: &[Sealing]) -> Result<(), StorageError> {
         &options,
     )?;
     Ok(())
+}
+
+/// Refuses a directory written in another layout; marks a new one with this layout.
+pub fn check_layout(db: &DB) -> Result<(), StorageError> {
+    match db.get_cf(handle(db, Cf::Meta)?, LAYOUT_KEY)? {
+        Some(value) if value.as_slice() == [LAYOUT] => Ok(()),
+        Some(value) => Err(StorageError::Layout(format!(
+            "the data directory uses storage layout {value:?}, this version reads layout \
+             {LAYOUT}; run the telemq version that wrote it, or start from an empty \
+             storage.data_dir"
+        ))),
+        None => {
+            for cf in [Cf::Sessions, Cf::Queue, Cf::Messages] {
+                if db
+                    .iterator_cf(handle(db, cf)?, IteratorMode::Start)
+                    .next()
+                    .is_some()
+                {
+                    return Err(StorageError::Layout(
+                        "the data directory holds sessions in storage layout 1 (telemq \
+                         before 2026-11-25), which this version cannot read; let the clients \
+                         drain their sessions with the version that wrote it, or start from \
+                         an empty storage.data_dir"
+                            .into(),
+                    ));
+                }
+            }
+            let mut options = WriteOptions::default();
+            options.set_sync(true);
+            db.put_cf_opt(handle(db, Cf::Meta)?, LAYOUT_KEY, [LAYOUT], &options)?;
+            Ok(())
+        }
+    }
 }
 
 /// Refuses a directory `keys` cannot read, then records that `keys` will write with its

@@ -67,6 +67,9 @@ pub enum StorageError {
     /// The data directory is sealed differently from what the configured keys can read.
     #[error("{0}")]
     Encryption(String),
+    /// The data directory was written in a key or record layout this version does not read.
+    #[error("{0}")]
+    Layout(String),
     /// A sealed record failed authentication: altered, moved to another key, or sealed with a
     /// key that is not configured. Reported and skipped, never decoded.
     #[error("stored record cannot be trusted: {0}")]
@@ -124,27 +127,89 @@ pub enum Op {
     Put(Cf, Vec<u8>, Vec<u8>),
     Delete(Cf, Vec<u8>),
     DeleteRange(Cf, Vec<u8>, Vec<u8>),
+    /// A stored delivery is finished or moved. What it writes depends on the other deliveries
+    /// of its message at the moment the writer thread gets to it, so it is decided there.
+    Release(Release),
 }
 
-/// A message record shared by the queue entries that reference it; the record is deleted
-/// when the last reference is released.
+/// A stored message record, referenced by the deliveries it lists and by `queue` entries;
+/// the record is deleted when the last reference is released.
+///
+/// Only the writer thread releases references (`Op::Release`), in the order requests reach
+/// it: so a `Released` record is never written after the delete that was meant to clean it
+/// up, whichever connection tasks raced to release the message's deliveries.
 #[derive(Debug)]
 pub struct StoredMessage {
     pub id: u64,
     refs: AtomicUsize,
+    /// Keys of the `Released` records written for this message; they go with the record.
+    released: Mutex<Vec<Vec<u8>>>,
 }
 
 impl StoredMessage {
     pub fn new(id: u64, refs: usize) -> Self {
+        Self::recovered(id, refs, Vec::new())
+    }
+
+    /// A record read back at start-up, with the `Released` records found for it.
+    pub fn recovered(id: u64, refs: usize, released: Vec<Vec<u8>>) -> Self {
         Self {
             id,
             refs: AtomicUsize::new(refs),
+            released: Mutex::new(released),
         }
     }
 
     /// Drops one reference; returns true when it was the last (the record must go).
-    pub fn release(&self) -> bool {
+    fn release(&self) -> bool {
         self.refs.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+}
+
+/// See [`Op::Release`].
+#[derive(Clone, Debug)]
+pub struct Release {
+    pub stored: Arc<StoredMessage>,
+    /// The delivery's `queue` key.
+    pub key: Vec<u8>,
+    /// False when the reference moves to another delivery (a shared hand-over).
+    pub drops_reference: bool,
+    /// The delivery is listed in the message record: while the record stays, this value (a
+    /// `Released` record, sealed with the rest of the request) is written at `key` to mask it.
+    pub mask: Option<Vec<u8>>,
+    /// The delivery has a `queue` entry of its own at `key`.
+    pub own_entry: bool,
+}
+
+impl PartialEq for Release {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.stored, &other.stored)
+            && self.key == other.key
+            && self.drops_reference == other.drops_reference
+            && self.mask == other.mask
+            && self.own_entry == other.own_entry
+    }
+}
+
+impl Eq for Release {}
+
+impl Release {
+    /// The writes this release comes to now (writer thread only).
+    fn resolve(self, out: &mut Vec<Op>) {
+        let stored = &self.stored;
+        if self.drops_reference && stored.release() {
+            out.push(Op::Delete(Cf::Messages, keys::message(stored.id)));
+            if self.own_entry {
+                out.push(Op::Delete(Cf::Queue, self.key));
+            }
+            let masks = std::mem::take(&mut *crate::sync::lock(&stored.released));
+            out.extend(masks.into_iter().map(|key| Op::Delete(Cf::Queue, key)));
+        } else if let Some(value) = self.mask {
+            crate::sync::lock(&stored.released).push(self.key.clone());
+            out.push(Op::Put(Cf::Queue, self.key, value));
+        } else if self.own_entry {
+            out.push(Op::Delete(Cf::Queue, self.key));
+        }
     }
 }
 
@@ -202,6 +267,7 @@ impl Storage {
         keys: KeyRing,
     ) -> Result<(Self, Recovered), StorageError> {
         let db = Arc::new(open_db(path)?);
+        meta::check_layout(&db)?;
         meta::check_and_mark(&db, &keys)?;
         let started = Instant::now();
         let recovered = recovery::load(&db, &keys)?;
@@ -251,7 +317,7 @@ impl Storage {
             let key = keys::message(id);
             match self.keys.open(Cf::Messages, &key, &value) {
                 Ok(plain) => {
-                    found.insert(id, records::decode_message(&plain)?);
+                    found.insert(id, records::decode_stored_message_only(&plain)?);
                 }
                 Err(error @ StorageError::Unauthentic(_)) => {
                     report_unauthentic(Cf::Messages, &key, &error);
@@ -310,8 +376,18 @@ impl Storage {
             return Ok(ops);
         }
         for op in &mut ops {
-            if let Op::Put(cf, key, value) = op {
-                *value = self.keys.seal(*cf, key, std::mem::take(value))?;
+            match op {
+                Op::Put(cf, key, value) => {
+                    *value = self.keys.seal(*cf, key, std::mem::take(value))?;
+                }
+                Op::Release(Release {
+                    key,
+                    mask: Some(value),
+                    ..
+                }) => {
+                    *value = self.keys.seal(Cf::Queue, key, std::mem::take(value))?;
+                }
+                _ => {}
             }
         }
         Ok(ops)
@@ -394,17 +470,24 @@ fn write_loop(db: &DB, mut receiver: mpsc::Receiver<Request>, durability: Durabi
     let mut write_options = WriteOptions::default();
     write_options.set_sync(durability == Durability::Fsync);
     let mut waiters = Vec::with_capacity(MAX_BATCH_REQUESTS);
+    // Kept from batch to batch: under load each batch is about as large as the last.
+    let mut ops = Vec::new();
+    let mut order = Vec::new();
     while let Some(first) = receiver.blocking_recv() {
         let mut batch = WriteBatch::default();
         let mut close = None;
         let mut requests = 0usize;
         let mut next = Some(first);
-        let mut ops = Vec::new();
         while let Some(request) = next.take() {
             match request {
                 Request::Write { ops: more, done } => {
                     requests += 1;
-                    ops.extend(more);
+                    for op in more {
+                        match op {
+                            Op::Release(release) => release.resolve(&mut ops),
+                            op => ops.push(op),
+                        }
+                    }
                     waiters.extend(done);
                 }
                 Request::Close(done) => {
@@ -416,10 +499,11 @@ fn write_loop(db: &DB, mut receiver: mpsc::Receiver<Request>, durability: Durabi
                 next = receiver.try_recv().ok();
             }
         }
-        sort_point_ops(&mut ops);
-        for op in ops {
-            add_to_batch(db, &mut batch, op);
+        sort_point_ops(&ops, &mut order);
+        for &(_, index) in &order {
+            add_to_batch(db, &mut batch, &ops[index as usize]);
         }
+        ops.clear();
         let result = if batch.is_empty() {
             Ok(())
         } else {
@@ -446,42 +530,59 @@ fn write_loop(db: &DB, mut receiver: mpsc::Receiver<Request>, durability: Durabi
     }
 }
 
-/// Orders each run of point writes (puts and deletes between range deletes) by column family
-/// and key. Writes to different keys commute and the sort is stable, so the batch means the
-/// same; but the memtable's skip list inserts keys that arrive in order next to the previous
-/// one instead of searching from the top, and a batch of messages for many sessions otherwise
-/// interleaves every session's queue keys.
-fn sort_point_ops(ops: &mut [Op]) {
+/// The order to apply `ops` in, as (run, index into `ops`): within each run of point writes
+/// (between range deletes), sorted by column family and key, keeping the submitted order of
+/// writes to the same key. Writes to different keys commute, so the batch means the same;
+/// sorted, each session's keys reach the memtable's skip list in order, each inserted next to
+/// the previous one. Sorting indices in place, rather than the ops with a stable sort, needs no
+/// scratch allocation per batch.
+fn sort_point_ops(ops: &[Op], order: &mut Vec<(u32, u32)>) {
     fn cf_and_key(op: &Op) -> (usize, &[u8]) {
         match op {
             Op::Put(cf, key, _) | Op::Delete(cf, key) | Op::DeleteRange(cf, key, _) => {
                 (*cf as usize, key.as_slice())
             }
+            Op::Release(release) => (Cf::Queue as usize, release.key.as_slice()),
         }
     }
-    for run in ops.split_mut(|op| matches!(op, Op::DeleteRange(..))) {
-        run.sort_by(|a, b| cf_and_key(a).cmp(&cf_and_key(b)));
+    order.clear();
+    let mut run = 0u32;
+    for (index, op) in ops.iter().enumerate() {
+        if matches!(op, Op::DeleteRange(..)) {
+            order.push((run + 1, index as u32));
+            run += 2;
+        } else {
+            order.push((run, index as u32));
+        }
     }
+    order.sort_unstable_by(|&(run_a, a), &(run_b, b)| {
+        run_a
+            .cmp(&run_b)
+            .then_with(|| cf_and_key(&ops[a as usize]).cmp(&cf_and_key(&ops[b as usize])))
+            .then(a.cmp(&b))
+    });
 }
 
-fn add_to_batch(db: &DB, batch: &mut WriteBatch, op: Op) {
+fn add_to_batch(db: &DB, batch: &mut WriteBatch, op: &Op) {
     let cf_of = |cf: Cf| db.cf_handle(cf.name());
     match op {
         Op::Put(cf, key, value) => {
-            if let Some(handle) = cf_of(cf) {
+            if let Some(handle) = cf_of(*cf) {
                 batch.put_cf(handle, key, value);
             }
         }
         Op::Delete(cf, key) => {
-            if let Some(handle) = cf_of(cf) {
+            if let Some(handle) = cf_of(*cf) {
                 batch.delete_cf(handle, key);
             }
         }
         Op::DeleteRange(cf, from, to) => {
-            if let Some(handle) = cf_of(cf) {
+            if let Some(handle) = cf_of(*cf) {
                 batch.delete_range_cf(handle, from, to);
             }
         }
+        // Resolved into the ops above before the batch is built.
+        Op::Release(_) => {}
     }
 }
 
@@ -508,13 +609,80 @@ mod tests {
                 Op::DeleteRange(cf, from, _) => {
                     format!("range {} {}", cf.name(), String::from_utf8_lossy(from))
                 }
+                Op::Release(release) => format!("release {:?}", release.key),
             })
             .collect()
     }
 
+    fn sorted(ops: &[Op]) -> Vec<Op> {
+        let mut order = Vec::new();
+        sort_point_ops(ops, &mut order);
+        order
+            .iter()
+            .map(|&(_, i)| ops[i as usize].clone())
+            .collect()
+    }
+
+    fn release(stored: &Arc<StoredMessage>, key: &[u8], listed: bool, own_entry: bool) -> Release {
+        Release {
+            stored: stored.clone(),
+            key: key.to_vec(),
+            drops_reference: true,
+            mask: listed.then(|| b"R".to_vec()),
+            own_entry,
+        }
+    }
+
+    fn resolve(release: Release) -> Vec<String> {
+        let mut out = Vec::new();
+        release.resolve(&mut out);
+        describe(&out)
+    }
+
+    #[test]
+    fn releases_mask_listed_deliveries_until_the_last_one_deletes_record_entries_and_masks() {
+        let stored = Arc::new(StoredMessage::new(0x41, 3));
+        assert_eq!(
+            resolve(release(&stored, b"s1", true, false)),
+            ["put queue s1 R"]
+        );
+        // Past PUBREC, the delivery's own entry is overwritten by the mask.
+        assert_eq!(
+            resolve(release(&stored, b"s2", true, true)),
+            ["put queue s2 R"]
+        );
+        assert_eq!(
+            resolve(release(&stored, b"s3", true, true)),
+            [
+                "del messages \0\0\0\0\0\0\0A".to_string(),
+                "del queue s3".into(),
+                "del queue s1".into(),
+                "del queue s2".into(),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unlisted_delivery_deletes_its_entry_and_a_moved_one_keeps_its_reference() {
+        let stored = Arc::new(StoredMessage::new(1, 2));
+        let moved = Release {
+            drops_reference: false,
+            ..release(&stored, b"old", true, false)
+        };
+        assert_eq!(resolve(moved), ["put queue old R"]);
+        assert_eq!(
+            resolve(release(&stored, b"new", false, true)),
+            ["del queue new"]
+        );
+        let last = resolve(release(&stored, b"other", false, true));
+        assert_eq!(last.len(), 3, "{last:?}");
+        assert!(last[0].starts_with("del messages"));
+        assert_eq!(last[1..], ["del queue other", "del queue old"]);
+    }
+
     #[test]
     fn point_writes_are_sorted_without_reordering_writes_to_one_key_or_across_range_deletes() {
-        let mut ops = vec![
+        let ops = vec![
             put(Cf::Queue, b"b1", b"x"),
             put(Cf::Messages, b"m1", b"x"),
             put(Cf::Queue, b"a1", b"x"),
@@ -524,9 +692,8 @@ mod tests {
             put(Cf::Queue, b"a2", b"x"),
             put(Cf::Queue, b"a0", b"x"),
         ];
-        sort_point_ops(&mut ops);
         assert_eq!(
-            describe(&ops),
+            describe(&sorted(&ops)),
             [
                 "put queue a1 x",
                 "del queue a1",

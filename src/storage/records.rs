@@ -74,6 +74,19 @@ impl<'a> Reader<'a> {
         Ok(u64::from_be_bytes(b))
     }
 
+    /// LEB128, at most ten bytes.
+    fn varint(&mut self) -> Result<u64, StorageError> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8()?;
+            value |= u64::from(byte & 0x7F) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(self.corrupt("varint too long"))
+    }
+
     fn bytes16(&mut self) -> Result<&'a [u8], StorageError> {
         let len = usize::from(self.u16()?);
         self.take(len)
@@ -110,15 +123,28 @@ fn put_bytes16(out: &mut Vec<u8>, data: &[u8]) {
     out.put_slice(data);
 }
 
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.put_u8((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.put_u8(value as u8);
+}
+
 fn put_bytes32(out: &mut Vec<u8>, data: &[u8]) {
     out.put_u32(data.len() as u32);
     out.put_slice(data);
 }
 
 pub fn encode_message(message: &Message) -> Vec<u8> {
-    let props = &message.properties;
     let mut out = Vec::with_capacity(32 + message.topic.len() + message.payload.len());
     out.put_u8(FORMAT);
+    put_message_body(&mut out, message);
+    out
+}
+
+fn put_message_body(out: &mut Vec<u8>, message: &Message) {
+    let props = &message.properties;
     let flags = (message.qos as u8)
         | (u8::from(message.retain) << 2)
         | (u8::from(message.expires_at.is_some()) << 3)
@@ -127,9 +153,9 @@ pub fn encode_message(message: &Message) -> Vec<u8> {
     if let Some(at) = message.expires_at {
         out.put_u64(unix_ms(at));
     }
-    put_bytes16(&mut out, message.topic.as_bytes());
+    put_bytes16(out, message.topic.as_bytes());
     if let Some(publisher) = &message.publisher {
-        put_bytes16(&mut out, publisher.as_bytes());
+        put_bytes16(out, publisher.as_bytes());
     }
     let present = u8::from(props.payload_format_indicator.is_some())
         | (u8::from(props.message_expiry_interval.is_some()) << 1)
@@ -144,25 +170,30 @@ pub fn encode_message(message: &Message) -> Vec<u8> {
         out.put_u32(v);
     }
     if let Some(v) = &props.content_type {
-        put_bytes16(&mut out, v.as_bytes());
+        put_bytes16(out, v.as_bytes());
     }
     if let Some(v) = &props.response_topic {
-        put_bytes16(&mut out, v.as_bytes());
+        put_bytes16(out, v.as_bytes());
     }
     if let Some(v) = &props.correlation_data {
-        put_bytes16(&mut out, v);
+        put_bytes16(out, v);
     }
     out.put_u32(props.user_properties.len() as u32);
     for (key, value) in &props.user_properties {
-        put_bytes16(&mut out, key.as_bytes());
-        put_bytes16(&mut out, value.as_bytes());
+        put_bytes16(out, key.as_bytes());
+        put_bytes16(out, value.as_bytes());
     }
-    put_bytes32(&mut out, &message.payload);
-    out
+    put_bytes32(out, &message.payload);
 }
 
 pub fn decode_message(data: &[u8]) -> Result<Message, StorageError> {
     let mut r = Reader::new(data, "message")?;
+    let message = read_message_body(&mut r)?;
+    r.finish()?;
+    Ok(message)
+}
+
+fn read_message_body(r: &mut Reader<'_>) -> Result<Message, StorageError> {
     let flags = r.u8()?;
     let qos = QoS::from_u8(flags & 0b11).ok_or_else(|| r.corrupt("QoS out of range"))?;
     let retain = flags & 0b100 != 0;
@@ -199,7 +230,6 @@ pub fn decode_message(data: &[u8]) -> Result<Message, StorageError> {
         properties.user_properties.push((r.string()?, r.string()?));
     }
     let payload = Bytes::copy_from_slice(r.bytes32()?);
-    r.finish()?;
     Ok(Message {
         topic: topic.into(),
         payload,
@@ -211,8 +241,97 @@ pub fn decode_message(data: &[u8]) -> Result<Message, StorageError> {
     })
 }
 
-/// One entry of a session's queue: a reference to a stored message and what the subscription
-/// decided about it.
+/// A delivery listed in a stored message record: which session's queue holds it, at which
+/// position, and what the subscription decided about it. Listing the deliveries in the message
+/// record makes a message for N offline sessions one write instead of N + 1.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredTarget {
+    /// The session's storage id (`SessionRecord::store_id`).
+    pub store_id: u64,
+    pub seq: u64,
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+}
+
+/// What [`encode_stored_message`] needs of one delivery, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct TargetRef<'a> {
+    pub store_id: u64,
+    pub seq: u64,
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: &'a [u32],
+}
+
+/// A `messages` record: the message, then the deliveries it was queued for. Numbers in the
+/// list are varints: store ids and sequence numbers are small, and this list is most of what
+/// a fan-out to offline sessions writes.
+/// `count` is the number of `targets`.
+pub fn encode_stored_message<'a>(
+    message: &Message,
+    count: usize,
+    targets: impl Iterator<Item = TargetRef<'a>>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(40 + message.topic.len() + message.payload.len() + 8 * count);
+    out.put_u8(FORMAT);
+    put_message_body(&mut out, message);
+    put_varint(&mut out, count as u64);
+    let mut written = 0;
+    for target in targets {
+        written += 1;
+        put_varint(&mut out, target.store_id);
+        put_varint(&mut out, target.seq);
+        out.put_u8(target.qos as u8 | (u8::from(target.retain) << 2));
+        put_varint(&mut out, target.subscription_ids.len() as u64);
+        for &id in target.subscription_ids {
+            put_varint(&mut out, u64::from(id));
+        }
+    }
+    debug_assert_eq!(written, count, "target count");
+    out
+}
+
+/// Only the message of a `messages` record, for reading a spilled queue back: the delivery
+/// list (as long as the fan-out) is neither decoded nor checked.
+pub fn decode_stored_message_only(data: &[u8]) -> Result<Message, StorageError> {
+    read_message_body(&mut Reader::new(data, "message")?)
+}
+
+pub fn decode_stored_message(data: &[u8]) -> Result<(Message, Vec<StoredTarget>), StorageError> {
+    let mut r = Reader::new(data, "message")?;
+    let message = read_message_body(&mut r)?;
+    let count = r.varint()?;
+    // Every target takes at least four bytes: a corrupt count cannot reserve more than the
+    // record could hold.
+    let mut targets = Vec::with_capacity((count as usize).min(r.data.len() / 4));
+    for _ in 0..count {
+        let store_id = r.varint()?;
+        let seq = r.varint()?;
+        let flags = r.u8()?;
+        let qos = QoS::from_u8(flags & 0b11).ok_or_else(|| r.corrupt("QoS out of range"))?;
+        let ids = r.varint()?;
+        let mut subscription_ids = Vec::with_capacity((ids as usize).min(r.data.len()));
+        for _ in 0..ids {
+            let id = u32::try_from(r.varint()?)
+                .map_err(|_| r.corrupt("subscription id out of range"))?;
+            subscription_ids.push(id);
+        }
+        targets.push(StoredTarget {
+            store_id,
+            seq,
+            qos,
+            retain: flags & 0b100 != 0,
+            subscription_ids,
+        });
+    }
+    r.finish()?;
+    Ok((message, targets))
+}
+
+/// A delivery with a `queue` record of its own: one that is not listed in its message record
+/// (handed to another member of a shared subscription), or a listed one whose state changed
+/// since (past PUBREC).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueEntry {
     pub message_id: u64,
@@ -224,9 +343,24 @@ pub struct QueueEntry {
     pub subscription_ids: Vec<u32>,
 }
 
+/// A `queue` record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueueValue {
+    Entry(QueueEntry),
+    /// The delivery of `message_id` listed at this key is finished: the message record still
+    /// lists it because other sessions hold the message. Deleted with the message record.
+    Released {
+        message_id: u64,
+    },
+}
+
+const QUEUE_ENTRY: u8 = 0;
+const QUEUE_RELEASED: u8 = 1;
+
 pub fn encode_queue_entry(entry: &QueueEntry) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + 4 * entry.subscription_ids.len());
+    let mut out = Vec::with_capacity(17 + 4 * entry.subscription_ids.len());
     out.put_u8(FORMAT);
+    out.put_u8(QUEUE_ENTRY);
     out.put_u64(entry.message_id);
     out.put_u8(entry.qos as u8);
     out.put_u8(u8::from(entry.retain) | (u8::from(entry.awaiting_pubcomp) << 1));
@@ -237,29 +371,49 @@ pub fn encode_queue_entry(entry: &QueueEntry) -> Vec<u8> {
     out
 }
 
-pub fn decode_queue_entry(data: &[u8]) -> Result<QueueEntry, StorageError> {
+pub fn encode_released(message_id: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10);
+    out.put_u8(FORMAT);
+    out.put_u8(QUEUE_RELEASED);
+    out.put_u64(message_id);
+    out
+}
+
+pub fn decode_queue_value(data: &[u8]) -> Result<QueueValue, StorageError> {
     let mut r = Reader::new(data, "queue")?;
+    let kind = r.u8()?;
     let message_id = r.u64()?;
-    let qos = r.qos()?;
-    let flags = r.u8()?;
-    let count = r.u16()?;
-    let mut subscription_ids = Vec::with_capacity(usize::from(count));
-    for _ in 0..count {
-        subscription_ids.push(r.u32()?);
-    }
+    let value = match kind {
+        QUEUE_ENTRY => {
+            let qos = r.qos()?;
+            let flags = r.u8()?;
+            let count = r.u16()?;
+            let mut subscription_ids = Vec::with_capacity(usize::from(count));
+            for _ in 0..count {
+                subscription_ids.push(r.u32()?);
+            }
+            QueueValue::Entry(QueueEntry {
+                message_id,
+                qos,
+                retain: flags & 1 != 0,
+                awaiting_pubcomp: flags & 2 != 0,
+                subscription_ids,
+            })
+        }
+        QUEUE_RELEASED => QueueValue::Released { message_id },
+        _ => return Err(r.corrupt("unknown queue record kind")),
+    };
     r.finish()?;
-    Ok(QueueEntry {
-        message_id,
-        qos,
-        retain: flags & 1 != 0,
-        awaiting_pubcomp: flags & 2 != 0,
-        subscription_ids,
-    })
+    Ok(value)
 }
 
 /// A persistent session as stored: enough to rebuild it after a restart.
 #[derive(Debug)]
 pub struct SessionRecord {
+    /// Names the session in `queue` keys and message records. A new session for the same
+    /// client id gets a new one, so nothing left of an ended session is ever taken for the
+    /// new one's.
+    pub store_id: u64,
     /// 3, 4 or 5.
     pub protocol_level: u8,
     pub expiry_interval: u32,
@@ -279,6 +433,7 @@ pub struct StoredWill {
 pub fn encode_session(record: &SessionRecord) -> Vec<u8> {
     let mut out = Vec::with_capacity(32);
     out.put_u8(FORMAT);
+    out.put_u64(record.store_id);
     out.put_u8(record.protocol_level);
     out.put_u32(record.expiry_interval);
     out.put_u64(record.disconnected_at.map_or(0, unix_ms));
@@ -296,6 +451,7 @@ pub fn encode_session(record: &SessionRecord) -> Vec<u8> {
 
 pub fn decode_session(data: &[u8]) -> Result<SessionRecord, StorageError> {
     let mut r = Reader::new(data, "session")?;
+    let store_id = r.u64()?;
     let protocol_level = r.u8()?;
     let expiry_interval = r.u32()?;
     let disconnected_at = match r.u64()? {
@@ -320,6 +476,7 @@ pub fn decode_session(data: &[u8]) -> Result<SessionRecord, StorageError> {
     };
     r.finish()?;
     Ok(SessionRecord {
+        store_id,
         protocol_level,
         expiry_interval,
         disconnected_at,
@@ -434,11 +591,18 @@ mod tests {
             subscription_ids: vec![1, 70_000],
         };
         assert_eq!(
-            decode_queue_entry(&encode_queue_entry(&entry)).unwrap(),
-            entry
+            decode_queue_value(&encode_queue_entry(&entry)).unwrap(),
+            QueueValue::Entry(entry)
+        );
+        assert_eq!(
+            decode_queue_value(&encode_released(u64::MAX)).unwrap(),
+            QueueValue::Released {
+                message_id: u64::MAX
+            }
         );
 
         let record = SessionRecord {
+            store_id: 1 << 40,
             protocol_level: 5,
             expiry_interval: 3600,
             disconnected_at: Some(from_unix_ms(1_700_000_000_000)),
@@ -449,6 +613,7 @@ mod tests {
             }),
         };
         let decoded = decode_session(&encode_session(&record)).unwrap();
+        assert_eq!(decoded.store_id, 1 << 40);
         assert_eq!(decoded.protocol_level, 5);
         assert_eq!(decoded.expiry_interval, 3600);
         assert_eq!(decoded.disconnected_at, record.disconnected_at);
@@ -468,6 +633,103 @@ mod tests {
             decode_subscription(&encode_subscription(&options)).unwrap(),
             options
         );
+    }
+
+    fn sample_targets() -> Vec<StoredTarget> {
+        vec![
+            StoredTarget {
+                store_id: 0,
+                seq: 0,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                subscription_ids: Vec::new(),
+            },
+            StoredTarget {
+                store_id: u64::MAX,
+                seq: 1 << 35,
+                qos: QoS::ExactlyOnce,
+                retain: true,
+                subscription_ids: vec![1, 268_435_455],
+            },
+        ]
+    }
+
+    fn target_refs(targets: &[StoredTarget]) -> impl Iterator<Item = TargetRef<'_>> {
+        targets.iter().map(|t| TargetRef {
+            store_id: t.store_id,
+            seq: t.seq,
+            qos: t.qos,
+            retain: t.retain,
+            subscription_ids: &t.subscription_ids,
+        })
+    }
+
+    #[test]
+    fn stored_messages_round_trip_with_their_targets() {
+        let targets = sample_targets();
+        let encoded =
+            encode_stored_message(&sample_message(), targets.len(), target_refs(&targets));
+        let (message, decoded) = decode_stored_message(&encoded).unwrap();
+        assert_same(&message, &sample_message());
+        assert_eq!(decoded, targets);
+        assert_same(
+            &decode_stored_message_only(&encoded).unwrap(),
+            &sample_message(),
+        );
+        let (_, none) = decode_stored_message(&encode_stored_message(
+            &sample_message(),
+            0,
+            target_refs(&[]),
+        ))
+        .unwrap();
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn every_truncation_of_a_stored_message_or_queue_record_is_reported() {
+        let targets = sample_targets();
+        let encoded =
+            encode_stored_message(&sample_message(), targets.len(), target_refs(&targets));
+        for cut in 0..encoded.len() {
+            assert!(
+                decode_stored_message(&encoded[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let entry = encode_queue_entry(&QueueEntry {
+            message_id: 7,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            awaiting_pubcomp: false,
+            subscription_ids: vec![3],
+        });
+        for record in [entry, encode_released(7)] {
+            for cut in 0..record.len() {
+                assert!(decode_queue_value(&record[..cut]).is_err(), "cut at {cut}");
+            }
+            let mut trailing = record.clone();
+            trailing.push(0);
+            assert!(decode_queue_value(&trailing).is_err());
+        }
+        // A count no record could hold is refused without reserving room for it.
+        let mut huge = encode_message(&sample_message());
+        put_varint(&mut huge, u64::MAX);
+        assert!(decode_stored_message(&huge).is_err());
+    }
+
+    #[test]
+    fn varints_round_trip_at_their_boundaries() {
+        for value in [0, 127, 128, 16_383, 16_384, u64::from(u32::MAX), u64::MAX] {
+            let mut out = vec![FORMAT];
+            put_varint(&mut out, value);
+            let mut r = Reader::new(&out, "test").unwrap();
+            assert_eq!(r.varint().unwrap(), value);
+            r.finish().unwrap();
+        }
+        let overlong = [
+            FORMAT, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01,
+        ];
+        assert!(Reader::new(&overlong, "test").unwrap().varint().is_err());
     }
 
     #[test]

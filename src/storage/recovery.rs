@@ -1,13 +1,13 @@
 //! Reading everything back at start-up.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use rocksdb::{IteratorMode, DB};
 
 use super::cipher::KeyRing;
 use super::keys;
-use super::records::{self, QueueEntry, SessionRecord};
+use super::records::{self, QueueValue, SessionRecord, StoredTarget};
 use super::{report_unauthentic, Cf, StorageError};
 use crate::message::Message;
 use crate::router::SubscriptionOptions;
@@ -18,8 +18,24 @@ pub struct RecoveredSession {
     pub record: SessionRecord,
     pub subscriptions: Vec<(String, SubscriptionOptions)>,
     pub inbound_qos2: Vec<u16>,
-    /// Queue entries in sequence order.
-    pub queue: Vec<(u64, QueueEntry)>,
+    /// Deliveries in sequence order.
+    pub queue: Vec<RecoveredDelivery>,
+    /// Above every sequence number storage holds for the session, released ones included.
+    pub next_seq: u64,
+}
+
+/// A queued delivery as storage holds it: listed in its message record, with a `queue`
+/// entry of its own, or both (the entry then says what changed since).
+#[derive(Debug, PartialEq, Eq)]
+pub struct RecoveredDelivery {
+    pub seq: u64,
+    pub message_id: u64,
+    pub qos: crate::protocol::QoS,
+    pub retain: bool,
+    pub awaiting_pubcomp: bool,
+    pub subscription_ids: Vec<u32>,
+    pub listed: bool,
+    pub own_entry: bool,
 }
 
 /// Everything the storage held, decoded.
@@ -27,11 +43,18 @@ pub struct RecoveredSession {
 pub struct Recovered {
     pub retained: Vec<Message>,
     pub sessions: Vec<RecoveredSession>,
-    /// Message records by id; queue entries refer to them.
+    /// Message records by id; deliveries refer to them.
     pub messages: HashMap<u64, Arc<Message>>,
+    /// Keys of the `Released` records of each message.
+    pub released: HashMap<u64, Vec<Vec<u8>>>,
+    /// `queue` records nothing explains: of a session that is gone, or masking or referencing
+    /// a message that is gone. Deleted at start-up.
+    pub stale_queue_keys: Vec<Vec<u8>>,
     /// Delayed messages: (due, in milliseconds since the Unix epoch, id, message), in due order.
     pub delayed: Vec<(u64, u64, Message)>,
     pub next_message_id: u64,
+    /// Above every session store id storage mentions.
+    pub next_store_id: u64,
 }
 
 impl Recovered {
@@ -77,15 +100,16 @@ pub fn load(db: &DB, keys: &KeyRing) -> Result<Recovered, StorageError> {
     })?;
 
     let mut max_id = 0;
+    let mut targets: Vec<(u64, Vec<StoredTarget>)> = Vec::new();
     scan(db, keys, Cf::Messages, |key, value| {
         let id = u64::from_be_bytes(
             key.try_into()
                 .map_err(|_| StorageError::Corrupt("malformed message key".into()))?,
         );
         max_id = max_id.max(id);
-        recovered
-            .messages
-            .insert(id, Arc::new(records::decode_message(value)?));
+        let (message, listed) = records::decode_stored_message(value)?;
+        recovered.messages.insert(id, Arc::new(message));
+        targets.push((id, listed));
         Ok(())
     })?;
     scan(db, keys, Cf::Delayed, |key, value| {
@@ -112,6 +136,7 @@ pub fn load(db: &DB, keys: &KeyRing) -> Result<Recovered, StorageError> {
                 subscriptions: Vec::new(),
                 inbound_qos2: Vec::new(),
                 queue: Vec::new(),
+                next_seq: 0,
             },
         );
         Ok(())
@@ -137,19 +162,93 @@ pub fn load(db: &DB, keys: &KeyRing) -> Result<Recovered, StorageError> {
         }
         Ok(())
     })?;
+    let mut queue: HashMap<(u64, u64), QueueValue> = HashMap::new();
     scan(db, keys, Cf::Queue, |key, value| {
-        let (client_id, rest) = client_key(key, Cf::Queue)?;
-        let seq = u64::from_be_bytes(
-            rest.try_into()
-                .map_err(|_| StorageError::Corrupt("malformed queue key".into()))?,
-        );
-        if let Some(session) = sessions.get_mut(client_id) {
-            session
-                .queue
-                .push((seq, records::decode_queue_entry(value)?));
-        }
+        let position = keys::split_queue(key)
+            .ok_or_else(|| StorageError::Corrupt("malformed queue key".into()))?;
+        queue.insert(position, records::decode_queue_value(value)?);
         Ok(())
     })?;
-    recovered.sessions = sessions.into_values().collect();
+
+    let mut sessions: Vec<RecoveredSession> = sessions.into_values().collect();
+    let by_store: HashMap<u64, usize> = sessions
+        .iter()
+        .enumerate()
+        .map(|(index, session)| (session.record.store_id, index))
+        .collect();
+    let mut max_store = sessions.iter().map(|s| s.record.store_id).max();
+    let mut note_position = |sessions: &mut Vec<RecoveredSession>, (store_id, seq): (u64, u64)| {
+        max_store = max_store.max(Some(store_id));
+        if let Some(&index) = by_store.get(&store_id) {
+            let session = &mut sessions[index];
+            session.next_seq = session.next_seq.max(seq + 1);
+        }
+    };
+
+    // Listed deliveries, unless a `queue` record masks them or says more about them.
+    let mut listed_with_entry = HashSet::new();
+    for (message_id, listed) in targets {
+        for target in listed {
+            let position = (target.store_id, target.seq);
+            note_position(&mut sessions, position);
+            match queue.get(&position) {
+                Some(QueueValue::Released { message_id: of }) if *of == message_id => {
+                    queue.remove(&position);
+                    recovered
+                        .released
+                        .entry(message_id)
+                        .or_default()
+                        .push(keys::queue(position.0, position.1));
+                    continue;
+                }
+                Some(QueueValue::Entry(entry)) if entry.message_id == message_id => {
+                    listed_with_entry.insert(position);
+                    continue;
+                }
+                _ => {}
+            }
+            if let Some(&index) = by_store.get(&target.store_id) {
+                sessions[index].queue.push(RecoveredDelivery {
+                    seq: target.seq,
+                    message_id,
+                    qos: target.qos,
+                    retain: target.retain,
+                    awaiting_pubcomp: false,
+                    subscription_ids: target.subscription_ids,
+                    listed: true,
+                    own_entry: false,
+                });
+            }
+        }
+    }
+    // Deliveries with an entry of their own.
+    for (position, value) in queue {
+        note_position(&mut sessions, position);
+        let session = by_store.get(&position.0).copied();
+        match (value, session) {
+            (QueueValue::Entry(entry), Some(index))
+                if recovered.messages.contains_key(&entry.message_id) =>
+            {
+                sessions[index].queue.push(RecoveredDelivery {
+                    seq: position.1,
+                    message_id: entry.message_id,
+                    qos: entry.qos,
+                    retain: entry.retain,
+                    awaiting_pubcomp: entry.awaiting_pubcomp,
+                    subscription_ids: entry.subscription_ids,
+                    listed: listed_with_entry.contains(&position),
+                    own_entry: true,
+                });
+            }
+            _ => recovered
+                .stale_queue_keys
+                .push(keys::queue(position.0, position.1)),
+        }
+    }
+    for session in &mut sessions {
+        session.queue.sort_unstable_by_key(|delivery| delivery.seq);
+    }
+    recovered.sessions = sessions;
+    recovered.next_store_id = max_store.map_or(1, |id| id + 1);
     Ok(recovered)
 }
