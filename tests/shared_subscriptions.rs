@@ -304,3 +304,54 @@ async fn with_no_member_online_persistent_members_queue_and_keep_it_across_a_res
     assert_eq!(got[0].len(), 5, "round robin over the two offline members");
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn deliveries_handed_to_an_offline_member_stay_with_it_across_a_restart() {
+    let broker = TestBroker::start().await;
+    let (mut stayer, _) = V5Client::connect_persistent(broker.addr, "stayer", 3600).await;
+    stayer.subscribe("$share/g/jobs", QoS::AtLeastOnce).await;
+    stayer.disconnect().await;
+    let mut options = V5Client::options(broker.addr, "leaver");
+    options
+        .set_manual_acks(true)
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(3600));
+    let (mut leaver, _) = V5Client::connect_with(options).await;
+    leaver.subscribe("$share/g/jobs", QoS::AtLeastOnce).await;
+    let (mut publisher, _) = V5Client::connect(broker.addr, "producer").await;
+    for i in 0..10 {
+        publisher
+            .publish("jobs", QoS::AtLeastOnce, false, i.to_string())
+            .await;
+    }
+    // The online member gets all ten, stored as its deliveries, and acknowledges none.
+    for _ in 0..10 {
+        leaver.next_publish().await;
+    }
+    // Its connection goes: the ten move to the offline member, in storage too (an entry of
+    // the stayer's and a record masking the leaver's delivery for each).
+    leaver.abort().await;
+    drop(publisher);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let counts = broker.broker().storage_key_counts().await;
+        if counts.contains(&("queue", 20)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not handed over: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let broker = broker.restart().await;
+
+    let (mut leaver, connack) = V5Client::connect_persistent(broker.addr, "leaver", 3600).await;
+    assert!(connack.session_present);
+    leaver.expect_no_publish().await;
+    let (mut stayer, connack) = V5Client::connect_persistent(broker.addr, "stayer", 3600).await;
+    assert!(connack.session_present);
+    let got = collect(std::slice::from_mut(&mut stayer), 10).await;
+    let mut numbers: Vec<usize> = got[0].iter().map(|p| p.parse().unwrap()).collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, (0..10).collect::<Vec<_>>());
+    stayer.expect_no_publish().await;
+    broker.shutdown().await;
+}
