@@ -237,8 +237,9 @@ pub async fn release_dropped(state: &BrokerState, dropped: Vec<Target>) {
 /// Hands deliveries that came through shared subscriptions of `from` (whose client went away)
 /// to other members of their groups. Returns the deliveries no other member could take.
 ///
-/// A stored delivery's reference moves with it: the new member's queue entry is written and
-/// the old one deleted in one batch, before the new member can see it.
+/// A stored delivery's reference moves with it: the new member's own `queue` entry is written
+/// and the old delivery masked (or its entry deleted) in one batch, before the new member can
+/// see it.
 pub async fn hand_over_shared(
     state: &BrokerState,
     from: &SessionHandle,
