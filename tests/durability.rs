@@ -427,3 +427,39 @@ async fn a_delayed_will_is_published_once_even_across_a_restart() {
     }
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_data_dir_in_another_storage_layout_is_refused_clearly() {
+    let broker = TestBroker::start().await;
+    persistent_subscriber(broker.addr, "old-layout", "old/#", 1).await;
+    let data_dir = broker.data_dir.clone();
+    broker.shutdown().await;
+    let set_layout = |value: Option<&[u8]>| {
+        let options = rocksdb::Options::default();
+        let families = rocksdb::DB::list_cf(&options, data_dir.path()).expect("families");
+        let db = rocksdb::DB::open_cf(&options, data_dir.path(), families).expect("open");
+        let meta = db.cf_handle("meta").expect("meta");
+        match value {
+            Some(value) => db.put_cf(meta, b"layout", value).expect("put"),
+            None => db.delete_cf(meta, b"layout").expect("delete"),
+        }
+    };
+    let start = || {
+        let mut config = Config::default();
+        config.listener.bind = "127.0.0.1:0".parse().unwrap();
+        config.websocket.enabled = false;
+        config.metrics.enabled = false;
+        config.storage.data_dir = data_dir.path().to_path_buf();
+        Broker::start(config)
+    };
+    // Sessions without a layout record were written by a broker before layout 2.
+    set_layout(None);
+    let error = start().await.expect_err("must refuse").to_string();
+    assert!(error.contains("storage layout 1"), "{error}");
+    set_layout(Some(&[9]));
+    let error = start().await.expect_err("must refuse").to_string();
+    assert!(error.contains("layout [9]"), "{error}");
+    set_layout(Some(&[2]));
+    let broker = start().await.expect("layout 2 is read");
+    broker.shutdown().await;
+}
