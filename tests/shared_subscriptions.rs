@@ -252,28 +252,40 @@ async fn mqtt_3_1_1_clients_share_through_share_and_queue_filters() {
 #[tokio::test]
 async fn unacked_messages_of_a_member_that_leaves_go_to_another_member() {
     let broker = TestBroker::start().await;
-    let mut options = V5Client::options(broker.addr, "leaver");
+    let leaver = member_holding_ten_jobs(&broker, V5Client::options(broker.addr, "leaver")).await;
+    let (mut stayer, _) = V5Client::connect(broker.addr, "stayer").await;
+    stayer.subscribe("$share/g/jobs", QoS::AtLeastOnce).await;
+    leaver.abort().await;
+    let got = collect(std::slice::from_mut(&mut stayer), 10).await;
+    assert_eq!(job_numbers(&got[0]), (0..10).collect::<Vec<_>>());
+    broker.shutdown().await;
+}
+
+/// Connects `options` with manual acknowledgements as a member of `$share/g/jobs`, publishes
+/// jobs 0 to 9 and returns once the member holds all ten, acknowledging none.
+async fn member_holding_ten_jobs(
+    broker: &TestBroker,
+    mut options: rumqttc::v5::MqttOptions,
+) -> V5Client {
     options.set_manual_acks(true);
-    let (mut leaver, _) = V5Client::connect_with(options).await;
-    leaver.subscribe("$share/g/jobs", QoS::AtLeastOnce).await;
+    let (mut member, _) = V5Client::connect_with(options).await;
+    member.subscribe("$share/g/jobs", QoS::AtLeastOnce).await;
     let (mut publisher, _) = V5Client::connect(broker.addr, "producer").await;
     for i in 0..10 {
         publisher
             .publish("jobs", QoS::AtLeastOnce, false, i.to_string())
             .await;
     }
-    // The leaver received all ten and acknowledges none of them.
     for _ in 0..10 {
-        leaver.next_publish().await;
+        member.next_publish().await;
     }
-    let (mut stayer, _) = V5Client::connect(broker.addr, "stayer").await;
-    stayer.subscribe("$share/g/jobs", QoS::AtLeastOnce).await;
-    leaver.abort().await;
-    let got = collect(std::slice::from_mut(&mut stayer), 10).await;
-    let mut numbers: Vec<usize> = got[0].iter().map(|p| p.parse().unwrap()).collect();
+    member
+}
+
+fn job_numbers(payloads: &[String]) -> Vec<usize> {
+    let mut numbers: Vec<usize> = payloads.iter().map(|p| p.parse().unwrap()).collect();
     numbers.sort_unstable();
-    assert_eq!(numbers, (0..10).collect::<Vec<_>>());
-    broker.shutdown().await;
+    numbers
 }
 
 #[tokio::test]
@@ -313,25 +325,13 @@ async fn deliveries_handed_to_an_offline_member_stay_with_it_across_a_restart() 
     stayer.disconnect().await;
     let mut options = V5Client::options(broker.addr, "leaver");
     options
-        .set_manual_acks(true)
         .set_clean_start(false)
         .set_session_expiry_interval(Some(3600));
-    let (mut leaver, _) = V5Client::connect_with(options).await;
-    leaver.subscribe("$share/g/jobs", QoS::AtLeastOnce).await;
-    let (mut publisher, _) = V5Client::connect(broker.addr, "producer").await;
-    for i in 0..10 {
-        publisher
-            .publish("jobs", QoS::AtLeastOnce, false, i.to_string())
-            .await;
-    }
     // The online member gets all ten, stored as its deliveries, and acknowledges none.
-    for _ in 0..10 {
-        leaver.next_publish().await;
-    }
+    let leaver = member_holding_ten_jobs(&broker, options).await;
     // Its connection goes: the ten move to the offline member, in storage too (an entry of
     // the stayer's and a record masking the leaver's delivery for each).
     leaver.abort().await;
-    drop(publisher);
     let deadline = Instant::now() + WAIT;
     loop {
         let counts = broker.broker().storage_key_counts().await;
@@ -349,9 +349,7 @@ async fn deliveries_handed_to_an_offline_member_stay_with_it_across_a_restart() 
     let (mut stayer, connack) = V5Client::connect_persistent(broker.addr, "stayer", 3600).await;
     assert!(connack.session_present);
     let got = collect(std::slice::from_mut(&mut stayer), 10).await;
-    let mut numbers: Vec<usize> = got[0].iter().map(|p| p.parse().unwrap()).collect();
-    numbers.sort_unstable();
-    assert_eq!(numbers, (0..10).collect::<Vec<_>>());
+    assert_eq!(job_numbers(&got[0]), (0..10).collect::<Vec<_>>());
     stayer.expect_no_publish().await;
     broker.shutdown().await;
 }
