@@ -481,14 +481,7 @@ fn restore(state: &BrokerState, recovered: Recovered) -> Vec<Op> {
         let disconnected_at = record.disconnected_at.unwrap_or(now);
         if is_expired(record.expiry_interval, disconnected_at) {
             expired += 1;
-            let prefix = keys::client_prefix(&client_id);
-            let end = keys::prefix_end(&prefix);
-            cleanup.push(Op::Delete(Cf::Sessions, keys::session(&client_id)));
-            for cf in [Cf::Subscriptions, Cf::Inbound] {
-                cleanup.push(Op::DeleteRange(cf, prefix.clone(), end.clone()));
-            }
-            let (from, to) = keys::queue_range(record.store_id);
-            cleanup.push(Op::DeleteRange(Cf::Queue, from, to));
+            persist::forget_session_ops(&client_id, record.store_id, &mut cleanup);
             continue;
         }
         restored += 1;

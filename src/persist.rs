@@ -187,23 +187,33 @@ pub fn session_put(
 pub fn end_session_ops(ended: &EndedSession) -> Vec<Op> {
     let mut ops = Vec::new();
     for delivery in &ended.deliveries {
-        if let Some(mut release) = release(ended.store_id, delivery, true) {
-            release.mask = None;
-            release.own_entry = false;
-            ops.push(Op::Release(release));
+        if let Some(stored) = &delivery.stored {
+            // Only the reference goes: its own entry goes with the range below.
+            ops.push(Op::Release(Release {
+                stored: stored.clone(),
+                key: keys::queue(ended.store_id, delivery.seq),
+                drops_reference: true,
+                mask: None,
+                own_entry: false,
+            }));
         }
     }
     if ended.was_persistent {
-        let prefix = keys::client_prefix(&ended.client_id);
-        let end = keys::prefix_end(&prefix);
-        ops.push(Op::Delete(Cf::Sessions, keys::session(&ended.client_id)));
-        for cf in [Cf::Subscriptions, Cf::Inbound] {
-            ops.push(Op::DeleteRange(cf, prefix.clone(), end.clone()));
-        }
-        let (from, to) = keys::queue_range(ended.store_id);
-        ops.push(Op::DeleteRange(Cf::Queue, from, to));
+        forget_session_ops(&ended.client_id, ended.store_id, &mut ops);
     }
     ops
+}
+
+/// Deletes a session's record, subscriptions, inbound QoS 2 state and `queue` records.
+pub fn forget_session_ops(client_id: &str, store_id: u64, ops: &mut Vec<Op>) {
+    let prefix = keys::client_prefix(client_id);
+    let end = keys::prefix_end(&prefix);
+    ops.push(Op::Delete(Cf::Sessions, keys::session(client_id)));
+    for cf in [Cf::Subscriptions, Cf::Inbound] {
+        ops.push(Op::DeleteRange(cf, prefix.clone(), end.clone()));
+    }
+    let (from, to) = keys::queue_range(store_id);
+    ops.push(Op::DeleteRange(Cf::Queue, from, to));
 }
 
 /// Writes `ops` and waits until they are durable. Without storage there is nothing to wait for.
