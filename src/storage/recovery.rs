@@ -181,7 +181,7 @@ pub fn load(db: &DB, keys: &KeyRing) -> Result<Recovered, StorageError> {
         max_store = max_store.max(Some(store_id));
         if let Some(&index) = by_store.get(&store_id) {
             let session = &mut sessions[index];
-            session.next_seq = session.next_seq.max(seq + 1);
+            session.next_seq = session.next_seq.max(seq.saturating_add(1));
         }
     };
 
