@@ -122,7 +122,7 @@ impl Cf {
 }
 
 /// One change; a request's changes are applied atomically with the rest of its batch.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Op {
     Put(Cf, Vec<u8>, Vec<u8>),
     Delete(Cf, Vec<u8>),
@@ -180,18 +180,6 @@ pub struct Release {
     /// The delivery has a `queue` entry of its own at `key`.
     pub own_entry: bool,
 }
-
-impl PartialEq for Release {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.stored, &other.stored)
-            && self.key == other.key
-            && self.drops_reference == other.drops_reference
-            && self.mask == other.mask
-            && self.own_entry == other.own_entry
-    }
-}
-
-impl Eq for Release {}
 
 impl Release {
     /// The writes this release comes to now (writer thread only).
