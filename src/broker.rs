@@ -1,10 +1,9 @@
 //! Wiring: builds the shared state, binds listeners, runs background tasks and shuts it all down.
 //! No protocol logic lives here.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -12,18 +11,17 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::auth::{Auth, AuthError};
+use crate::clock;
 use crate::config::{Config, ConfigError, StorageEngine};
 use crate::delayed::{self, DelayedMessages};
 use crate::exporter;
-use crate::message::Delivery;
 use crate::metrics;
 use crate::overload::MemoryGuard;
-use crate::persist;
+use crate::publish::{self, Pipeline};
 use crate::router::Router;
-use crate::session::{
-    self, Kick, PendingWill, QueueLimits, SessionRegistry, SessionState, Swept, NEVER_EXPIRES,
-};
-use crate::storage::{keys, Cf, Op, Recovered, Storage, StorageError, StoredMessage};
+use crate::session::{Kick, QueueLimits, SessionRegistry, Swept};
+use crate::state::BrokerState;
+use crate::storage::{Storage, StorageError, Store, Volatile};
 use crate::sys_topics;
 use crate::transport::admission::Admission;
 use crate::transport::tls::{TlsContext, TlsError};
@@ -35,25 +33,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const KEEP_ALIVE_SWEEP: Duration = Duration::from_millis(250);
 /// How long shutdown waits for connections to say goodbye.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// State shared by every connection task.
-#[derive(Debug)]
-pub struct BrokerState {
-    pub config: Config,
-    pub router: Router,
-    pub sessions: SessionRegistry,
-    pub started: Instant,
-    /// Messages published to `$delayed/...`, waiting to fall due.
-    pub delayed: DelayedMessages,
-    /// Bytes queued in all mailboxes; publishers pause while it is above its high-water mark.
-    pub memory: Arc<MemoryGuard>,
-    /// `None` with `storage.engine = "memory"`.
-    pub storage: Option<Arc<Storage>>,
-    /// Password file and ACL.
-    pub auth: Auth,
-    /// The TLS configuration of the TLS and WSS listeners; `None` when neither is enabled.
-    pub tls: Option<TlsContext>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -81,6 +60,8 @@ pub struct Broker {
     wss_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     state: Arc<BrokerState>,
+    /// The TLS configuration of the TLS and WSS listeners; `None` when neither is enabled.
+    tls: Option<Arc<TlsContext>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -97,8 +78,8 @@ impl Broker {
         if config.metrics.enabled {
             metrics::install();
         }
-        let (storage, recovered) = match config.storage.engine {
-            StorageEngine::Memory => (None, None),
+        let (store, recovered): (Arc<dyn Store>, _) = match config.storage.engine {
+            StorageEngine::Memory => (Arc::new(Volatile::new()), None),
             StorageEngine::RocksDb => {
                 let storage_config = config.storage.clone();
                 let storage_error = |source| StartError::Storage {
@@ -110,7 +91,7 @@ impl Broker {
                         .await
                         .map_err(|e| storage_error(StorageError::Rocks(e.to_string().into())))?
                         .map_err(storage_error)?;
-                (Some(Arc::new(opened.0)), Some(opened.1))
+                (Arc::new(opened.0), Some(opened.1))
             }
         };
         let (auth, tls) = {
@@ -120,7 +101,7 @@ impl Broker {
                 let tls_wanted = config.tls.enabled || config.websocket.tls_enabled;
                 let tls = if tls_wanted {
                     transport::tls::install_crypto_provider();
-                    Some(TlsContext::load(&config.tls)?)
+                    Some(Arc::new(TlsContext::load(&config.tls)?))
                 } else {
                     None
                 };
@@ -170,20 +151,30 @@ impl Broker {
             qos0_first: config.queue.qos0_first,
         };
         let first_delayed_id = recovered.as_ref().map_or(1, |r| r.next_message_id);
+        let router = Arc::new(Router::new(&config));
         let state = Arc::new(BrokerState {
             started: Instant::now(),
-            router: Router::new(&config),
+            publish: Pipeline::new(router.clone(), store, config.dead_letter.clone()),
+            router,
             delayed: DelayedMessages::new(&config.delayed, first_delayed_id),
             sessions: SessionRegistry::new(limits, memory.clone()),
             memory,
             config,
-            storage,
             auth,
-            tls,
         });
-        if let Some(recovered) = recovered {
-            let cleanup = restore(&state, recovered);
-            persist::write(&state, cleanup)
+        if let Some(mut recovered) = recovered {
+            let delayed = std::mem::take(&mut recovered.delayed);
+            info!(
+                delayed = delayed.len(),
+                "delayed messages restored from storage"
+            );
+            for (due, id, message) in delayed {
+                state.delayed.restore(due, id, message);
+            }
+            let cleanup = publish::restore(&state.router, &state.sessions, recovered);
+            state
+                .publish
+                .write(cleanup)
                 .await
                 .map_err(|source| StartError::Storage {
                     path: state.config.storage.data_dir.display().to_string(),
@@ -202,6 +193,7 @@ impl Broker {
                 listener,
                 transport,
                 state.clone(),
+                tls.clone(),
                 admission.clone(),
                 shutdown.clone(),
                 tracker.clone(),
@@ -209,7 +201,10 @@ impl Broker {
         }
         tracker.spawn(sweep_sessions(state.clone(), shutdown.clone()));
         tracker.spawn(close_silent_clients(state.clone(), shutdown.clone()));
-        tracker.spawn(delayed::run(state.clone(), shutdown.clone()));
+        tracker.spawn({
+            let (state, shutdown) = (state.clone(), shutdown.clone());
+            async move { delayed::run(&state.delayed, &state.publish, shutdown).await }
+        });
         tracker.spawn(sys_topics::run(state.clone(), shutdown.clone()));
         let metrics_addr = metrics_listener.map(|(listener, addr)| {
             tracker.spawn(exporter::serve(
@@ -228,6 +223,7 @@ impl Broker {
             wss_addr,
             metrics_addr,
             state,
+            tls,
             shutdown,
             tracker,
         })
@@ -258,9 +254,10 @@ impl Broker {
     /// fails to load is reported (in the result and the log) and the one in force stays.
     pub async fn reload(&self) -> Result<(), Vec<String>> {
         let state = self.state.clone();
+        let tls = self.tls.clone();
         let failures = tokio::task::spawn_blocking(move || {
             let mut failures = state.auth.reload();
-            if let Some(tls) = &state.tls {
+            if let Some(tls) = &tls {
                 match tls.reload() {
                     Ok(()) => {
                         info!("TLS certificates reloaded");
@@ -319,15 +316,10 @@ impl Broker {
 
     /// Keys per storage column family (a scan; for tests and diagnostics).
     pub async fn storage_key_counts(&self) -> Vec<(&'static str, usize)> {
-        match &self.state.storage {
-            Some(storage) => {
-                let storage = storage.clone();
-                tokio::task::spawn_blocking(move || storage.key_counts())
-                    .await
-                    .unwrap_or_default()
-            }
-            None => Vec::new(),
-        }
+        let store = self.state.publish.store().clone();
+        tokio::task::spawn_blocking(move || store.key_counts())
+            .await
+            .unwrap_or_default()
     }
 
     /// Stops accepting, disconnects every client (v5 clients with reason 0x8B) and waits for
@@ -344,9 +336,7 @@ impl Broker {
         {
             warn!("some connections did not close within the shutdown grace period");
         }
-        if let Some(storage) = &self.state.storage {
-            storage.close().await;
-        }
+        self.state.publish.store().close().await;
         info!("broker stopped");
     }
 }
@@ -371,7 +361,7 @@ async fn close_silent_clients(state: Arc<BrokerState>, shutdown: CancellationTok
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let closed = state.sessions.close_silent(session::clock_ms());
+        let closed = state.sessions.close_silent(clock::monotonic_ms());
         if closed > 0 {
             debug!(closed, "keep alive expired");
         }
@@ -386,7 +376,7 @@ async fn sweep_sessions(state: Arc<BrokerState>, shutdown: CancellationToken) {
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        if state.memory.under_pressure() && state.storage.is_some() {
+        if state.memory.under_pressure() && state.publish.is_durable() {
             // Under memory pressure offline sessions keep only their queues' bookkeeping.
             let freed: usize = state
                 .sessions
@@ -398,153 +388,14 @@ async fn sweep_sessions(state: Arc<BrokerState>, shutdown: CancellationToken) {
                 info!(freed_bytes = freed, "spilled offline queues to storage");
             }
         }
-        let Swept { ended, due_wills } = state.sessions.sweep(&state.router, SystemTime::now());
+        let Swept { ended, due_wills } = state.sessions.sweep(clock::now());
         if !ended.is_empty() {
             metrics::sessions_expired(ended.len());
         }
-        persist::finish_ended_sessions(&state, ended).await;
+        state.publish.finish_ended_sessions(ended).await;
         for due in due_wills {
-            persist::publish(&state, due.message).await;
-            if let Some(op) = persist::session_without_will(&due.session) {
-                persist::write_behind(&state, vec![op]).await;
-            }
+            state.publish.publish(due.message).await;
+            state.publish.forget_will(&due.session).await;
         }
     }
-}
-
-/// Rebuilds retained messages and persistent sessions from what storage held. Returns the
-/// operations that clean up what expired while the broker was down and what nothing references.
-fn restore(state: &BrokerState, recovered: Recovered) -> Vec<Op> {
-    let now = SystemTime::now();
-    let mut cleanup = Vec::new();
-    let delayed = recovered.delayed.len();
-    for (due, id, message) in recovered.delayed {
-        state.delayed.restore(due, id, message);
-    }
-    let retained = recovered.retained.len();
-    for message in recovered.retained {
-        if message.remaining_expiry(now).is_err() {
-            cleanup.push(Op::Delete(Cf::Retained, keys::retained(&message.topic)));
-        } else {
-            state.router.restore_retained(Arc::new(message));
-        }
-    }
-
-    let is_expired = |expiry: u32, disconnected_at: SystemTime| {
-        expiry != NEVER_EXPIRES && disconnected_at + Duration::from_secs(u64::from(expiry)) <= now
-    };
-    let mut refs: HashMap<u64, usize> = HashMap::new();
-    for session in &recovered.sessions {
-        let record = &session.record;
-        if is_expired(
-            record.expiry_interval,
-            record.disconnected_at.unwrap_or(now),
-        ) {
-            continue;
-        }
-        for delivery in &session.queue {
-            *refs.entry(delivery.message_id).or_default() += 1;
-        }
-    }
-    cleanup.extend(
-        recovered
-            .stale_queue_keys
-            .into_iter()
-            .map(|key| Op::Delete(Cf::Queue, key)),
-    );
-    let mut released = recovered.released;
-    let stored: HashMap<u64, Arc<StoredMessage>> = refs
-        .iter()
-        .map(|(&id, &count)| {
-            let masks = released.remove(&id).unwrap_or_default();
-            (id, Arc::new(StoredMessage::recovered(id, count, masks)))
-        })
-        .collect();
-    // What nothing references goes, with the records masking its deliveries.
-    for id in recovered
-        .messages
-        .keys()
-        .filter(|id| !refs.contains_key(id))
-    {
-        cleanup.push(Op::Delete(Cf::Messages, keys::message(*id)));
-        let masks = released.remove(id).unwrap_or_default();
-        cleanup.extend(masks.into_iter().map(|key| Op::Delete(Cf::Queue, key)));
-    }
-    state
-        .sessions
-        .continue_store_ids_from(recovered.next_store_id);
-
-    let (mut restored, mut expired) = (0usize, 0usize);
-    for session in recovered.sessions {
-        let client_id: Arc<str> = session.client_id.as_str().into();
-        let record = session.record;
-        let disconnected_at = record.disconnected_at.unwrap_or(now);
-        if is_expired(record.expiry_interval, disconnected_at) {
-            expired += 1;
-            persist::forget_session_ops(&client_id, record.store_id, &mut cleanup);
-            continue;
-        }
-        restored += 1;
-        let handle = Arc::new(state.sessions.handle_with_store_id(
-            client_id.clone(),
-            record.store_id,
-            session.next_seq,
-        ));
-        let mut session_state = SessionState::default();
-        for (filter, options) in session.subscriptions {
-            state.router.subscribe(&handle, &filter, options.clone());
-            session_state.subscriptions.insert(filter, options);
-        }
-        for packet_id in session.inbound_qos2 {
-            session_state.inbound_qos2.insert(packet_id, ());
-        }
-        let mut deliveries = Vec::with_capacity(session.queue.len());
-        for queued in session.queue {
-            let (Some(message), Some(stored)) = (
-                recovered.messages.get(&queued.message_id),
-                stored.get(&queued.message_id),
-            ) else {
-                continue;
-            };
-            let mut delivery = Delivery::new(
-                message.clone(),
-                queued.qos,
-                queued.retain,
-                queued.subscription_ids,
-                queued.seq,
-            );
-            delivery.stored = Some(stored.clone());
-            // It may have gone out before the restart [MQTT-3.3.1-1].
-            delivery.dup = true;
-            delivery.awaiting_pubcomp = queued.awaiting_pubcomp;
-            delivery.listed = queued.listed;
-            delivery.own_entry = queued.own_entry;
-            deliveries.push(delivery);
-        }
-        handle.mailbox.restore(deliveries);
-        {
-            let mut inner = handle.inner();
-            inner.state = Some(Box::new(session_state));
-            inner.protocol_level = record.protocol_level;
-            // A client connected at the crash lost its connection abnormally: its will is due
-            // after its delay, counted from now [MQTT-3.1.2-8].
-            inner.pending_will = record.will.map(|will| {
-                Box::new(PendingWill {
-                    publish_at: will
-                        .publish_at
-                        .unwrap_or(now + Duration::from_secs(u64::from(will.delay_interval))),
-                    delay_interval: will.delay_interval,
-                    message: Arc::new(will.message),
-                })
-            });
-        }
-        state
-            .sessions
-            .restore(handle, record.expiry_interval, disconnected_at);
-    }
-    info!(
-        sessions = restored,
-        expired, retained, delayed, "state restored from storage"
-    );
-    cleanup
 }

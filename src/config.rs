@@ -10,10 +10,64 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::overload::OverflowPolicy;
 use crate::protocol::validate::is_valid_filter;
-use crate::router::shared::ShareStrategy;
-use crate::storage::Durability;
+
+/// What a full session queue does with one more message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    /// The oldest queued messages make room.
+    #[default]
+    DropOldest,
+    /// The new message is dropped.
+    DropNewest,
+    /// The new message is dropped and the subscriber disconnected as a slow consumer.
+    Disconnect,
+    /// A QoS 1/2 publish that would overflow is refused to its publisher (0x97) before it is
+    /// routed anywhere.
+    Refuse,
+}
+
+impl OverflowPolicy {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::DropOldest => "drop_oldest",
+            Self::DropNewest => "drop_newest",
+            Self::Disconnect => "disconnect",
+            Self::Refuse => "refuse",
+        }
+    }
+}
+
+/// How a group picks the member that gets a message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShareStrategy {
+    /// Members in turn.
+    #[default]
+    RoundRobin,
+    /// A uniformly random member.
+    Random,
+    /// The same member until it goes away.
+    Sticky,
+    /// By the publisher's client id: one publisher's messages stay in order at one member.
+    HashClient,
+    /// By topic: one topic's messages stay in order at one member.
+    HashTopic,
+    /// The member with the fewest queued messages.
+    LeastLoaded,
+}
+
+/// When a write counts as done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// In the WAL, not synced: survives the broker process dying, not the machine.
+    #[default]
+    Process,
+    /// In the WAL and fsynced before acknowledgement: survives power loss.
+    Fsync,
+}
 
 /// The default configuration, documented. `telemq print-default-config` prints it.
 pub const DEFAULT_CONFIG: &str = r#"# telemq configuration. Every key is optional; the values below are the defaults.

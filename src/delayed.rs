@@ -14,12 +14,11 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::BrokerState;
+use crate::clock::{self, from_unix_ms, unix_ms};
 use crate::config::DelayedConfig;
 use crate::message::Message;
-use crate::persist;
-use crate::storage::records::{self, from_unix_ms, unix_ms};
-use crate::storage::{keys, Cf, Op};
+use crate::publish::Pipeline;
+use crate::storage::{ops, Op};
 use crate::sync::lock;
 
 /// Topic prefix of delayed publishes.
@@ -76,11 +75,7 @@ impl DelayedMessages {
     pub fn hold(&self, message: Arc<Message>, due: SystemTime) -> Result<Op, DelayRefused> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let key = (unix_ms(due), id);
-        let op = Op::Put(
-            Cf::Delayed,
-            keys::delayed(key.0, key.1),
-            records::encode_message(&message),
-        );
+        let op = ops::delayed_put(key.0, key.1, &message);
         {
             let mut held = lock(&self.held);
             if held.len() >= self.max_messages {
@@ -118,21 +113,18 @@ impl DelayedMessages {
 }
 
 /// Publishes delayed messages as they fall due, until shutdown.
-pub async fn run(state: Arc<BrokerState>, shutdown: CancellationToken) {
-    let delayed = &state.delayed;
+pub async fn run(delayed: &DelayedMessages, pipeline: &Pipeline, shutdown: CancellationToken) {
     loop {
-        let (due, next) = delayed.take_due(SystemTime::now());
+        let (due, next) = delayed.take_due(clock::now());
         for ((due_ms, id), message) in due {
-            persist::publish(&state, message).await;
-            persist::write_behind(
-                &state,
-                vec![Op::Delete(Cf::Delayed, keys::delayed(due_ms, id))],
-            )
-            .await;
+            pipeline.publish(message).await;
+            pipeline
+                .write_behind(vec![ops::delayed_delete(due_ms, id)])
+                .await;
         }
         let wait = next.map(|at| {
             // Rounded up to the next millisecond, so a message is never published early.
-            at.duration_since(SystemTime::now())
+            at.duration_since(clock::now())
                 .unwrap_or_default()
                 .saturating_add(Duration::from_millis(1))
         });

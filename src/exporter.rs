@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::broker::BrokerState;
 use crate::metrics;
+use crate::state::BrokerState;
 
 /// Scrapes served at once; more wait for a permit (Prometheus scrapes one at a time).
 const CONCURRENT_SCRAPES: usize = 8;

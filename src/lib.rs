@@ -26,6 +26,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod delayed;
@@ -33,11 +34,12 @@ pub mod exporter;
 pub mod message;
 pub mod metrics;
 pub mod overload;
-pub mod persist;
 pub mod protocol;
+pub mod publish;
 pub mod router;
 pub mod session;
 pub mod small_map;
+pub mod state;
 pub mod storage;
 mod sync;
 pub mod sys_topics;

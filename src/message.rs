@@ -4,13 +4,15 @@
 //! store entry and in-flight window that holds it; the payload is a `Bytes` and is never copied per
 //! subscriber.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
+use crate::clock;
 use crate::protocol::{MessageProperties, QoS};
-use crate::storage::StoredMessage;
+use crate::sync::lock;
 
 /// Expiry is wall-clock time so that it survives a restart.
 #[derive(Clone, Debug)]
@@ -38,7 +40,7 @@ impl Message {
     ) -> Self {
         let expires_at = properties
             .message_expiry_interval
-            .map(|secs| SystemTime::now() + Duration::from_secs(u64::from(secs)));
+            .map(|secs| clock::now() + Duration::from_secs(u64::from(secs)));
         Self {
             topic,
             payload,
@@ -79,6 +81,51 @@ impl Message {
 /// The message's expiry interval has run out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Expired;
+
+/// A stored message record, referenced by the deliveries it lists and by `queue` entries;
+/// the record is deleted when the last reference is released. Storage keys are opaque here:
+/// `storage` decides what they are.
+///
+/// Only the storage writer thread releases references (`storage::Op::Release`), in the order requests reach
+/// it: so a `Released` record is never written after the delete that was meant to clean it
+/// up, whichever connection tasks raced to release the message's deliveries.
+#[derive(Debug)]
+pub struct StoredMessage {
+    pub id: u64,
+    refs: AtomicUsize,
+    /// Keys of the `Released` records written for this message; they go with the record.
+    released: Mutex<Vec<Vec<u8>>>,
+}
+
+impl StoredMessage {
+    pub fn new(id: u64, refs: usize) -> Self {
+        Self::recovered(id, refs, Vec::new())
+    }
+
+    /// A record read back at start-up, with the `Released` records found for it.
+    pub fn recovered(id: u64, refs: usize, released: Vec<Vec<u8>>) -> Self {
+        Self {
+            id,
+            refs: AtomicUsize::new(refs),
+            released: Mutex::new(released),
+        }
+    }
+
+    /// Drops one reference; returns true when it was the last (the record must go).
+    pub fn release_reference(&self) -> bool {
+        self.refs.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+
+    /// Remembers the key of a `Released` record written for this message.
+    pub fn add_mask(&self, key: Vec<u8>) {
+        lock(&self.released).push(key);
+    }
+
+    /// The keys of the `Released` records, which go with the record.
+    pub fn take_masks(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *lock(&self.released))
+    }
+}
 
 /// A message on its way to one subscriber, with what that subscription decided about it.
 #[derive(Clone, Debug)]

@@ -4,38 +4,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::config::QueueConfig;
-use crate::router::trie::filter_matches;
-
-/// What a full session queue does with one more message.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OverflowPolicy {
-    /// The oldest queued messages make room.
-    #[default]
-    DropOldest,
-    /// The new message is dropped.
-    DropNewest,
-    /// The new message is dropped and the subscriber disconnected as a slow consumer.
-    Disconnect,
-    /// A QoS 1/2 publish that would overflow is refused to its publisher (0x97) before it is
-    /// routed anywhere.
-    Refuse,
-}
-
-impl OverflowPolicy {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::DropOldest => "drop_oldest",
-            Self::DropNewest => "drop_newest",
-            Self::Disconnect => "disconnect",
-            Self::Refuse => "refuse",
-        }
-    }
-}
+use crate::config::{OverflowPolicy, QueueConfig};
+use crate::protocol::topic::filter_matches;
 
 /// The overflow policy of each topic: the first rule whose filter matches, else the default.
 #[derive(Debug)]

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::BrokerState;
 use crate::message::Message;
 use crate::metrics;
 use crate::protocol::QoS;
+use crate::state::BrokerState;
 
 /// The topics and their current values.
 pub fn snapshot(state: &BrokerState) -> Vec<(&'static str, String)> {
@@ -100,7 +100,7 @@ pub async fn run(state: Arc<BrokerState>, shutdown: CancellationToken) {
                 Default::default(),
                 None,
             );
-            state.router.publish(Arc::new(message));
+            state.publish.publish_transient(Arc::new(message));
         }
     }
 }

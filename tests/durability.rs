@@ -131,7 +131,7 @@ async fn a_session_that_expired_while_the_broker_was_down_is_gone() {
     }
     let data_dir = broker.data_dir.clone();
     broker.shutdown().await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    common::skip_time(Duration::from_millis(1500)).await;
     let broker = TestBroker::start_in(data_dir, |_| {}).await;
     assert_eq!(broker.broker().session_count(), 1);
     let counts = broker.broker().storage_key_counts().await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::packets;
 use common::rumqtt::v5::{QoS, V5Client};
 use common::{raw_v5, TestBroker, WAIT};
-use telemq::overload::OverflowPolicy;
+use telemq::config::OverflowPolicy;
 
 fn vm_rss_kib() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

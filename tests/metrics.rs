@@ -7,7 +7,7 @@ mod common;
 use common::rumqtt::v5::QoS;
 use common::scrape::{http_get, scrape, value};
 use common::TestBroker;
-use telemq::overload::OverflowPolicy;
+use telemq::config::OverflowPolicy;
 
 #[tokio::test]
 async fn counters_move_with_traffic_and_gauges_describe_the_broker() {

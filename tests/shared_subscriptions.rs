@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::rumqtt::v4::{self, V4Client};
 use common::rumqtt::v5::{QoS, V5Client};
 use common::{TestBroker, QUIET, WAIT};
-use telemq::router::shared::ShareStrategy;
+use telemq::config::ShareStrategy;
 use tokio::time::Instant;
 
 const MESSAGES: usize = 400;

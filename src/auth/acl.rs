@@ -22,8 +22,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::FileError;
+use crate::protocol::topic::{filter_covers, filter_matches};
 use crate::protocol::validate::is_valid_filter;
-use crate::router::trie::filter_matches;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
@@ -223,29 +223,6 @@ impl ClientAcl {
         }
         granted || self.default.grants(wanted)
     }
-}
-
-/// Whether every topic that `inner` matches is matched by `outer`.
-pub fn filter_covers(outer: &str, inner: &str) -> bool {
-    // [MQTT-4.7.2-1]: a leading wildcard never reaches `$` topics; the inner filter reaches
-    // them only if it starts with `$` itself.
-    if inner.starts_with('$') && (outer.starts_with('+') || outer.starts_with('#')) {
-        return false;
-    }
-    let mut inner_levels = inner.split('/');
-    for level in outer.split('/') {
-        if level == "#" {
-            return true;
-        }
-        match inner_levels.next() {
-            Some("#") => return false,
-            Some("+") if level != "+" => return false,
-            Some(_) if level == "+" => {}
-            Some(inner_level) if inner_level == level => {}
-            _ => return false,
-        }
-    }
-    inner_levels.next().is_none()
 }
 
 #[cfg(test)]

@@ -9,10 +9,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::Close;
-use crate::broker::BrokerState;
 use crate::metrics;
 use crate::protocol::encode::{self, ConnAck};
 use crate::protocol::{self, Connect, Packet, ProtocolError, ProtocolVersion, ReasonCode};
+use crate::state::BrokerState;
 
 /// Reads the first packet, which must be a CONNECT [MQTT-3.1.0-1], within the connect timeout.
 pub(super) async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(

@@ -6,13 +6,14 @@ mod decode;
 pub mod encode;
 mod packet;
 mod reason;
+pub mod topic;
 pub mod validate;
 mod wire;
 
 pub use decode::{connect_protocol_level, decode};
 pub use packet::{
     Connect, Disconnect, MessageProperties, Packet, ProtocolVersion, Publish, QoS, RetainHandling,
-    Subscribe, SubscribeRequest, Unsubscribe, Will,
+    Subscribe, SubscribeRequest, SubscriptionOptions, Unsubscribe, Will,
 };
 pub use reason::{ProtocolError, ReasonCode};
 

@@ -41,6 +41,15 @@ impl ProtocolVersion {
         self == Self::V5
     }
 
+    /// The Protocol Level byte of its CONNECT [MQTT-3.1.2-2].
+    pub fn level(self) -> u8 {
+        match self {
+            Self::V3_1 => 3,
+            Self::V3_1_1 => 4,
+            Self::V5 => 5,
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Self::V3_1 => "3.1",
@@ -48,6 +57,17 @@ impl ProtocolVersion {
             Self::V5 => "5.0",
         }
     }
+}
+
+/// What a client asked for when it subscribed to one filter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionOptions {
+    /// Maximum QoS granted.
+    pub qos: QoS,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub retain_handling: RetainHandling,
+    pub subscription_id: Option<u32>,
 }
 
 /// MQTT 5 properties that belong to an application message and travel with it to subscribers.

@@ -11,30 +11,19 @@ pub mod trie;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::config::{Config, DeadLetterConfig};
+use crate::config::Config;
+use crate::config::OverflowPolicy;
 use crate::message::{Delivery, Message};
 use crate::metrics;
-use crate::overload::{OverflowPolicy, PolicyRules};
+use crate::overload::PolicyRules;
 use crate::protocol::validate::split_shared;
-use crate::protocol::{QoS, RetainHandling};
-use crate::session::mailbox::is_spilled;
+use crate::protocol::{QoS, SubscriptionOptions};
 use crate::session::{Kick, Pushed, SessionHandle};
 use crate::sync::{read, write};
 
 use retained::RetainedTree;
 use shared::SharedSubscriptions;
 use trie::SubscriptionTrie;
-
-/// What a client asked for when it subscribed to one filter.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SubscriptionOptions {
-    /// Maximum QoS granted.
-    pub qos: QoS,
-    pub no_local: bool,
-    pub retain_as_published: bool,
-    pub retain_handling: RetainHandling,
-    pub subscription_id: Option<u32>,
-}
 
 #[derive(Debug)]
 pub struct Subscriber {
@@ -70,6 +59,15 @@ pub struct Target {
     pub delivery: Delivery,
 }
 
+/// A delivery that did not reach its session, and why (a `metrics::DROP_*` reason). The
+/// publish pipeline counts it, dead-letters it and releases its storage.
+#[derive(Debug)]
+pub struct Dropped {
+    pub session: Arc<SessionHandle>,
+    pub delivery: Delivery,
+    pub reason: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Router {
     subscriptions: RwLock<SubscriptionTrie<Arc<str>, Subscriber>>,
@@ -83,11 +81,7 @@ pub struct Router {
     /// either; Mosquitto's default is not to).
     queue_qos0_offline: bool,
     policies: PolicyRules,
-    dead_letter: DeadLetterConfig,
 }
-
-/// Topic prefix of dead letters: `$DLQ/<reason>/<original topic>`.
-pub const DEAD_LETTER_PREFIX: &str = "$DLQ/";
 
 impl Router {
     pub fn new(config: &Config) -> Self {
@@ -99,7 +93,6 @@ impl Router {
             retained_bytes: AtomicUsize::new(0),
             queue_qos0_offline: config.queue.qos0_offline,
             policies: PolicyRules::new(&config.queue),
-            dead_letter: config.dead_letter.clone(),
         }
     }
 
@@ -195,111 +188,56 @@ impl Router {
     }
 
     /// Updates the retained store and queues the planned deliveries. Returns the deliveries that
-    /// could not be queued (full mailbox, session gone) so the caller can release their storage.
-    pub fn apply(&self, message: &Arc<Message>, targets: Vec<Target>) -> Vec<Target> {
+    /// could not be queued (full mailbox, session gone).
+    pub fn apply(&self, message: &Arc<Message>, targets: Vec<Target>) -> Vec<Dropped> {
         if message.retain {
             self.store_retained(message);
         }
         let policy = self.policy_for(&message.topic);
         let mut dropped = Vec::new();
         for target in targets {
-            for delivery in self.enqueue(&target.session, target.delivery, policy) {
-                dropped.push(Target {
-                    session: target.session.clone(),
-                    delivery,
-                });
-            }
+            dropped.extend(self.enqueue(&target.session, target.delivery, policy));
         }
         dropped
     }
 
-    /// Routes a message whose deliveries need no persistence; returns how many were queued.
-    pub fn publish(&self, message: Arc<Message>) -> usize {
-        let targets = self.plan(&message);
-        let planned = targets.len();
-        planned - self.apply(&message, targets).len()
-    }
-
     /// Puts a delivery into a session's mailbox under the overflow `policy`. Returns what was
-    /// dropped instead (the delivery, or older ones it displaced), counted and dead-lettered;
-    /// the caller releases their storage.
+    /// dropped instead: the delivery, or older ones it displaced.
     pub fn enqueue(
         &self,
-        session: &SessionHandle,
+        session: &Arc<SessionHandle>,
         delivery: Delivery,
         policy: OverflowPolicy,
-    ) -> Vec<Delivery> {
+    ) -> Vec<Dropped> {
+        let dropped = |delivery, reason| Dropped {
+            session: session.clone(),
+            delivery,
+            reason,
+        };
         if session.is_ended() {
-            metrics::message_dropped(metrics::DROP_SESSION_ENDED);
-            return vec![delivery];
+            return vec![dropped(delivery, metrics::DROP_SESSION_ENDED)];
         }
         let Pushed {
-            mut evicted,
+            evicted,
             rejected,
             slow_consumer,
         } = session.mailbox.push(delivery, policy);
-        for old in &evicted {
-            self.dropped(session, old, metrics::DROP_QUEUE_EVICTED);
-        }
+        let mut out: Vec<Dropped> = evicted
+            .into_iter()
+            .map(|old| dropped(old, metrics::DROP_QUEUE_EVICTED))
+            .collect();
         if let Some(rejected) = rejected {
             let reason = if slow_consumer {
                 metrics::DROP_SLOW_CONSUMER
             } else {
                 metrics::DROP_QUEUE_FULL
             };
-            self.dropped(session, &rejected, reason);
-            evicted.push(rejected);
+            out.push(dropped(rejected, reason));
         }
         if slow_consumer {
             session.kick_live(Kick::SlowConsumer);
         }
-        evicted
-    }
-
-    /// Counts a delivery that will not reach `session` and dead-letters it.
-    /// A spilled delivery's message is on disk only and is counted, not dead-lettered.
-    pub fn dropped(&self, session: &SessionHandle, delivery: &Delivery, reason: &'static str) {
-        metrics::message_dropped(reason);
-        if !is_spilled(delivery) {
-            self.dead_letter(&delivery.message, reason, Some(&session.client_id));
-        }
-    }
-
-    /// Republishes a dropped message to `$DLQ/<reason>/<topic>` when dead letters are enabled.
-    /// Dead letters go to subscribers' queues like any message, but are never persisted and a
-    /// dropped dead letter is never dead-lettered again, so this cannot loop or grow.
-    pub fn dead_letter(&self, message: &Message, reason: &'static str, subscriber: Option<&str>) {
-        if !self.dead_letter.enabled || message.topic.starts_with(DEAD_LETTER_PREFIX) {
-            return;
-        }
-        if reason == metrics::DROP_NO_SUBSCRIBERS && !self.dead_letter.no_subscribers {
-            return;
-        }
-        let mut properties = message.properties.clone();
-        properties
-            .user_properties
-            .push(("dlq-reason".into(), reason.into()));
-        if let Some(publisher) = &message.publisher {
-            properties
-                .user_properties
-                .push(("dlq-publisher".into(), publisher.to_string()));
-        }
-        if let Some(subscriber) = subscriber {
-            properties
-                .user_properties
-                .push(("dlq-subscriber".into(), subscriber.into()));
-        }
-        let letter = Message {
-            topic: format!("{DEAD_LETTER_PREFIX}{reason}/{}", message.topic).into(),
-            payload: message.payload.clone(),
-            qos: message.qos,
-            retain: false,
-            properties,
-            publisher: None,
-            expires_at: message.expires_at,
-        };
-        metrics::dead_lettered(reason);
-        self.publish(Arc::new(letter));
+        out
     }
 
     /// Another member of the shared group `share` to take over `delivery` from `from`, which

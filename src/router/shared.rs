@@ -7,33 +7,13 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-
 use super::trie::SubscriptionTrie;
-use super::{Subscriber, SubscriptionOptions};
-use crate::config::SharedConfig;
+use super::Subscriber;
+use crate::config::{ShareStrategy, SharedConfig};
 use crate::message::Message;
+use crate::protocol::SubscriptionOptions;
 use crate::session::SessionHandle;
 use crate::sync::lock;
-
-/// How a group picks the member that gets a message.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ShareStrategy {
-    /// Members in turn.
-    #[default]
-    RoundRobin,
-    /// A uniformly random member.
-    Random,
-    /// The same member until it goes away.
-    Sticky,
-    /// By the publisher's client id: one publisher's messages stay in order at one member.
-    HashClient,
-    /// By topic: one topic's messages stay in order at one member.
-    HashTopic,
-    /// The member with the fewest queued messages.
-    LeastLoaded,
-}
 
 /// One shared subscription group on one filter.
 #[derive(Debug)]

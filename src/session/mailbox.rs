@@ -6,8 +6,9 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use tokio::sync::Notify;
 
+use crate::config::OverflowPolicy;
 use crate::message::{Delivery, Message};
-use crate::overload::{MemoryGuard, OverflowPolicy};
+use crate::overload::MemoryGuard;
 use crate::protocol::QoS;
 use crate::sync::lock;
 
@@ -517,7 +518,7 @@ mod tests {
             guard.clone(),
         );
         let mut stored = delivery(0, QoS::AtLeastOnce, 1000);
-        stored.stored = Some(Arc::new(crate::storage::StoredMessage::new(42, 1)));
+        stored.stored = Some(Arc::new(crate::message::StoredMessage::new(42, 1)));
         let original = stored.message.clone();
         mailbox.push(stored, OverflowPolicy::DropNewest);
         mailbox.push(

@@ -11,12 +11,12 @@ pub mod mailbox;
 mod registry;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use crate::message::Message;
 use crate::overload::MemoryGuard;
-use crate::router::SubscriptionOptions;
+use crate::protocol::SubscriptionOptions;
 use crate::small_map::SmallMap;
 use crate::sync::lock;
 
@@ -25,13 +25,6 @@ pub use mailbox::{Mailbox, Pushed, QueueLimits};
 pub use registry::{
     Attached, Detached, DueWill, EndedSession, QueueStats, SessionRegistry, Swept, WillWithDelay,
 };
-
-/// Milliseconds since the first call: the clock of keep-alive bookkeeping, monotonic and
-/// small enough to share a word with a Keep Alive.
-pub fn clock_ms() -> u64 {
-    static START: LazyLock<Instant> = LazyLock::new(Instant::now);
-    START.elapsed().as_millis() as u64
-}
 
 /// Session Expiry Interval value meaning "never expires" [MQTT-3.1.2-?, §3.1.2.11.2].
 pub const NEVER_EXPIRES: u32 = u32::MAX;
@@ -133,7 +126,7 @@ pub struct SessionHandle {
     /// Next queue sequence number.
     next_seq: AtomicU64,
     /// The live connection's keep alive: when it last heard from its client (milliseconds of
-    /// [`clock_ms`]) shifted left by 16, or'ed with the Keep Alive in seconds (0: none).
+    /// `clock::monotonic_ms`) shifted left by 16, or'ed with the Keep Alive in seconds (0: none).
     /// One word, written by the connection as packets arrive and read by the keep-alive sweep
     /// ([`SessionRegistry::close_silent`]).
     heard: AtomicU64,

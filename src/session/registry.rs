@@ -5,8 +5,8 @@
 //! It only changes memory. What it ended or kept is returned to the caller, which has the
 //! storage handle and persists it.
 //!
-//! Lock order: registry map → `SessionHandle::inner` → router trie → mailbox. Nothing here is
-//! held across an `.await`.
+//! Lock order: registry map → `SessionHandle::inner` → mailbox. Nothing here is held across an
+//! `.await`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,9 +16,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 
 use super::{Kick, LiveConnection, PendingWill, QueueLimits, SessionHandle, SessionState};
+use crate::clock;
 use crate::message::{Delivery, Message};
 use crate::overload::MemoryGuard;
-use crate::router::Router;
 use crate::sync::lock;
 
 /// How long a new connection waits for the connection it takes over to hand back the session.
@@ -35,10 +35,15 @@ pub struct Attached {
     pub ended: Option<EndedSession>,
 }
 
-/// A session that no longer exists: what it still held, for storage clean-up, and its will.
+/// A session that no longer exists: what it still held, for storage clean-up, the
+/// subscriptions the router must drop, and its will.
 #[derive(Debug)]
 pub struct EndedSession {
+    pub handle: Arc<SessionHandle>,
     pub client_id: Arc<str>,
+    /// Its subscriptions' filters: the router still holds them (the registry does not reach
+    /// into the router), so whoever takes this removes them.
+    pub filters: Vec<String>,
     pub store_id: u64,
     /// Deliveries that were queued or in flight; their storage references must be released.
     pub deliveries: Vec<Delivery>,
@@ -220,7 +225,6 @@ impl SessionRegistry {
     /// old session is discarded [MQTT-3.1.2-4]; otherwise it is resumed [MQTT-3.1.2-5].
     pub async fn attach(
         &self,
-        router: &Router,
         client_id: Arc<str>,
         clean_start: bool,
         expiry_interval: u32,
@@ -230,7 +234,7 @@ impl SessionRegistry {
         loop {
             let previous = {
                 let mut sessions = lock(&self.sessions);
-                let now = SystemTime::now();
+                let now = clock::now();
                 let existing = sessions.get(&client_id).cloned();
                 let mut taken_over = None;
                 let mut resumed = None;
@@ -262,7 +266,7 @@ impl SessionRegistry {
                                 // Continue the old numbering: late writes for the old session
                                 // can never land on keys of the new one.
                                 first_seq = old.peek_next_seq();
-                                ended = Some(end_session(router, &old, None));
+                                ended = Some(end_session(&old, None));
                             }
                             let handle = Arc::new(self.new_handle(client_id.clone(), first_seq));
                             sessions.insert(client_id.clone(), handle.clone());
@@ -327,7 +331,6 @@ impl SessionRegistry {
     /// first [MQTT-3.1.3-9].
     pub fn detach(
         &self,
-        router: &Router,
         handle: &Arc<SessionHandle>,
         connection_id: u64,
         state: SessionState,
@@ -354,9 +357,9 @@ impl SessionRegistry {
                 sessions.remove(&handle.client_id);
             }
             drop(inner);
-            return Detached::Ended(end_session(router, handle, Some((state, will))));
+            return Detached::Ended(end_session(handle, Some((state, will))));
         }
-        let now = SystemTime::now();
+        let now = clock::now();
         inner.state = Some(Box::new(state));
         inner.expiry_interval = expiry_interval;
         inner.disconnected_at = Some(now);
@@ -376,7 +379,7 @@ impl SessionRegistry {
     }
 
     /// Discards expired offline sessions and takes wills whose delay has passed.
-    pub fn sweep(&self, router: &Router, now: SystemTime) -> Swept {
+    pub fn sweep(&self, now: SystemTime) -> Swept {
         let mut ended = Vec::new();
         let mut due_wills = Vec::new();
         let mut sessions = lock(&self.sessions);
@@ -387,7 +390,7 @@ impl SessionRegistry {
             }
             if inner.expires_at().is_some_and(|at| at <= now) {
                 drop(inner);
-                ended.push(end_session(router, handle, None));
+                ended.push(end_session(handle, None));
                 return false;
             }
             if inner
@@ -408,10 +411,9 @@ impl SessionRegistry {
     }
 }
 
-/// Discards a session: removes its subscriptions, collects what it held and its will. `live`
-/// carries the state and will of the connection that is ending it, if any.
+/// Discards a session: collects what it held, its subscriptions and its will. `live` carries
+/// the state and will of the connection that is ending it, if any.
 fn end_session(
-    router: &Router,
     handle: &Arc<SessionHandle>,
     live: Option<(SessionState, Option<WillWithDelay>)>,
 ) -> EndedSession {
@@ -427,13 +429,14 @@ fn end_session(
         }
     };
     let mut deliveries = handle.mailbox.drain();
+    let mut filters = Vec::new();
     if let Some(mut state) = state {
-        for filter in state.subscriptions.keys() {
-            router.unsubscribe_session(handle, filter);
-        }
+        filters.extend(state.subscriptions.keys().cloned());
         deliveries.extend(state.inflight.drain().map(|entry| entry.delivery));
     }
     EndedSession {
+        handle: handle.clone(),
+        filters,
         client_id: handle.client_id.clone(),
         store_id: handle.store_id,
         deliveries,

@@ -11,29 +11,32 @@
 //! out; the `meta` marker record keeps a directory from being read with the wrong key.
 
 pub mod cipher;
-pub mod keys;
+mod keys;
+mod memory;
 mod meta;
-pub mod records;
+pub mod ops;
+mod records;
 mod recovery;
 mod rekey;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use futures_util::future::BoxFuture;
 use rocksdb::{ColumnFamilyDescriptor, DBCompressionType, Options, WriteBatch, WriteOptions, DB};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::message::Message;
+use crate::message::{Message, StoredMessage};
 use crate::metrics;
 
+pub use memory::Volatile;
 pub use recovery::{Recovered, RecoveredSession};
 pub use rekey::{rekey, RekeyReport};
 
-use crate::config::StorageConfig;
+use crate::config::{Durability, StorageConfig};
 use cipher::{KeyRing, Sealing};
 
 /// Requests waiting for the writer thread; a full channel makes publishers wait, which pushes
@@ -41,17 +44,6 @@ use cipher::{KeyRing, Sealing};
 const WRITE_QUEUE: usize = 4096;
 /// Most requests folded into one batch.
 const MAX_BATCH_REQUESTS: usize = 2048;
-
-/// When a write counts as done.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// In the WAL, not synced: survives the broker process dying, not the machine.
-    #[default]
-    Process,
-    /// In the WAL and fsynced before acknowledgement: survives power loss.
-    Fsync,
-}
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StorageError {
@@ -132,40 +124,6 @@ pub enum Op {
     Release(Release),
 }
 
-/// A stored message record, referenced by the deliveries it lists and by `queue` entries;
-/// the record is deleted when the last reference is released.
-///
-/// Only the writer thread releases references (`Op::Release`), in the order requests reach
-/// it: so a `Released` record is never written after the delete that was meant to clean it
-/// up, whichever connection tasks raced to release the message's deliveries.
-#[derive(Debug)]
-pub struct StoredMessage {
-    pub id: u64,
-    refs: AtomicUsize,
-    /// Keys of the `Released` records written for this message; they go with the record.
-    released: Mutex<Vec<Vec<u8>>>,
-}
-
-impl StoredMessage {
-    pub fn new(id: u64, refs: usize) -> Self {
-        Self::recovered(id, refs, Vec::new())
-    }
-
-    /// A record read back at start-up, with the `Released` records found for it.
-    pub fn recovered(id: u64, refs: usize, released: Vec<Vec<u8>>) -> Self {
-        Self {
-            id,
-            refs: AtomicUsize::new(refs),
-            released: Mutex::new(released),
-        }
-    }
-
-    /// Drops one reference; returns true when it was the last (the record must go).
-    fn release(&self) -> bool {
-        self.refs.fetch_sub(1, Ordering::AcqRel) == 1
-    }
-}
-
 /// See [`Op::Release`].
 #[derive(Clone, Debug)]
 pub struct Release {
@@ -185,15 +143,15 @@ impl Release {
     /// The writes this release comes to now (writer thread only).
     fn resolve(self, out: &mut Vec<Op>) {
         let stored = &self.stored;
-        if self.drops_reference && stored.release() {
+        if self.drops_reference && stored.release_reference() {
             out.push(Op::Delete(Cf::Messages, keys::message(stored.id)));
             if self.own_entry {
                 out.push(Op::Delete(Cf::Queue, self.key));
             }
-            let masks = std::mem::take(&mut *crate::sync::lock(&stored.released));
+            let masks = stored.take_masks();
             out.extend(masks.into_iter().map(|key| Op::Delete(Cf::Queue, key)));
         } else if let Some(value) = self.mask {
-            crate::sync::lock(&stored.released).push(self.key.clone());
+            stored.add_mask(self.key.clone());
             out.push(Op::Put(Cf::Queue, self.key, value));
         } else if self.own_entry {
             out.push(Op::Delete(Cf::Queue, self.key));
@@ -203,6 +161,34 @@ impl Release {
 
 /// Completes when the write is durable (or failed).
 pub type Completion = oneshot::Receiver<Result<(), StorageError>>;
+
+/// What the broker asks of a storage engine: the RocksDB engine ([`Storage`]) keeps retained
+/// messages and persistent sessions; the memory engine ([`Volatile`]) keeps nothing.
+pub trait Store: std::fmt::Debug + Send + Sync {
+    /// Whether writes are kept. The publish pipeline plans no storage operations otherwise.
+    fn is_durable(&self) -> bool;
+
+    /// The id of the next stored message record.
+    fn next_message_id(&self) -> u64;
+
+    /// Queues `ops`; the returned completion resolves once they are durable. Waits while the
+    /// writer's queue is full.
+    fn write(&self, ops: Vec<Op>) -> BoxFuture<'_, Completion>;
+
+    /// Queues `ops` without waiting for durability: for state whose loss is harmless (deleting
+    /// what was acknowledged; a lost delete only means a redelivery after a crash).
+    fn write_behind(&self, ops: Vec<Op>) -> BoxFuture<'_, ()>;
+
+    /// Reads message records by id (blocking: call from `spawn_blocking`). Ids without a record
+    /// are left out, as are records that fail authentication (reported).
+    fn read_messages(&self, ids: &[u64]) -> Result<HashMap<u64, Message>, StorageError>;
+
+    /// Number of keys in each column family (blocking scans; for tests and diagnostics).
+    fn key_counts(&self) -> Vec<(&'static str, usize)>;
+
+    /// Writes everything queued, makes it durable and stops.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
 
 enum Request {
     Write {
@@ -291,73 +277,6 @@ impl Storage {
         &self.path
     }
 
-    /// Reads message records by id (blocking: call from `spawn_blocking`). Ids without a record
-    /// are left out, as are records that fail authentication (reported).
-    pub fn read_messages(&self, ids: &[u64]) -> Result<HashMap<u64, Message>, StorageError> {
-        let handle = self
-            .db
-            .cf_handle(Cf::Messages.name())
-            .ok_or_else(|| StorageError::Corrupt("column family messages missing".into()))?;
-        let keys: Vec<_> = ids.iter().map(|&id| (&handle, keys::message(id))).collect();
-        let mut found = HashMap::with_capacity(ids.len());
-        for (&id, value) in ids.iter().zip(self.db.multi_get_cf(keys)) {
-            let Some(value) = value? else { continue };
-            let key = keys::message(id);
-            match self.keys.open(Cf::Messages, &key, &value) {
-                Ok(plain) => {
-                    found.insert(id, records::decode_stored_message_only(&plain)?);
-                }
-                Err(error @ StorageError::Unauthentic(_)) => {
-                    report_unauthentic(Cf::Messages, &key, &error);
-                }
-                Err(error) => return Err(error),
-            }
-        }
-        Ok(found)
-    }
-
-    pub fn next_message_id(&self) -> u64 {
-        self.next_message_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Queues `ops` for the writer; the returned completion resolves once they are durable.
-    /// Waits while the writer's queue is full.
-    pub async fn write(&self, ops: Vec<Op>) -> Completion {
-        let (done, completion) = oneshot::channel();
-        let ops = match self.seal(ops) {
-            Ok(ops) => ops,
-            Err(error) => {
-                let _ = done.send(Err(error));
-                return completion;
-            }
-        };
-        let request = Request::Write {
-            ops,
-            done: Some(done),
-        };
-        if let Err(mpsc::error::SendError(Request::Write {
-            done: Some(done), ..
-        })) = self.requests.send(request).await
-        {
-            let _ = done.send(Err(StorageError::Closed));
-        }
-        completion
-    }
-
-    /// Queues `ops` without waiting for durability: for state whose loss is harmless (deleting
-    /// what was acknowledged; a lost delete only means a redelivery after a crash).
-    pub async fn write_behind(&self, ops: Vec<Op>) {
-        if ops.is_empty() {
-            return;
-        }
-        match self.seal(ops) {
-            Ok(ops) => {
-                let _ = self.requests.send(Request::Write { ops, done: None }).await;
-            }
-            Err(error) => tracing::error!(%error, "storage write not queued"),
-        }
-    }
-
     /// Seals the value of every put (no-op without a key).
     fn seal(&self, mut ops: Vec<Op>) -> Result<Vec<Op>, StorageError> {
         if self.keys.sealing() == Sealing::Plain {
@@ -381,20 +300,92 @@ impl Storage {
         Ok(ops)
     }
 
-    /// Writes everything queued, syncs the WAL and stops the writer thread.
-    pub async fn close(&self) {
-        let (done, closed) = oneshot::channel();
-        if self.requests.send(Request::Close(done)).await.is_ok() {
-            let _ = closed.await;
-        }
-        let writer = crate::sync::lock(&self.writer).take();
-        if let Some(writer) = writer {
-            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-        }
+    /// Flushes memtables to SST files (tests grep the files for plaintext).
+    pub fn flush(&self) -> Result<(), StorageError> {
+        let handles: Vec<_> = Cf::ALL
+            .iter()
+            .filter_map(|cf| self.db.cf_handle(cf.name()))
+            .collect();
+        self.db
+            .flush_cfs_opt(&handles, &rocksdb::FlushOptions::default())?;
+        Ok(())
+    }
+}
+
+impl Store for Storage {
+    fn is_durable(&self) -> bool {
+        true
     }
 
-    /// Number of keys in each column family (scans; for tests and diagnostics).
-    pub fn key_counts(&self) -> Vec<(&'static str, usize)> {
+    fn next_message_id(&self) -> u64 {
+        self.next_message_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn write(&self, ops: Vec<Op>) -> BoxFuture<'_, Completion> {
+        // Queuing waits for room in the writer's channel; the completion it yields is awaited
+        // later, by whoever holds the acknowledgement.
+        #[allow(clippy::async_yields_async)]
+        Box::pin(async move {
+            let (done, completion) = oneshot::channel();
+            let ops = match self.seal(ops) {
+                Ok(ops) => ops,
+                Err(error) => {
+                    let _ = done.send(Err(error));
+                    return completion;
+                }
+            };
+            let request = Request::Write {
+                ops,
+                done: Some(done),
+            };
+            if let Err(mpsc::error::SendError(Request::Write {
+                done: Some(done), ..
+            })) = self.requests.send(request).await
+            {
+                let _ = done.send(Err(StorageError::Closed));
+            }
+            completion
+        })
+    }
+
+    fn write_behind(&self, ops: Vec<Op>) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if ops.is_empty() {
+                return;
+            }
+            match self.seal(ops) {
+                Ok(ops) => {
+                    let _ = self.requests.send(Request::Write { ops, done: None }).await;
+                }
+                Err(error) => tracing::error!(%error, "storage write not queued"),
+            }
+        })
+    }
+
+    fn read_messages(&self, ids: &[u64]) -> Result<HashMap<u64, Message>, StorageError> {
+        let handle = self
+            .db
+            .cf_handle(Cf::Messages.name())
+            .ok_or_else(|| StorageError::Corrupt("column family messages missing".into()))?;
+        let keys: Vec<_> = ids.iter().map(|&id| (&handle, keys::message(id))).collect();
+        let mut found = HashMap::with_capacity(ids.len());
+        for (&id, value) in ids.iter().zip(self.db.multi_get_cf(keys)) {
+            let Some(value) = value? else { continue };
+            let key = keys::message(id);
+            match self.keys.open(Cf::Messages, &key, &value) {
+                Ok(plain) => {
+                    found.insert(id, records::decode_stored_message_only(&plain)?);
+                }
+                Err(error @ StorageError::Unauthentic(_)) => {
+                    report_unauthentic(Cf::Messages, &key, &error);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(found)
+    }
+
+    fn key_counts(&self) -> Vec<(&'static str, usize)> {
         Cf::ALL
             .iter()
             .filter_map(|&cf| {
@@ -409,15 +400,17 @@ impl Storage {
             .collect()
     }
 
-    /// Flushes memtables to SST files (tests grep the files for plaintext).
-    pub fn flush(&self) -> Result<(), StorageError> {
-        let handles: Vec<_> = Cf::ALL
-            .iter()
-            .filter_map(|cf| self.db.cf_handle(cf.name()))
-            .collect();
-        self.db
-            .flush_cfs_opt(&handles, &rocksdb::FlushOptions::default())?;
-        Ok(())
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let (done, closed) = oneshot::channel();
+            if self.requests.send(Request::Close(done)).await.is_ok() {
+                let _ = closed.await;
+            }
+            let writer = crate::sync::lock(&self.writer).take();
+            if let Some(writer) = writer {
+                let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            }
+        })
     }
 }
 

@@ -4,26 +4,17 @@
 //! can read old data, strings are length-prefixed, and decoding never trusts a length it has not
 //! checked. Unreadable records are reported as corruption, never panics.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use bytes::{BufMut, Bytes};
 
+use crate::clock::{from_unix_ms, unix_ms};
 use crate::message::Message;
-use crate::protocol::{MessageProperties, QoS, RetainHandling};
-use crate::router::SubscriptionOptions;
+use crate::protocol::{MessageProperties, QoS, RetainHandling, SubscriptionOptions};
 
 use super::StorageError;
 
 const FORMAT: u8 = 1;
-
-pub fn unix_ms(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis().min(u128::from(u64::MAX)) as u64)
-}
-
-pub fn from_unix_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
-}
 
 /// Reads a record with bounds checks; every error names the record kind.
 struct Reader<'a> {

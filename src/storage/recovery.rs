@@ -10,7 +10,7 @@ use super::keys;
 use super::records::{self, QueueValue, SessionRecord, StoredTarget};
 use super::{report_unauthentic, Cf, StorageError};
 use crate::message::Message;
-use crate::router::SubscriptionOptions;
+use crate::protocol::SubscriptionOptions;
 
 #[derive(Debug)]
 pub struct RecoveredSession {

@@ -19,36 +19,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::broker::BrokerState;
+pub use crate::connection::Transport;
 use crate::connection::{self, Peer};
 use crate::metrics;
+use crate::state::BrokerState;
 use admission::{Admission, Admitted};
-
-/// What a listener speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    Tcp,
-    Tls,
-    WebSocket,
-    SecureWebSocket,
-}
-
-impl Transport {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Tcp => metrics::TCP,
-            Self::Tls => metrics::TLS,
-            Self::WebSocket => metrics::WS,
-            Self::SecureWebSocket => metrics::WSS,
-        }
-    }
-}
+use tls::TlsContext;
 
 /// Accepts connections on one listener until `shutdown` is cancelled.
 pub async fn accept(
     listener: TcpListener,
     transport: Transport,
     state: Arc<BrokerState>,
+    tls: Option<Arc<TlsContext>>,
     admission: Arc<Admission>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -98,8 +81,11 @@ pub async fn accept(
                 tracker.spawn(serve_websocket(socket, peer, admitted, state, shutdown));
             }
             Transport::Tls | Transport::SecureWebSocket => {
+                let Some(tls) = tls.clone() else {
+                    continue;
+                };
                 tracker.spawn(serve_tls(
-                    socket, peer, transport, admitted, state, shutdown,
+                    socket, peer, transport, tls, admitted, state, shutdown,
                 ));
             }
         }
@@ -133,15 +119,13 @@ async fn serve_tls(
     socket: TcpStream,
     peer: SocketAddr,
     transport: Transport,
+    tls: Arc<TlsContext>,
     admitted: Admitted,
     state: Arc<BrokerState>,
     shutdown: CancellationToken,
 ) {
     let label = transport.label();
     let deadline = state.config.tls.handshake_timeout;
-    let Some(tls) = state.tls.as_ref() else {
-        return;
-    };
     let handshake = tls.acceptor().accept(socket);
     let stream = tokio::select! {
         result = tokio::time::timeout(deadline, handshake) => match result {

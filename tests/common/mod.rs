@@ -271,3 +271,12 @@ impl RawClient {
         (client, connack)
     }
 }
+
+/// Moves the clock of this test's runtime — and so of the broker running in it, whose expiry
+/// and keep-alive clocks follow tokio's — forward by `by` at once: tokio time is paused,
+/// advanced and resumed, so the test waits for no wall-clock time.
+pub async fn skip_time(by: Duration) {
+    tokio::time::pause();
+    tokio::time::advance(by).await;
+    tokio::time::resume();
+}

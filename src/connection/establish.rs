@@ -1,0 +1,285 @@
+//! Establishing a connection: CONNECT read under a deadline, the client authenticated, its
+//! session attached (new, resumed or taken over) and made durable, CONNACK sent, and a resumed
+//! session's in-flight window sent again.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::{handshake, Access, Close, Connection, Peer};
+use crate::clock;
+use crate::message::Message;
+use crate::metrics;
+use crate::protocol::encode::{self, AckKind, ConnAck, OutgoingPublish};
+use crate::protocol::{Connect, ProtocolVersion, ReasonCode, Will};
+use crate::session::inflight::Stage;
+use crate::session::NEVER_EXPIRES;
+use crate::state::BrokerState;
+use crate::storage::ops;
+
+/// Reads CONNECT, authenticates, attaches the session and answers CONNACK.
+pub(super) async fn establish<S>(
+    mut stream: S,
+    peer: &Peer,
+    state: &Arc<BrokerState>,
+    shutdown: &CancellationToken,
+) -> Result<Connection<S>, Close>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut read_buf = BytesMut::with_capacity(4096);
+    let connect = match handshake::read_connect(&mut stream, &mut read_buf, state, shutdown).await {
+        Ok(connect) => connect,
+        Err(close) => return Err(close),
+    };
+    let version = connect.version;
+    let (client_id, assigned) = match handshake::choose_client_id(&connect) {
+        Ok(id) => id,
+        Err((reason, detail)) => {
+            info!(peer = %peer.address, detail, "CONNECT refused");
+            handshake::refuse(&mut stream, version, reason).await;
+            return Err(Close::Refused(reason));
+        }
+    };
+    if connect.authentication_method.is_some() {
+        // Enhanced authentication (AUTH) is not offered [MQTT-4.12.0-1].
+        handshake::refuse(&mut stream, version, ReasonCode::BadAuthenticationMethod).await;
+        return Err(Close::Refused(ReasonCode::BadAuthenticationMethod));
+    }
+    tracing::Span::current().record("client_id", &*client_id);
+    let identity = match state
+        .auth
+        .authenticate(
+            connect.username.as_deref(),
+            connect.password.as_ref(),
+            peer.cert_identity.as_deref(),
+        )
+        .await
+    {
+        Ok(identity) => identity,
+        Err(reason) => {
+            // Never the password; the username only, to tell a typo from an attack.
+            info!(
+                peer = %peer.address,
+                %client_id,
+                username = connect.username.as_deref(),
+                reason = reason.label(),
+                "CONNECT refused"
+            );
+            handshake::refuse(&mut stream, version, reason).await;
+            return Err(Close::Refused(reason));
+        }
+    };
+    let acl = state.auth.acl_for(&identity, &client_id);
+    let acl_generation = state.auth.acl_generation();
+    if let (Some(acl), Some(will)) = (&acl, &connect.will) {
+        if !acl.may_publish(&will.topic) {
+            // The will could never be published: refused now rather than dropped later.
+            metrics::acl_denied("will");
+            handshake::refuse(&mut stream, version, ReasonCode::NotAuthorized).await;
+            return Err(Close::Refused(ReasonCode::NotAuthorized));
+        }
+    }
+
+    let config = &state.config.mqtt;
+    let requested_expiry = match version {
+        ProtocolVersion::V5 => connect.session_expiry_interval,
+        _ if connect.clean_start => 0,
+        _ => NEVER_EXPIRES,
+    };
+    let session_expiry = requested_expiry.min(config.max_session_expiry_interval);
+    let attached = state
+        .sessions
+        .attach(
+            client_id.clone(),
+            connect.clean_start,
+            session_expiry,
+            version.level(),
+        )
+        .await;
+    info!(
+        peer = %peer.address,
+        %client_id,
+        version = version.label(),
+        clean_start = connect.clean_start,
+        session_present = attached.session_present,
+        "client connected"
+    );
+    if let Some(ended) = attached.ended {
+        state.publish.finish_ended_sessions(vec![ended]).await;
+    }
+    // The session exists on disk before the client is told it does.
+    let persisted_session = if session_expiry > 0 && state.publish.is_durable() {
+        let will = connect
+            .will
+            .as_ref()
+            .map(|will| (will_message(will.clone(), &client_id), will.delay_interval));
+        let op = ops::session_put(
+            &client_id,
+            attached.handle.store_id,
+            version.level(),
+            session_expiry,
+            None,
+            will.as_ref().map(|(message, delay)| ops::WillRecord {
+                message,
+                delay_interval: *delay,
+                publish_at: None,
+            }),
+        );
+        state.publish.write(vec![op]).await
+    } else {
+        Ok(())
+    };
+
+    let keep_alive_secs = match (version, config.server_keep_alive) {
+        (ProtocolVersion::V5, Some(server)) => server,
+        _ => connect.keep_alive,
+    };
+    if read_buf.is_empty() {
+        // The 4 KiB that CONNECT was read into is not kept for an idle session.
+        read_buf = BytesMut::new();
+    }
+    // The keep-alive sweep starts counting from the CONNECT.
+    attached
+        .handle
+        .heard_from_client(keep_alive_secs, clock::monotonic_ms());
+    let mut connection = Connection {
+        stream,
+        read_buf,
+        write_buf: BytesMut::new(),
+        state: state.clone(),
+        version,
+        client_id,
+        handle: attached.handle,
+        session: attached.state,
+        connection_id: attached.connection_id,
+        keep_alive: keep_alive_secs,
+        will: connect.will.clone().map(Box::new),
+        session_expiry,
+        session_expiry_at_connect: session_expiry,
+        send_quota: connect.receive_maximum.min(config.max_inflight_messages),
+        client_max_packet_size: connect.maximum_packet_size.unwrap_or(u32::MAX),
+        client_topic_alias_max: connect.topic_alias_maximum,
+        aliases: None,
+        pending: VecDeque::new(),
+        releases: Vec::new(),
+        has_published: false,
+        paused: false,
+        memory_resumed: None,
+        traffic: metrics::Traffic::default(),
+        transport: peer.transport,
+        needs_flush: false,
+        access: acl.map(|acl| {
+            Box::new(Access {
+                identity,
+                acl,
+                generation: acl_generation,
+            })
+        }),
+    };
+    if let Err(error) = persisted_session {
+        tracing::error!(client_id = %connection.client_id, %error, "cannot persist the session");
+        return Err(Box::pin(connection.finish(Close::StorageFailure)).await);
+    }
+    if let Err(error) = state.publish.unspill(&connection.handle).await {
+        tracing::error!(client_id = %connection.client_id, %error, "cannot read the session's queued messages back");
+        return Err(Box::pin(connection.finish(Close::StorageFailure)).await);
+    }
+    connection.send_connack(
+        &connect,
+        assigned,
+        attached.session_present,
+        requested_expiry,
+    );
+    if attached.session_present {
+        connection.resend_inflight();
+    }
+    Ok(connection)
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    fn send_connack(
+        &mut self,
+        connect: &Connect,
+        assigned: bool,
+        session_present: bool,
+        requested_expiry: u32,
+    ) {
+        let config = &self.state.config.mqtt;
+        let mut ack = ConnAck {
+            session_present,
+            reason: Some(ReasonCode::Success),
+            ..ConnAck::default()
+        };
+        if self.version.is_v5() {
+            if self.session_expiry != requested_expiry {
+                ack.session_expiry_interval = Some(self.session_expiry);
+            }
+            ack.receive_maximum = Some(config.receive_maximum);
+            ack.maximum_packet_size = Some(config.max_packet_size);
+            ack.topic_alias_maximum = Some(config.topic_alias_maximum);
+            if !config.retain_available {
+                ack.retain_available = Some(false);
+            }
+            if assigned {
+                ack.assigned_client_identifier = Some(&self.client_id);
+            }
+            if let Some(keep_alive) = config.server_keep_alive {
+                if keep_alive != connect.keep_alive {
+                    ack.server_keep_alive = Some(keep_alive);
+                }
+            }
+        }
+        encode::connack(self.version, &ack, &mut self.write_buf);
+    }
+
+    /// Re-sends the in-flight window of a resumed session, in its original order, with DUP set
+    /// [MQTT-4.4.0-1], [MQTT-3.3.1-1]; deliveries past PUBREC get their PUBREL again.
+    fn resend_inflight(&mut self) {
+        for entry in self.session.inflight.entries() {
+            match entry.stage {
+                Stage::AwaitingPubComp => encode::ack(
+                    self.version,
+                    AckKind::PubRel,
+                    entry.packet_id,
+                    0,
+                    &mut self.write_buf,
+                ),
+                Stage::AwaitingPubAck | Stage::AwaitingPubRec => {
+                    let delivery = &entry.delivery;
+                    let message = &delivery.message;
+                    let publish = OutgoingPublish {
+                        topic: &message.topic,
+                        qos: delivery.qos,
+                        retain: delivery.retain,
+                        dup: true,
+                        packet_id: entry.packet_id,
+                        payload: &message.payload,
+                        properties: &message.properties,
+                        message_expiry_interval: message
+                            .remaining_expiry(clock::now())
+                            .unwrap_or(Some(1)),
+                        topic_alias: None,
+                        subscription_ids: &delivery.subscription_ids,
+                    };
+                    encode::publish(self.version, &publish, &mut self.write_buf);
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn will_message(will: Will, client_id: &Arc<str>) -> Message {
+    Message::new(
+        will.topic.into(),
+        will.payload,
+        will.qos,
+        will.retain,
+        will.properties,
+        Some(client_id.clone()),
+    )
+}
