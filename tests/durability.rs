@@ -107,6 +107,40 @@ async fn queued_messages_subscriptions_and_retained_survive_a_restart() {
     broker.shutdown().await;
 }
 
+/// Retained messages sent on SUBSCRIBE to a persistent session are stored like any queued
+/// delivery: one sent but not acknowledged before a restart comes again after it.
+#[tokio::test]
+async fn retained_messages_sent_on_subscribe_survive_a_restart_until_acknowledged() {
+    let broker = TestBroker::start().await;
+    publish_qos1(broker.addr, "held/status", &[b"on"], true).await;
+    let (mut client, _) =
+        RawClient::handshake(broker.addr, &packets::connect_v4("holder", false, 60)).await;
+    client.send(&packets::subscribe(1, "held/#", 1, None)).await;
+    client.recv_type(SUBACK).await;
+    let first = parse_publish(&client.recv_type(PUBLISH).await, false);
+    assert!(first.retain);
+    // Gone without a PUBACK.
+    drop(client);
+    wait_for_storage(&broker, |count| count("messages") == 1).await;
+
+    let broker = broker.restart().await;
+    let (mut client, connack) =
+        RawClient::handshake(broker.addr, &packets::connect_v4("holder", false, 60)).await;
+    assert_eq!(connack.body[0], 1, "session present after restart");
+    let again = parse_publish(&client.recv_type(PUBLISH).await, false);
+    assert_eq!(
+        (again.topic.as_str(), &again.payload[..]),
+        ("held/status", &b"on"[..])
+    );
+    assert!(again.retain, "still sent as retained");
+    assert!(again.dup, "it may have been received before the restart");
+    client.send(&packets::puback(again.packet_id)).await;
+    client.expect_silence().await;
+    // Acknowledged: only the retained store still holds it.
+    wait_for_storage(&broker, |count| count("messages") == 0).await;
+    broker.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_cleared_retained_message_stays_cleared_after_restart() {
     let broker = TestBroker::start().await;

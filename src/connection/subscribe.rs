@@ -123,6 +123,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             codes.push(options.qos as u8);
             self.session.subscriptions.insert(request.filter, options);
         }
+        // Retained messages sent to a persistent session are queued deliveries like any other:
+        // stored in the same batch, so a crash before they are acknowledged does not lose them.
+        ops.extend(
+            self.state
+                .publish
+                .store_deliveries(&self.handle, &mut retained),
+        );
         // [MQTT-3.8.4-1] SUBACK once the subscriptions are durable, before the retained
         // messages they trigger.
         let mut bytes = BytesMut::new();
