@@ -102,6 +102,63 @@ async fn publish_before_connect_closes_without_connack() {
     broker.shutdown().await;
 }
 
+/// The packets the broker sent before closing; panics unless it closed within `limit`.
+async fn closed_within(client: &mut RawClient, limit: Duration) -> Vec<RawPacket> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut before = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match client.recv_within(left).await {
+            Ok(None) => return before,
+            Ok(Some(packet)) => before.push(packet),
+            Err(()) => panic!("broker did not close within {limit:?}; got {before:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_http_request_is_closed_at_once_not_after_the_connect_timeout() {
+    let broker = TestBroker::start_with(|c| c.mqtt.connect_timeout = Duration::from_secs(30)).await;
+    let mut client = RawClient::connect(broker.addr).await;
+    // Only the request line: as a fixed header its "remaining length" ('E') asks for 69 bytes
+    // more, which a browser waiting for an answer never sends.
+    client.send(b"GET / HTTP/1.1\r\n").await;
+    let sent = closed_within(&mut client, Duration::from_secs(2)).await;
+    assert!(sent.is_empty(), "no CONNACK for a non-MQTT peer: {sent:?}");
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_fixed_header_error_closes_on_its_first_byte_without_the_rest() {
+    let broker = TestBroker::start().await;
+    // Each first byte alone, never followed by a length or body.
+    for (first_byte, reason) in [
+        (0x36, 0x81), // PUBLISH with QoS 3 [MQTT-3.3.1-4]
+        (0x60, 0x81), // PUBREL, SUBSCRIBE, UNSUBSCRIBE need flags 0010 [MQTT-2.2.2-2]
+        (0x80, 0x81),
+        (0xA0, 0x81),
+        (0x00, 0x81), // reserved packet type
+        (0xF0, 0x82), // AUTH without enhanced authentication
+    ] {
+        let (mut client, _) = v5(broker.addr, "early5", &[]).await;
+        client.send(&[first_byte]).await;
+        let sent = closed_within(&mut client, Duration::from_secs(2)).await;
+        let disconnect = sent.iter().find(|p| p.packet_type() == DISCONNECT);
+        assert_eq!(
+            disconnect.map(|p| p.body[0]),
+            Some(reason),
+            "after {first_byte:#04x}: {sent:?}"
+        );
+    }
+    for first_byte in [0x36, 0xF0] {
+        let mut client = v4(broker.addr, "early4").await;
+        client.send(&[first_byte]).await;
+        let sent = closed_within(&mut client, Duration::from_secs(2)).await;
+        assert!(sent.is_empty(), "3.1.1 gets no DISCONNECT: {sent:?}");
+    }
+    broker.shutdown().await;
+}
+
 #[tokio::test]
 async fn second_connect_is_a_protocol_error() {
     assert_v5_rejects(&packets::connect_v5("again", true, 60, &[]), 0x82).await;
