@@ -271,20 +271,44 @@ async fn connect_with_reserved_flag_is_closed() {
 }
 
 #[tokio::test]
-async fn unsupported_protocol_level_gets_connack_0x01() {
+async fn unsupported_protocol_levels_get_connack_0x84_or_for_3_x_levels_return_code_1() {
     let broker = TestBroker::start().await;
-    let mut connect = packets::connect_v4("x", true, 60);
-    connect[8] = 6; // protocol level
-    let mut client = RawClient::connect(broker.addr).await;
-    client.send(&connect).await;
-    let sent = client.expect_closed().await;
-    assert_eq!(
-        sent,
-        vec![RawPacket {
-            first_byte: 0x20,
-            body: vec![0x00, 0x01]
-        }]
-    );
+    // `20 03 00 84 00`: MQTT 5 CONNACK, Unsupported Protocol Version, no properties.
+    let v5_refusal = RawPacket {
+        first_byte: 0x20,
+        body: vec![0x00, 0x84, 0x00],
+    };
+    // `20 02 00 01`: 3.1.1 CONNACK, unacceptable protocol version.
+    let v3_refusal = RawPacket {
+        first_byte: 0x20,
+        body: vec![0x00, 0x01],
+    };
+    for (name, level, answer) in [
+        ("MQTT", 6, Some(&v5_refusal)),
+        ("MQTT", 0, Some(&v5_refusal)),
+        ("MQTT", 0x84, Some(&v5_refusal)),
+        ("MQIsdp", 5, Some(&v5_refusal)),
+        ("MQTT", 3, Some(&v3_refusal)),
+        ("MQIsdp", 4, Some(&v3_refusal)),
+        // Not MQTT at all: closed without an answer in MQTT's terms [MQTT-3.1.2-1].
+        ("MQTX", 5, None),
+        ("HTTP", 4, None),
+    ] {
+        let mut body = string(name);
+        body.push(level);
+        body.push(0x02);
+        body.extend(60u16.to_be_bytes());
+        body.push(0); // v5's property length; a 3.x CONNECT is refused before reading on
+        body.extend(string("x"));
+        let mut client = RawClient::connect(broker.addr).await;
+        client.send(&frame(0x10, &body)).await;
+        let sent = client.expect_closed().await;
+        assert_eq!(
+            sent,
+            answer.into_iter().cloned().collect::<Vec<_>>(),
+            "{name} level {level}"
+        );
+    }
     broker.shutdown().await;
 }
 

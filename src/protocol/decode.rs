@@ -101,8 +101,10 @@ fn parse_fixed_header(buf: &[u8]) -> Result<Option<FixedHeader>, ProtocolError> 
     Ok(None)
 }
 
-/// The protocol level byte of a CONNECT at the start of `buf`, when enough of it has arrived.
-/// Used to answer a CONNECT that fails to decode with a CONNACK the client can read.
+/// The protocol level byte of a CONNECT at the start of `buf`, when enough of it has arrived and
+/// it names MQTT ("MQTT", or 3.1's "MQIsdp"). Used to answer a CONNECT that fails to decode with
+/// a CONNACK the client can read; a peer naming another protocol is not answered in MQTT's
+/// [MQTT-3.1.2-1].
 pub fn connect_protocol_level(buf: &[u8]) -> Option<u8> {
     let header = parse_fixed_header(buf).ok()??;
     if header.packet_type() != CONNECT {
@@ -110,6 +112,10 @@ pub fn connect_protocol_level(buf: &[u8]) -> Option<u8> {
     }
     let body = buf.get(header.header_len..)?;
     let name_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    let name = body.get(2..2 + name_len)?;
+    if name != b"MQTT" && name != b"MQIsdp" {
+        return None;
+    }
     body.get(2 + name_len).copied()
 }
 

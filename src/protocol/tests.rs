@@ -7,7 +7,10 @@ use mqttbytes_ng as codec;
 use proptest::prelude::*;
 
 use super::encode::{self, AckKind, ConnAck, OutgoingPublish};
-use super::{decode, MessageProperties, Packet, ProtocolVersion, QoS, ReasonCode, RetainHandling};
+use super::{
+    connect_protocol_level, decode, MessageProperties, Packet, ProtocolVersion, QoS, ReasonCode,
+    RetainHandling,
+};
 
 fn decode_one(
     bytes: &[u8],
@@ -170,6 +173,36 @@ fn partial_frames_wait_for_more_bytes_without_consuming() {
             .is_none());
         assert_eq!(buf.len(), cut);
     }
+}
+
+#[test]
+fn an_unknown_level_is_unsupported_and_an_unknown_name_is_not_mqtt() {
+    // CONNECT of 3.1.1's layout with the given protocol name and level.
+    let connect = |name: &[u8], level: u8| {
+        let mut body = (name.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(name);
+        body.extend([level, 0x02, 0x00, 0x3C, 0x00, 0x01, b'x']);
+        let mut packet = vec![0x10, body.len() as u8];
+        packet.extend(body);
+        packet
+    };
+    let unsupported = connect(b"MQTT", 6);
+    assert_eq!(connect_protocol_level(&unsupported), Some(6));
+    assert_eq!(
+        decode_one(&unsupported, None).unwrap_err().reason,
+        ReasonCode::UnsupportedProtocolVersion
+    );
+    // The level is known as soon as its byte has arrived.
+    assert_eq!(connect_protocol_level(&unsupported[..9]), Some(6));
+    assert_eq!(connect_protocol_level(&unsupported[..8]), None);
+    assert_eq!(connect_protocol_level(&connect(b"MQIsdp", 5)), Some(5));
+
+    let not_mqtt = connect(b"MQTX", 5);
+    assert_eq!(connect_protocol_level(&not_mqtt), None);
+    assert_eq!(
+        decode_one(&not_mqtt, None).unwrap_err().reason,
+        ReasonCode::MalformedPacket
+    );
 }
 
 /// Decodes a lone first byte: `Ok(())` when the decoder waits for more, the reason otherwise.
