@@ -7,6 +7,7 @@
 //! fit, so a wake-up that finds many messages makes one `write`.
 
 mod handshake;
+mod keep_alive;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -210,6 +211,15 @@ where
             return Err(Close::Refused(reason));
         }
     };
+    let keep_alive_secs =
+        match keep_alive::negotiate(version, connect.keep_alive, &state.config.mqtt) {
+            Ok(secs) => secs,
+            Err((reason, detail)) => {
+                info!(peer = %peer.address, %client_id, detail, "CONNECT refused");
+                handshake::refuse(&mut stream, version, reason).await;
+                return Err(Close::Refused(reason));
+            }
+        };
     if connect.authentication_method.is_some() {
         // Enhanced authentication (AUTH) is not offered [MQTT-4.12.0-1].
         handshake::refuse(&mut stream, version, ReasonCode::BadAuthenticationMethod).await;
@@ -298,10 +308,6 @@ where
         Ok(())
     };
 
-    let keep_alive_secs = match (version, config.server_keep_alive) {
-        (ProtocolVersion::V5, Some(server)) => server,
-        _ => connect.keep_alive,
-    };
     if read_buf.is_empty() {
         // The 4 KiB that CONNECT was read into is not kept for an idle session.
         read_buf = BytesMut::new();
@@ -489,10 +495,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if assigned {
                 ack.assigned_client_identifier = Some(&self.client_id);
             }
-            if let Some(keep_alive) = config.server_keep_alive {
-                if keep_alive != connect.keep_alive {
-                    ack.server_keep_alive = Some(keep_alive);
-                }
+            if self.keep_alive != connect.keep_alive {
+                ack.server_keep_alive = Some(self.keep_alive);
             }
         }
         encode::connack(self.version, &ack, &mut self.write_buf);
