@@ -465,6 +465,41 @@ async fn exceeding_the_brokers_receive_maximum_disconnects_with_0x93() {
 }
 
 #[tokio::test]
+async fn a_client_still_sending_when_disconnected_can_read_why() {
+    let broker = TestBroker::start_with(|c| c.mqtt.receive_maximum = 2).await;
+    // A small receive window, not read while the client sends: the broker's last bytes, the
+    // DISCONNECT among them, wait in the broker's send queue, which a reset would discard.
+    let mut client = RawClient::connect_small_window(broker.addr).await;
+    let connack = client
+        .connect_with(&packets::connect_v5("eager", true, 60, &[]))
+        .await
+        .expect("CONNACK");
+    assert_eq!(connack.body[1], 0, "{connack:?}");
+    // 8 KiB of PINGRESP: more than the window holds.
+    client.send(&packets::PINGREQ.repeat(4096)).await;
+    // QoS 2 publishes never released: the third exceeds the Receive Maximum. The client goes
+    // on publishing for a while before it reads, as a busy publisher does; the pace only
+    // spreads its writes out.
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    for packet_id in 1..=20u16 {
+        pace.tick().await;
+        client
+            .send_lenient(&packets::publish(
+                "eager/q2",
+                2,
+                packet_id,
+                false,
+                false,
+                Some(&[]),
+                b"x",
+            ))
+            .await;
+    }
+    assert_eq!(expect_disconnect_reason(&mut client).await, 0x93);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
 async fn silent_client_is_disconnected_after_one_and_a_half_keep_alives() {
     let broker = TestBroker::start().await;
     let (mut v5_client, _) =

@@ -8,6 +8,7 @@
 
 mod handshake;
 mod keep_alive;
+mod linger;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -153,7 +154,9 @@ pub async fn serve<S>(
         let client_id = connection.client_id.clone();
         let finishing_span = span(&peer);
         finishing_span.record("client_id", &*client_id);
-        let finishing = connection.finish(close).instrument(finishing_span);
+        let finishing = connection
+            .finish(close, &shutdown)
+            .instrument(finishing_span);
         (Box::pin(finishing).await, Some(client_id))
     };
     log_close(&close, &peer, client_id.as_deref());
@@ -352,11 +355,11 @@ where
     };
     if let Err(error) = persisted_session {
         tracing::error!(client_id = %connection.client_id, %error, "cannot persist the session");
-        return Err(Box::pin(connection.finish(Close::StorageFailure)).await);
+        return Err(Box::pin(connection.finish(Close::StorageFailure, shutdown)).await);
     }
     if let Err(error) = persist::unspill(state, &connection.handle).await {
         tracing::error!(client_id = %connection.client_id, %error, "cannot read the session's queued messages back");
-        return Err(Box::pin(connection.finish(Close::StorageFailure)).await);
+        return Err(Box::pin(connection.finish(Close::StorageFailure, shutdown)).await);
     }
     connection.send_connack(
         &connect,
@@ -1418,7 +1421,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Tells a v5 client why it is being disconnected, flushes, hands the session back and
     /// publishes the will where one is due.
-    async fn finish(mut self, close: Close) -> Close {
+    async fn finish(mut self, close: Close, shutdown: &CancellationToken) -> Close {
         self.traffic.flush(self.transport.label());
         self.drain_pending().await;
         persist::write_behind(&self.state, std::mem::take(&mut self.releases)).await;
@@ -1427,7 +1430,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 encode::disconnect(reason, detail, &mut self.write_buf);
             }
         }
-        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
+        let flushed = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
             while !self.write_buf.is_empty() {
                 self.stream.write_buf(&mut self.write_buf).await?;
             }
@@ -1518,6 +1521,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.state
             .sessions
             .finished_closing(&self.handle, self.connection_id);
+        // Last, so lingering delays no will or takeover; the FIN went out above.
+        if matches!(flushed, Ok(Ok(()))) {
+            linger::linger_close(&mut self.stream, shutdown).await;
+        }
         close
     }
 }
