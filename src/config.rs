@@ -130,6 +130,12 @@ connect_timeout = "10s"
 # Keep alive the broker imposes on MQTT 5 clients (Server Keep Alive), in seconds. Unset: the
 # client's own value is used. A client silent for 1.5 times its keep alive is disconnected.
 # server_keep_alive = 60
+# Longest keep alive a client may ask for, in seconds (1 to 65535). Unset: no cap. A client
+# asking for more, or for none (0), gets the cap: MQTT 5 clients through Server Keep Alive, while
+# MQTT 3.1 and 3.1.1 clients, which cannot be told, are refused (CONNACK return code 2), as
+# Mosquitto's max_keepalive does. server_keep_alive, when set, still applies to MQTT 5 clients,
+# and may not exceed this cap.
+# max_keep_alive = 300
 # Inbound QoS 2 messages a client may have awaiting PUBREL (advertised as Receive Maximum).
 receive_maximum = 1024
 # Outbound QoS 1/2 messages in flight per session (also capped by the client's Receive Maximum).
@@ -493,6 +499,7 @@ pub struct MqttConfig {
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     pub server_keep_alive: Option<u16>,
+    pub max_keep_alive: Option<u16>,
     pub receive_maximum: u16,
     pub max_inflight_messages: u16,
     pub topic_alias_maximum: u16,
@@ -508,6 +515,7 @@ impl Default for MqttConfig {
             max_packet_size: 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
             server_keep_alive: None,
+            max_keep_alive: None,
             receive_maximum: 1024,
             max_inflight_messages: 1024,
             topic_alias_maximum: 64,
@@ -629,6 +637,21 @@ impl Config {
                 "auth.max_concurrent_verifications must be at least 1".into(),
             ));
         }
+        if let Some(max) = mqtt.max_keep_alive {
+            if max == 0 {
+                return Err(ConfigError::Invalid(
+                    "mqtt.max_keep_alive must be between 1 and 65535 (unset: no cap)".into(),
+                ));
+            }
+            if mqtt
+                .server_keep_alive
+                .is_some_and(|server| server == 0 || server > max)
+            {
+                return Err(ConfigError::Invalid(
+                    "mqtt.server_keep_alive must be between 1 and mqtt.max_keep_alive".into(),
+                ));
+            }
+        }
         if mqtt.connect_timeout.is_zero() {
             return Err(ConfigError::Invalid(
                 "mqtt.connect_timeout must be positive".into(),
@@ -692,6 +715,16 @@ mod tests {
         let mut config = Config::default();
         config.queue.memory_low_watermark = config.queue.memory_high_watermark;
         assert!(config.validate().is_err());
+        let mut config = Config::default();
+        config.mqtt.max_keep_alive = Some(0);
+        assert!(config.validate().is_err());
+        config.mqtt.max_keep_alive = Some(60);
+        config.mqtt.server_keep_alive = Some(61);
+        assert!(config.validate().is_err());
+        config.mqtt.server_keep_alive = Some(0);
+        assert!(config.validate().is_err());
+        config.mqtt.server_keep_alive = Some(60);
+        config.validate().unwrap();
         let mut config = Config::default();
         config.queue.rule.push(QueueRule {
             filter: "a/#/b".into(),

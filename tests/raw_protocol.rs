@@ -102,6 +102,63 @@ async fn publish_before_connect_closes_without_connack() {
     broker.shutdown().await;
 }
 
+/// The packets the broker sent before closing; panics unless it closed within `limit`.
+async fn closed_within(client: &mut RawClient, limit: Duration) -> Vec<RawPacket> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut before = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match client.recv_within(left).await {
+            Ok(None) => return before,
+            Ok(Some(packet)) => before.push(packet),
+            Err(()) => panic!("broker did not close within {limit:?}; got {before:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_http_request_is_closed_at_once_not_after_the_connect_timeout() {
+    let broker = TestBroker::start_with(|c| c.mqtt.connect_timeout = Duration::from_secs(30)).await;
+    let mut client = RawClient::connect(broker.addr).await;
+    // Only the request line: as a fixed header its "remaining length" ('E') asks for 69 bytes
+    // more, which a browser waiting for an answer never sends.
+    client.send(b"GET / HTTP/1.1\r\n").await;
+    let sent = closed_within(&mut client, Duration::from_secs(2)).await;
+    assert!(sent.is_empty(), "no CONNACK for a non-MQTT peer: {sent:?}");
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_fixed_header_error_closes_on_its_first_byte_without_the_rest() {
+    let broker = TestBroker::start().await;
+    // Each first byte alone, never followed by a length or body.
+    for (first_byte, reason) in [
+        (0x36, 0x81), // PUBLISH with QoS 3 [MQTT-3.3.1-4]
+        (0x60, 0x81), // PUBREL, SUBSCRIBE, UNSUBSCRIBE need flags 0010 [MQTT-2.2.2-2]
+        (0x80, 0x81),
+        (0xA0, 0x81),
+        (0x00, 0x81), // reserved packet type
+        (0xF0, 0x82), // AUTH without enhanced authentication
+    ] {
+        let (mut client, _) = v5(broker.addr, "early5", &[]).await;
+        client.send(&[first_byte]).await;
+        let sent = closed_within(&mut client, Duration::from_secs(2)).await;
+        let disconnect = sent.iter().find(|p| p.packet_type() == DISCONNECT);
+        assert_eq!(
+            disconnect.map(|p| p.body[0]),
+            Some(reason),
+            "after {first_byte:#04x}: {sent:?}"
+        );
+    }
+    for first_byte in [0x36, 0xF0] {
+        let mut client = v4(broker.addr, "early4").await;
+        client.send(&[first_byte]).await;
+        let sent = closed_within(&mut client, Duration::from_secs(2)).await;
+        assert!(sent.is_empty(), "3.1.1 gets no DISCONNECT: {sent:?}");
+    }
+    broker.shutdown().await;
+}
+
 #[tokio::test]
 async fn second_connect_is_a_protocol_error() {
     assert_v5_rejects(&packets::connect_v5("again", true, 60, &[]), 0x82).await;
@@ -214,20 +271,44 @@ async fn connect_with_reserved_flag_is_closed() {
 }
 
 #[tokio::test]
-async fn unsupported_protocol_level_gets_connack_0x01() {
+async fn unsupported_protocol_levels_get_connack_0x84_or_for_3_x_levels_return_code_1() {
     let broker = TestBroker::start().await;
-    let mut connect = packets::connect_v4("x", true, 60);
-    connect[8] = 6; // protocol level
-    let mut client = RawClient::connect(broker.addr).await;
-    client.send(&connect).await;
-    let sent = client.expect_closed().await;
-    assert_eq!(
-        sent,
-        vec![RawPacket {
-            first_byte: 0x20,
-            body: vec![0x00, 0x01]
-        }]
-    );
+    // `20 03 00 84 00`: MQTT 5 CONNACK, Unsupported Protocol Version, no properties.
+    let v5_refusal = RawPacket {
+        first_byte: 0x20,
+        body: vec![0x00, 0x84, 0x00],
+    };
+    // `20 02 00 01`: 3.1.1 CONNACK, unacceptable protocol version.
+    let v3_refusal = RawPacket {
+        first_byte: 0x20,
+        body: vec![0x00, 0x01],
+    };
+    for (name, level, answer) in [
+        ("MQTT", 6, Some(&v5_refusal)),
+        ("MQTT", 0, Some(&v5_refusal)),
+        ("MQTT", 0x84, Some(&v5_refusal)),
+        ("MQIsdp", 5, Some(&v5_refusal)),
+        ("MQTT", 3, Some(&v3_refusal)),
+        ("MQIsdp", 4, Some(&v3_refusal)),
+        // Not MQTT at all: closed without an answer in MQTT's terms [MQTT-3.1.2-1].
+        ("MQTX", 5, None),
+        ("HTTP", 4, None),
+    ] {
+        let mut body = string(name);
+        body.push(level);
+        body.push(0x02);
+        body.extend(60u16.to_be_bytes());
+        body.push(0); // v5's property length; a 3.x CONNECT is refused before reading on
+        body.extend(string("x"));
+        let mut client = RawClient::connect(broker.addr).await;
+        client.send(&frame(0x10, &body)).await;
+        let sent = client.expect_closed().await;
+        assert_eq!(
+            sent,
+            answer.into_iter().cloned().collect::<Vec<_>>(),
+            "{name} level {level}"
+        );
+    }
     broker.shutdown().await;
 }
 
@@ -370,6 +451,41 @@ async fn exceeding_the_brokers_receive_maximum_disconnects_with_0x93() {
         client
             .send_lenient(&packets::publish(
                 "q2",
+                2,
+                packet_id,
+                false,
+                false,
+                Some(&[]),
+                b"x",
+            ))
+            .await;
+    }
+    assert_eq!(expect_disconnect_reason(&mut client).await, 0x93);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_still_sending_when_disconnected_can_read_why() {
+    let broker = TestBroker::start_with(|c| c.mqtt.receive_maximum = 2).await;
+    // A small receive window, not read while the client sends: the broker's last bytes, the
+    // DISCONNECT among them, wait in the broker's send queue, which a reset would discard.
+    let mut client = RawClient::connect_small_window(broker.addr).await;
+    let connack = client
+        .connect_with(&packets::connect_v5("eager", true, 60, &[]))
+        .await
+        .expect("CONNACK");
+    assert_eq!(connack.body[1], 0, "{connack:?}");
+    // 8 KiB of PINGRESP: more than the window holds.
+    client.send(&packets::PINGREQ.repeat(4096)).await;
+    // QoS 2 publishes never released: the third exceeds the Receive Maximum. The client goes
+    // on publishing for a while before it reads, as a busy publisher does; the pace only
+    // spreads its writes out.
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    for packet_id in 1..=20u16 {
+        pace.tick().await;
+        client
+            .send_lenient(&packets::publish(
+                "eager/q2",
                 2,
                 packet_id,
                 false,

@@ -594,7 +594,7 @@ async fn telemq_passwd_writes_a_file_the_broker_accepts_and_sighup_reloads_the_a
     .await;
     assert_eq!(subscribe(&mut client, true, "b/#").await, 0x87);
     std::fs::write(&acl, "topic readwrite b/#\n").unwrap();
-    broker.signal("HUP");
+    broker.signal(libc::SIGHUP);
     // The reload lands asynchronously; ask until it has (or WAIT runs out).
     let deadline = tokio::time::Instant::now() + common::WAIT;
     loop {

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::establish::will_message;
-use super::{Close, Connection, CLOSE_FLUSH_TIMEOUT};
+use tokio_util::sync::CancellationToken;
+
+use super::{linger, Close, Connection, CLOSE_FLUSH_TIMEOUT};
 use crate::clock;
 use crate::message::Delivery;
 use crate::metrics;
@@ -37,7 +39,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Tells a v5 client why it is being disconnected, flushes, hands the session back and
     /// publishes the will where one is due.
-    pub(super) async fn finish(mut self, close: Close) -> Close {
+    pub(super) async fn finish(mut self, close: Close, shutdown: &CancellationToken) -> Close {
         self.traffic.flush(self.transport.label());
         self.drain_pending().await;
         self.state
@@ -49,7 +51,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 encode::disconnect(reason, detail, &mut self.write_buf);
             }
         }
-        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
+        let flushed = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
             while !self.write_buf.is_empty() {
                 self.stream.write_buf(&mut self.write_buf).await?;
             }
@@ -151,6 +153,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.state
             .sessions
             .finished_closing(&self.handle, self.connection_id);
+        // Last, so lingering delays no will or takeover; the FIN went out above.
+        if matches!(flushed, Ok(Ok(()))) {
+            linger::linger_close(&mut self.stream, shutdown).await;
+        }
         close
     }
 }

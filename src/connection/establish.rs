@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{handshake, Access, Close, Connection, Peer};
+use super::{handshake, keep_alive, Access, Close, Connection, Peer};
 use crate::clock;
 use crate::message::Message;
 use crate::metrics;
@@ -45,6 +45,15 @@ where
             return Err(Close::Refused(reason));
         }
     };
+    let keep_alive_secs =
+        match keep_alive::negotiate(version, connect.keep_alive, &state.config.mqtt) {
+            Ok(secs) => secs,
+            Err((reason, detail)) => {
+                info!(peer = %peer.address, %client_id, detail, "CONNECT refused");
+                handshake::refuse(&mut stream, version, reason).await;
+                return Err(Close::Refused(reason));
+            }
+        };
     if connect.authentication_method.is_some() {
         // Enhanced authentication (AUTH) is not offered [MQTT-4.12.0-1].
         handshake::refuse(&mut stream, version, ReasonCode::BadAuthenticationMethod).await;
@@ -135,10 +144,6 @@ where
         Ok(())
     };
 
-    let keep_alive_secs = match (version, config.server_keep_alive) {
-        (ProtocolVersion::V5, Some(server)) => server,
-        _ => connect.keep_alive,
-    };
     if read_buf.is_empty() {
         // The 4 KiB that CONNECT was read into is not kept for an idle session.
         read_buf = BytesMut::new();
@@ -183,11 +188,11 @@ where
     };
     if let Err(error) = persisted_session {
         tracing::error!(client_id = %connection.client_id, %error, "cannot persist the session");
-        return Err(Box::pin(connection.finish(Close::StorageFailure)).await);
+        return Err(Box::pin(connection.finish(Close::StorageFailure, shutdown)).await);
     }
     if let Err(error) = state.publish.unspill(&connection.handle).await {
         tracing::error!(client_id = %connection.client_id, %error, "cannot read the session's queued messages back");
-        return Err(Box::pin(connection.finish(Close::StorageFailure)).await);
+        return Err(Box::pin(connection.finish(Close::StorageFailure, shutdown)).await);
     }
     connection.send_connack(
         &connect,
@@ -228,10 +233,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if assigned {
                 ack.assigned_client_identifier = Some(&self.client_id);
             }
-            if let Some(keep_alive) = config.server_keep_alive {
-                if keep_alive != connect.keep_alive {
-                    ack.server_keep_alive = Some(keep_alive);
-                }
+            if self.keep_alive != connect.keep_alive {
+                ack.server_keep_alive = Some(self.keep_alive);
             }
         }
         encode::connack(self.version, &ack, &mut self.write_buf);

@@ -35,10 +35,17 @@ pub(super) async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(None) => {}
             Err(error) => {
                 metrics::protocol_error(error.reason.label());
-                // Answer where the client can read the answer [MQTT-3.1.2-2], [MQTT-4.13.1-1].
+                // Answer where the client can read the answer [MQTT-4.13.1-1]. A protocol level
+                // the broker does not speak gets 3.1.1's return code 1 if it is a 3.x level, and
+                // otherwise v5's reason 0x84, the answer a newer client looks for [MQTT-3.1.2-2].
+                // No answer without a level: the peer did not name MQTT [MQTT-3.1.2-1].
                 let answer_version = match (error.reason, level) {
-                    (ReasonCode::UnsupportedProtocolVersion, _) => Some(ProtocolVersion::V3_1_1),
-                    (_, Some(5)) => Some(ProtocolVersion::V5),
+                    (ReasonCode::UnsupportedProtocolVersion, Some(3 | 4)) => {
+                        Some(ProtocolVersion::V3_1_1)
+                    }
+                    (ReasonCode::UnsupportedProtocolVersion, Some(_)) | (_, Some(5)) => {
+                        Some(ProtocolVersion::V5)
+                    }
                     _ => None,
                 };
                 if let Some(version) = answer_version {

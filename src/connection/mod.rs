@@ -16,7 +16,8 @@
 //! | `subscribe.rs` | SUBSCRIBE and UNSUBSCRIBE |
 //! | `outbound.rs` | deliveries to the client and their PUBACK / PUBREC / PUBCOMP |
 //! | `pending.rs` | the FIFO of work waiting for storage, which keeps acknowledgements in order |
-//! | `close.rs` | DISCONNECT either way, hand-back of the session, wills |
+//! | `close.rs`, `linger.rs` | DISCONNECT either way, hand-back of the session, wills; the lingering close |
+//! | `keep_alive.rs` | the keep alive a client is held to |
 //! | `io.rs` | the hand-written futures of the event loop |
 
 mod close;
@@ -24,6 +25,8 @@ mod establish;
 mod handshake;
 mod inbound;
 mod io;
+mod keep_alive;
+mod linger;
 mod outbound;
 mod pending;
 mod subscribe;
@@ -181,7 +184,9 @@ pub async fn serve<S, A: Send>(
         let client_id = connection.client_id.clone();
         let finishing_span = span(&peer);
         finishing_span.record("client_id", &*client_id);
-        let finishing = connection.finish(close).instrument(finishing_span);
+        let finishing = connection
+            .finish(close, &shutdown)
+            .instrument(finishing_span);
         (Box::pin(finishing).await, Some(client_id))
     };
     log_close(&close, &peer, client_id.as_deref());

@@ -1,7 +1,8 @@
 //! Framing and decoding of client-to-server packets.
 //!
-//! The fixed header is parsed here (so the broker's Maximum Packet Size is enforced on the total
-//! packet size before the body is buffered, and reserved flag bits are checked for every type).
+//! The fixed header is parsed here, so that what it gets wrong closes the connection before the
+//! body is buffered: the first byte (packet type and reserved flag bits) is judged as soon as it
+//! arrives, and the broker's Maximum Packet Size is enforced on the total packet size.
 //! PUBLISH and DISCONNECT bodies are decoded by `mqttbytes-ng`; CONNECT, SUBSCRIBE, UNSUBSCRIBE and
 //! the acknowledgements are decoded here because the codec cannot express what the spec requires of
 //! them: MQTT 3.1 ("MQIsdp") clients, binary passwords, reserved-bit checks on CONNECT flags and
@@ -100,8 +101,10 @@ fn parse_fixed_header(buf: &[u8]) -> Result<Option<FixedHeader>, ProtocolError> 
     Ok(None)
 }
 
-/// The protocol level byte of a CONNECT at the start of `buf`, when enough of it has arrived.
-/// Used to answer a CONNECT that fails to decode with a CONNACK the client can read.
+/// The protocol level byte of a CONNECT at the start of `buf`, when enough of it has arrived and
+/// it names MQTT ("MQTT", or 3.1's "MQIsdp"). Used to answer a CONNECT that fails to decode with
+/// a CONNACK the client can read; a peer naming another protocol is not answered in MQTT's
+/// [MQTT-3.1.2-1].
 pub fn connect_protocol_level(buf: &[u8]) -> Option<u8> {
     let header = parse_fixed_header(buf).ok()??;
     if header.packet_type() != CONNECT {
@@ -109,6 +112,10 @@ pub fn connect_protocol_level(buf: &[u8]) -> Option<u8> {
     }
     let body = buf.get(header.header_len..)?;
     let name_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    let name = body.get(2..2 + name_len)?;
+    if name != b"MQTT" && name != b"MQIsdp" {
+        return None;
+    }
     body.get(2 + name_len).copied()
 }
 
@@ -121,6 +128,10 @@ pub fn decode(
     version: Option<ProtocolVersion>,
     max_packet_size: usize,
 ) -> Result<Option<Packet>, ProtocolError> {
+    let Some(&first_byte) = buf.first() else {
+        return Ok(None);
+    };
+    check_first_byte(first_byte, version)?;
     let Some(header) = parse_fixed_header(buf)? else {
         return Ok(None);
     };
@@ -134,15 +145,9 @@ pub fn decode(
         buf.reserve(header.total_len() - buf.len());
         return Ok(None);
     }
-    check_fixed_header_flags(header)?;
     let frame = buf.split_to(header.total_len());
 
     let Some(version) = version else {
-        if header.packet_type() != CONNECT {
-            return Err(ProtocolError::violation(
-                "[MQTT-3.1.0-1] the first packet from a client must be CONNECT",
-            ));
-        }
         let mut body = frame.freeze();
         body.advance(header.header_len);
         return decode_connect(body).map(|connect| Some(Packet::Connect(Box::new(connect))));
@@ -158,11 +163,6 @@ pub fn decode(
     let mut body = frame.freeze();
     body.advance(header.header_len);
     let packet = match packet_type {
-        CONNECT => {
-            return Err(ProtocolError::violation(
-                "[MQTT-3.1.0-2] a second CONNECT on one connection",
-            ))
-        }
         PUBACK => {
             let (packet_id, reason) = decode_ack(body, version)?;
             Packet::PubAck { packet_id, reason }
@@ -189,29 +189,55 @@ pub fn decode(
             }
             Packet::PingReq
         }
-        AUTH if version.is_v5() => {
-            return Err(ProtocolError::violation(
-                "[MQTT-4.12.0-6] AUTH without an authentication method in CONNECT",
-            ))
-        }
-        2 | 9 | 11 | 13 => {
-            return Err(ProtocolError::violation(
-                "[MQTT-2.1.2] a server-to-client packet type sent by a client",
-            ))
-        }
-        _ => {
-            return Err(ProtocolError::malformed(
-                "[MQTT-2.1.2] reserved control packet type",
-            ))
-        }
+        // Every other type was refused by `check_first_byte`.
+        _ => return Err(RESERVED_PACKET_TYPE),
     };
     Ok(Some(packet))
 }
 
+const RESERVED_PACKET_TYPE: ProtocolError =
+    ProtocolError::malformed("[MQTT-2.1.2] reserved control packet type");
+
+/// Decides on the first byte of a packet as soon as it arrives, before its remaining length or
+/// body: what is wrong there is wrong whatever follows. So a connection that does not open with
+/// a CONNECT fixed header (say an HTTP request sent to the MQTT port, whose "length" would ask
+/// for dozens of bytes more) is closed at once, not after its body or the connect timeout.
+fn check_first_byte(first_byte: u8, version: Option<ProtocolVersion>) -> Result<(), ProtocolError> {
+    let Some(version) = version else {
+        if first_byte == CONNECT << 4 {
+            return Ok(());
+        }
+        if first_byte >> 4 == CONNECT {
+            return Err(RESERVED_FLAGS);
+        }
+        return Err(ProtocolError::violation(
+            "[MQTT-3.1.0-1] the first packet from a client must be CONNECT",
+        ));
+    };
+    check_fixed_header_flags(first_byte)?;
+    match first_byte >> 4 {
+        CONNECT => Err(ProtocolError::violation(
+            "[MQTT-3.1.0-2] a second CONNECT on one connection",
+        )),
+        AUTH if version.is_v5() => Err(ProtocolError::violation(
+            "[MQTT-4.12.0-6] AUTH without an authentication method in CONNECT",
+        )),
+        2 | 9 | 11 | 13 => Err(ProtocolError::violation(
+            "[MQTT-2.1.2] a server-to-client packet type sent by a client",
+        )),
+        // 0 is reserved in both versions, and 15 in 3.1.1.
+        0 | AUTH => Err(RESERVED_PACKET_TYPE),
+        _ => Ok(()),
+    }
+}
+
+const RESERVED_FLAGS: ProtocolError =
+    ProtocolError::malformed("[MQTT-2.2.2-2] reserved fixed-header flags are not zero");
+
 /// Reserved flag bits must hold the values the spec lists [MQTT-2.2.2-2].
-fn check_fixed_header_flags(header: FixedHeader) -> Result<(), ProtocolError> {
-    let flags = header.flags();
-    match header.packet_type() {
+fn check_fixed_header_flags(first_byte: u8) -> Result<(), ProtocolError> {
+    let flags = first_byte & 0x0F;
+    match first_byte >> 4 {
         PUBLISH => {
             let qos = (flags >> 1) & 0b11;
             if qos == 3 {
@@ -230,9 +256,7 @@ fn check_fixed_header_flags(header: FixedHeader) -> Result<(), ProtocolError> {
             "[MQTT-2.2.2-2] reserved fixed-header flags of PUBREL/SUBSCRIBE/UNSUBSCRIBE are not 0010",
         )),
         PUBREL | SUBSCRIBE | UNSUBSCRIBE => Ok(()),
-        _ if flags != 0 => Err(ProtocolError::malformed(
-            "[MQTT-2.2.2-2] reserved fixed-header flags are not zero",
-        )),
+        _ if flags != 0 => Err(RESERVED_FLAGS),
         _ => Ok(()),
     }
 }

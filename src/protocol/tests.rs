@@ -7,7 +7,10 @@ use mqttbytes_ng as codec;
 use proptest::prelude::*;
 
 use super::encode::{self, AckKind, ConnAck, OutgoingPublish};
-use super::{decode, MessageProperties, Packet, ProtocolVersion, QoS, ReasonCode, RetainHandling};
+use super::{
+    connect_protocol_level, decode, MessageProperties, Packet, ProtocolVersion, QoS, ReasonCode,
+    RetainHandling,
+};
 
 fn decode_one(
     bytes: &[u8],
@@ -169,6 +172,103 @@ fn partial_frames_wait_for_more_bytes_without_consuming() {
             .unwrap()
             .is_none());
         assert_eq!(buf.len(), cut);
+    }
+}
+
+#[test]
+fn an_unknown_level_is_unsupported_and_an_unknown_name_is_not_mqtt() {
+    // CONNECT of 3.1.1's layout with the given protocol name and level.
+    let connect = |name: &[u8], level: u8| {
+        let mut body = (name.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(name);
+        body.extend([level, 0x02, 0x00, 0x3C, 0x00, 0x01, b'x']);
+        let mut packet = vec![0x10, body.len() as u8];
+        packet.extend(body);
+        packet
+    };
+    let unsupported = connect(b"MQTT", 6);
+    assert_eq!(connect_protocol_level(&unsupported), Some(6));
+    assert_eq!(
+        decode_one(&unsupported, None).unwrap_err().reason,
+        ReasonCode::UnsupportedProtocolVersion
+    );
+    // The level is known as soon as its byte has arrived.
+    assert_eq!(connect_protocol_level(&unsupported[..9]), Some(6));
+    assert_eq!(connect_protocol_level(&unsupported[..8]), None);
+    assert_eq!(connect_protocol_level(&connect(b"MQIsdp", 5)), Some(5));
+
+    let not_mqtt = connect(b"MQTX", 5);
+    assert_eq!(connect_protocol_level(&not_mqtt), None);
+    assert_eq!(
+        decode_one(&not_mqtt, None).unwrap_err().reason,
+        ReasonCode::MalformedPacket
+    );
+}
+
+/// Decodes a lone first byte: `Ok(())` when the decoder waits for more, the reason otherwise.
+fn judge_first_byte(byte: u8, version: Option<ProtocolVersion>) -> Result<(), ReasonCode> {
+    let mut buf = BytesMut::from(&[byte][..]);
+    match decode(&mut buf, version, 1024) {
+        Ok(None) => Ok(()),
+        Ok(Some(packet)) => panic!("one byte decoded as {packet:?}"),
+        Err(error) => Err(error.reason),
+    }
+}
+
+#[test]
+fn before_connect_every_first_byte_but_connects_is_refused_alone() {
+    for byte in 0..=u8::MAX {
+        let judged = judge_first_byte(byte, None);
+        if byte == 0x10 {
+            assert_eq!(judged, Ok(()));
+        } else {
+            assert!(judged.is_err(), "{byte:#04x} waited for more bytes");
+        }
+    }
+    // An HTTP request to the MQTT port: its "remaining length" ('E') asks for 69 bytes.
+    let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
+    let error = decode(&mut buf, None, 1024).unwrap_err();
+    assert_eq!(error.reason, ReasonCode::ProtocolError);
+}
+
+#[test]
+fn type_and_flag_errors_are_refused_on_the_first_byte_alone() {
+    const MALFORMED: Result<(), ReasonCode> = Err(ReasonCode::MalformedPacket);
+    const VIOLATION: Result<(), ReasonCode> = Err(ReasonCode::ProtocolError);
+    let refused = [
+        (0x36, MALFORMED, MALFORMED), // PUBLISH with QoS 3
+        (0x38, MALFORMED, MALFORMED), // DUP on a QoS 0 PUBLISH
+        (0x60, MALFORMED, MALFORMED), // PUBREL, SUBSCRIBE, UNSUBSCRIBE need flags 0010
+        (0x80, MALFORMED, MALFORMED),
+        (0xA3, MALFORMED, MALFORMED),
+        (0x41, MALFORMED, MALFORMED), // flags on PUBACK, PINGREQ, DISCONNECT, CONNECT
+        (0xC8, MALFORMED, MALFORMED),
+        (0xE1, MALFORMED, MALFORMED),
+        (0x12, MALFORMED, MALFORMED),
+        (0x00, MALFORMED, MALFORMED), // reserved type 0
+        (0xF0, MALFORMED, VIOLATION), // reserved in 3.1.1; AUTH, not offered, in 5.0
+        (0x10, VIOLATION, VIOLATION), // a second CONNECT
+        (0x20, VIOLATION, VIOLATION), // CONNACK, SUBACK, UNSUBACK, PINGRESP: server to client
+        (0x90, VIOLATION, VIOLATION),
+        (0xB0, VIOLATION, VIOLATION),
+        (0xD0, VIOLATION, VIOLATION),
+    ];
+    for (byte, v3, v5) in refused {
+        assert_eq!(
+            judge_first_byte(byte, Some(ProtocolVersion::V3_1_1)),
+            v3,
+            "{byte:#04x}"
+        );
+        assert_eq!(
+            judge_first_byte(byte, Some(ProtocolVersion::V5)),
+            v5,
+            "{byte:#04x}"
+        );
+    }
+    for byte in [0x30, 0x3B, 0x40, 0x50, 0x62, 0x70, 0x82, 0xA2, 0xC0, 0xE0] {
+        for version in [ProtocolVersion::V3_1_1, ProtocolVersion::V5] {
+            assert_eq!(judge_first_byte(byte, Some(version)), Ok(()), "{byte:#04x}");
+        }
     }
 }
 
