@@ -248,6 +248,10 @@ impl Pipeline {
         store_id: u64,
         deliveries: impl IntoIterator<Item = &'a Delivery>,
     ) {
+        // Once per acknowledgement: nothing to build when nothing is stored.
+        if !self.store.is_durable() {
+            return;
+        }
         let ops = deliveries
             .into_iter()
             .filter_map(|delivery| ops::release(store_id, delivery, true))

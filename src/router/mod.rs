@@ -196,7 +196,10 @@ impl Router {
         let policy = self.policy_for(&message.topic);
         let mut dropped = Vec::new();
         for target in targets {
-            dropped.extend(self.enqueue(&target.session, target.delivery, policy));
+            let not_queued = self.enqueue(&target.session, target.delivery, policy);
+            if !not_queued.is_empty() {
+                dropped.extend(not_queued);
+            }
         }
         dropped
     }
@@ -222,6 +225,13 @@ impl Router {
             rejected,
             slow_consumer,
         } = session.mailbox.push(delivery, policy);
+        if slow_consumer {
+            session.kick_live(Kick::SlowConsumer);
+        }
+        // The common case, once per delivery: builds nothing.
+        if evicted.is_empty() && rejected.is_none() {
+            return Vec::new();
+        }
         let mut out: Vec<Dropped> = evicted
             .into_iter()
             .map(|old| dropped(old, metrics::DROP_QUEUE_EVICTED))
@@ -233,9 +243,6 @@ impl Router {
                 metrics::DROP_QUEUE_FULL
             };
             out.push(dropped(rejected, reason));
-        }
-        if slow_consumer {
-            session.kick_live(Kick::SlowConsumer);
         }
         out
     }
