@@ -1,21 +1,158 @@
-//! One MQTT client connection: TCP stream, read buffer, and the bounded handshake steps.
+//! One MQTT client connection: the stream (plain TCP or TLS), read buffer, and the bounded
+//! handshake steps.
 
+use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use futures_util::FutureExt;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 use crate::codec::{self, Packet};
 
 /// Read buffer size: large so one read returns many packets.
 pub const READ_BUF: usize = 256 * 1024;
 
+/// The connection's byte stream. An enum rather than a boxed trait object so the plain-TCP
+/// scenarios keep direct `TcpStream` calls (and `try_read_buf`) behind one predictable branch.
+pub enum Stream {
+    Plain(TcpStream),
+    /// Boxed: a rustls connection is a few kilobytes, and clients are moved between tasks.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Reads what is available without waiting; `WouldBlock` when nothing is.
+    pub fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.try_read_buf(buf),
+            // tokio-rustls has no try_read: poll a read once with a waker that does nothing.
+            // The socket's readiness is registered again with the task's real waker at the
+            // next awaited read, so no wake-up is lost.
+            Stream::Tls(s) => s
+                .read_buf(buf)
+                .now_or_never()
+                .unwrap_or_else(|| Err(io::ErrorKind::WouldBlock.into())),
+        }
+    }
+
+    /// Writes all of `data` and, over TLS, flushes: tokio-rustls may keep encrypted bytes it
+    /// could not write yet, and a publisher that then waits for PUBACKs would wait forever.
+    pub async fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.write_all(data).await,
+            Stream::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    /// The negotiated TLS parameters (version, cipher suite, key exchange), if TLS.
+    pub fn tls_description(&self) -> Option<String> {
+        let Stream::Tls(s) = self else { return None };
+        let (_, conn) = s.get_ref();
+        Some(format!(
+            "{:?} {:?} {:?}",
+            conn.protocol_version()?,
+            conn.negotiated_cipher_suite()?.suite(),
+            conn.negotiated_key_exchange_group()?.name()
+        ))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What every TLS connection of a run shares.
+#[derive(Clone)]
+pub struct Tls {
+    pub connector: TlsConnector,
+    pub server_name: ServerName<'static>,
+}
+
+impl Tls {
+    /// TLS 1.3 only, `ring`, trusting the CA certificates in `ca_file`, and with session
+    /// resumption disabled so every connection pays a full handshake (what a fleet of devices
+    /// reconnecting after a broker restart costs).
+    pub fn new(ca_file: &Path, server_name: &str) -> anyhow::Result<Self> {
+        let mut roots = RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca_file)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("cannot read {}", ca_file.display()))?;
+        if certs.is_empty() {
+            bail!("{} holds no certificate", ca_file.display());
+        }
+        for cert in certs {
+            roots.add(cert)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.resumption = rustls::client::Resumption::disabled();
+        let server_name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| anyhow!("--tls-server-name {server_name:?}: {e}"))?;
+        Ok(Self {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+}
+
 pub struct Client {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub rbuf: BytesMut,
     pub id: String,
 }
@@ -26,17 +163,29 @@ pub struct ConnectOptions<'a> {
     pub clean_session: bool,
     pub keep_alive: u16,
     pub timeout: Duration,
+    /// TLS over the TCP connection, or plain MQTT.
+    pub tls: Option<&'a Tls>,
 }
 
 impl Client {
-    /// TCP connect + CONNECT + CONNACK, all under `opts.timeout`. Returns the client and the
-    /// CONNACK's session-present flag. Bytes the broker sends after CONNACK stay in `rbuf`.
+    /// TCP connect (+ TLS handshake) + CONNECT + CONNACK, all under `opts.timeout`. Returns the
+    /// client and the CONNACK's session-present flag. Bytes the broker sends after CONNACK stay
+    /// in `rbuf`.
     pub async fn connect(opts: &ConnectOptions<'_>) -> anyhow::Result<(Self, bool)> {
         let work = async {
-            let stream = TcpStream::connect(opts.addr)
+            let tcp = TcpStream::connect(opts.addr)
                 .await
                 .with_context(|| format!("cannot connect to {}", opts.addr))?;
-            stream.set_nodelay(true)?;
+            tcp.set_nodelay(true)?;
+            let stream = match opts.tls {
+                None => Stream::Plain(tcp),
+                Some(tls) => Stream::Tls(Box::new(
+                    tls.connector
+                        .connect(tls.server_name.clone(), tcp)
+                        .await
+                        .context("TLS handshake")?,
+                )),
+            };
             let mut client = Client {
                 stream,
                 rbuf: BytesMut::with_capacity(4096),
@@ -49,7 +198,7 @@ impl Client {
                 opts.clean_session,
                 opts.keep_alive,
             );
-            client.stream.write_all(&out).await?;
+            client.stream.send(&out).await?;
             loop {
                 if let Some((packet, used)) = codec::decode(&client.rbuf)? {
                     let Packet::Connack {
@@ -91,7 +240,7 @@ impl Client {
         let mut out = BytesMut::new();
         codec::encode_subscribe(&mut out, pkid, filters);
         let work = async {
-            self.stream.write_all(&out).await?;
+            self.stream.send(&out).await?;
             loop {
                 if let Some((packet, used)) = codec::decode(&self.rbuf)? {
                     let result = match packet {
@@ -125,7 +274,7 @@ impl Client {
         let mut out = BytesMut::new();
         codec::encode_pingreq(&mut out);
         let work = async {
-            self.stream.write_all(&out).await?;
+            self.stream.send(&out).await?;
             loop {
                 while let Some((packet, used)) = codec::decode(&self.rbuf)? {
                     let pong = packet == Packet::Pingresp;
@@ -147,7 +296,7 @@ impl Client {
         let mut out = BytesMut::new();
         codec::encode_disconnect(&mut out);
         let _ = timeout(limit, async {
-            self.stream.write_all(&out).await?;
+            self.stream.send(&out).await?;
             self.stream.shutdown().await
         })
         .await;
