@@ -1,7 +1,7 @@
 //! `telemq-bench`: a client-side MQTT 3.1.1 load generator.
 //!
 //! It speaks MQTT through its own small codec (`codec.rs`, independent of `telemq::protocol`) on
-//! raw tokio TCP. Publishers encode many PUBLISH packets per write (QoS 1/2: at most `--window`
+//! raw tokio TCP, or with `--tls` over TLS 1.3 (rustls, `ring`, no session resumption). Publishers encode many PUBLISH packets per write (QoS 1/2: at most `--window`
 //! unacknowledged); subscribers read large buffers and acknowledge per read. Every payload
 //! carries the publisher id, a run tag, a sequence number and the UNIX send time, so receivers
 //! count lost, duplicated and out-of-order messages and the end-to-end latency.
@@ -26,7 +26,7 @@ use crate::json::Json;
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "telemq-bench",
-    about = "MQTT 3.1.1 load generator (fan-in, fan-out, pairs, shared, latency, connections, persisted)"
+    about = "MQTT 3.1.1 load generator (fan-in, fan-out, pairs, shared, latency, connections, handshakes, persisted)"
 )]
 pub struct Cli {
     /// Broker host.
@@ -66,6 +66,16 @@ pub struct Cli {
     /// Free-form label copied into the JSON (e.g. the broker's name).
     #[arg(long, global = true)]
     pub label: Option<String>,
+    /// Every connection (publishers and subscribers alike) over TLS 1.3, with a full handshake
+    /// each (no session resumption).
+    #[arg(long, global = true)]
+    pub tls: bool,
+    /// With --tls: PEM file of the CA the broker's certificate must chain to.
+    #[arg(long, default_value = "certs/ca.pem", global = true)]
+    pub ca_file: std::path::PathBuf,
+    /// With --tls: the name the broker's certificate must be valid for (SNI and verification).
+    #[arg(long, default_value = "localhost", global = true)]
+    pub tls_server_name: String,
     #[command(subcommand)]
     pub scenario: Scenario,
 }
@@ -76,6 +86,10 @@ pub enum Scenario {
     FanIn {
         #[arg(long, default_value_t = 8)]
         publishers: usize,
+        /// Total publish rate in messages/s, shared evenly by the publishers, each sending one
+        /// message per tick like a sensor (default: every publisher as fast as it can).
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// 1 publisher → S subscribers on the same topic.
     FanOut {
@@ -114,6 +128,13 @@ pub enum Scenario {
         #[arg(long, default_value_t = 2.0)]
         hold: f64,
     },
+    /// C workers each connecting, waiting for CONNACK, disconnecting and closing, again and
+    /// again: connects/s of fresh connections (with --tls: full TLS 1.3 handshakes).
+    Handshakes {
+        /// Connections being set up at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     /// QoS 1 into S offline persistent sessions; PUBACKs/s is the throughput. Then one session
     /// reconnects and drains its queue.
     Persisted {
@@ -139,6 +160,7 @@ impl Scenario {
             Scenario::Shared { .. } => "shared",
             Scenario::Latency { .. } => "latency",
             Scenario::Connections { .. } => "connections",
+            Scenario::Handshakes { .. } => "handshakes",
             Scenario::Persisted { .. } => "persisted",
         }
     }
@@ -199,15 +221,21 @@ fn validate(cli: &Cli) -> Result<(), String> {
             Ok(())
         }
     };
+    let positive_rate = |rate: &Option<f64>| match rate {
+        Some(r) if !r.is_finite() || *r <= 0.0 => Err("--rate must be positive".to_string()),
+        _ => Ok(()),
+    };
+    if cli.tls && cli.tls_server_name.is_empty() {
+        return Err("--tls-server-name must not be empty".into());
+    }
     match &cli.scenario {
-        Scenario::FanIn { publishers } => positive("--publishers", *publishers)?,
+        Scenario::FanIn { publishers, rate } => {
+            positive("--publishers", *publishers)?;
+            positive_rate(rate)?;
+        }
         Scenario::FanOut { subscribers, rate } => {
             positive("--subscribers", *subscribers)?;
-            if let Some(r) = rate {
-                if !r.is_finite() || *r <= 0.0 {
-                    return Err("--rate must be positive".into());
-                }
-            }
+            positive_rate(rate)?;
         }
         Scenario::Pairs { pairs } => positive("--pairs", *pairs)?,
         Scenario::Shared {
@@ -233,6 +261,7 @@ fn validate(cli: &Cli) -> Result<(), String> {
                 return Err("--hold must be between 0 and 3600 seconds".into());
             }
         }
+        Scenario::Handshakes { concurrency } => positive("--concurrency", *concurrency)?,
         Scenario::Persisted {
             sessions,
             publishers,
@@ -331,7 +360,14 @@ mod tests {
         assert_eq!(cli.port, 18830);
         assert_eq!(cli.qos, 1);
         assert_eq!(cli.duration, 5.0);
-        assert!(matches!(cli.scenario, Scenario::FanIn { publishers: 3 }));
+        assert!(matches!(
+            cli.scenario,
+            Scenario::FanIn {
+                publishers: 3,
+                rate: None
+            }
+        ));
+        assert!(!cli.tls);
         assert!(validate(&cli).is_ok());
     }
 
@@ -342,5 +378,67 @@ mod tests {
         assert!(validate(&cli).is_err());
         let cli = Cli::try_parse_from(["telemq-bench", "latency", "--rate", "0"]).unwrap();
         assert!(validate(&cli).is_err());
+    }
+
+    #[test]
+    fn cli_parses_tls_fan_in_at_a_fixed_rate() {
+        let cli = Cli::try_parse_from([
+            "telemq-bench",
+            "fan-in",
+            "--tls",
+            "--publishers",
+            "1000",
+            "--rate",
+            "20000",
+            "--qos",
+            "1",
+            "--ca-file",
+            "/tmp/ca.pem",
+        ])
+        .unwrap();
+        assert!(cli.tls);
+        assert_eq!(cli.ca_file, std::path::PathBuf::from("/tmp/ca.pem"));
+        assert_eq!(cli.tls_server_name, "localhost");
+        match cli.scenario {
+            Scenario::FanIn { publishers, rate } => {
+                assert_eq!(publishers, 1000);
+                assert_eq!(rate, Some(20_000.0));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(validate(&cli).is_ok());
+    }
+
+    #[test]
+    fn cli_rejects_bad_tls_and_rate_values() {
+        for args in [
+            &["telemq-bench", "fan-in", "--rate", "0"][..],
+            &["telemq-bench", "fan-in", "--rate=-5"],
+            &["telemq-bench", "fan-in", "--rate", "NaN"],
+            &["telemq-bench", "fan-in", "--publishers", "0"],
+            &["telemq-bench", "handshakes", "--concurrency", "0"],
+            &[
+                "telemq-bench",
+                "--tls",
+                "--tls-server-name",
+                "",
+                "handshakes",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert!(validate(&cli).is_err(), "{args:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn cli_parses_handshakes() {
+        let cli = Cli::try_parse_from(["telemq-bench", "handshakes", "--tls"]).unwrap();
+        assert!(cli.tls);
+        assert!(matches!(
+            cli.scenario,
+            Scenario::Handshakes { concurrency: 64 }
+        ));
+        assert_eq!(cli.scenario.name(), "handshakes");
+        assert!(validate(&cli).is_ok());
     }
 }

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail};
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout_at, MissedTickBehavior};
 
-use crate::client::{Client, ConnectOptions};
+use crate::client::{Client, ConnectOptions, Tls};
 use crate::codec::{self, Packet, Stamp};
 use crate::json::Json;
 use crate::stats::{Histogram, SeqTracker};
@@ -95,12 +95,19 @@ struct RunCfg {
     run_tag: u32,
     /// Client id prefix, unique per process so concurrent or successive runs never collide.
     prefix: String,
+    /// `--tls`: every connection over TLS 1.3.
+    tls: Option<Tls>,
 }
 
 impl RunCfg {
-    fn new(cli: &Cli, addr: SocketAddr, qos: u8) -> Self {
+    fn new(cli: &Cli, addr: SocketAddr, qos: u8) -> anyhow::Result<Self> {
         let run_tag = (unix_nanos() as u32) ^ std::process::id().rotate_left(16);
-        Self {
+        let tls = if cli.tls {
+            Some(Tls::new(&cli.ca_file, &cli.tls_server_name)?)
+        } else {
+            None
+        };
+        Ok(Self {
             addr,
             qos,
             payload_size: cli.payload_size,
@@ -110,16 +117,18 @@ impl RunCfg {
             connect_timeout: secs(cli.connect_timeout),
             run_tag,
             prefix: format!("tb{:08x}", run_tag),
-        }
+            tls,
+        })
     }
 
-    fn connect_opts<'a>(&self, client_id: &'a str, clean_session: bool) -> ConnectOptions<'a> {
+    fn connect_opts<'a>(&'a self, client_id: &'a str, clean_session: bool) -> ConnectOptions<'a> {
         ConnectOptions {
             addr: self.addr,
             client_id,
             clean_session,
             keep_alive: KEEP_ALIVE,
             timeout: self.connect_timeout,
+            tls: self.tls.as_ref(),
         }
     }
 }
@@ -156,12 +165,13 @@ fn open_files_limit() -> Option<u64> {
 
 pub async fn run(cli: Cli, addr: SocketAddr) -> Result<Json, Failure> {
     match cli.scenario.clone() {
-        Scenario::FanIn { publishers } => {
+        Scenario::FanIn { publishers, rate } => {
             let topo = Topology {
                 publishers: (0..publishers)
                     .map(|i| PubSpec {
                         topic: format!("bench/fanin/{i}"),
-                        rate: None,
+                        rate: rate.map(|r| r / publishers as f64),
+                        phase: i as f64 / publishers as f64,
                     })
                     .collect(),
                 groups: vec![Group {
@@ -169,7 +179,9 @@ pub async fn run(cli: Cli, addr: SocketAddr) -> Result<Json, Failure> {
                     subscribers: 1,
                     expects: (0..publishers as u32).collect(),
                 }],
-                params: Json::object().with("publishers", publishers),
+                params: Json::object()
+                    .with("publishers", publishers)
+                    .with("rate", rate),
             };
             message_run(&cli, addr, cli.qos, topo).await
         }
@@ -178,6 +190,7 @@ pub async fn run(cli: Cli, addr: SocketAddr) -> Result<Json, Failure> {
                 publishers: vec![PubSpec {
                     topic: "bench/fanout/topic".into(),
                     rate,
+                    phase: 0.0,
                 }],
                 groups: (0..subscribers)
                     .map(|_| Group {
@@ -198,6 +211,7 @@ pub async fn run(cli: Cli, addr: SocketAddr) -> Result<Json, Failure> {
                     .map(|i| PubSpec {
                         topic: format!("bench/pairs/{i}"),
                         rate: None,
+                        phase: 0.0,
                     })
                     .collect(),
                 groups: (0..pairs)
@@ -220,6 +234,7 @@ pub async fn run(cli: Cli, addr: SocketAddr) -> Result<Json, Failure> {
                     .map(|i| PubSpec {
                         topic: format!("bench/shared/{i}"),
                         rate: None,
+                        phase: 0.0,
                     })
                     .collect(),
                 groups: vec![Group {
@@ -238,6 +253,7 @@ pub async fn run(cli: Cli, addr: SocketAddr) -> Result<Json, Failure> {
                 publishers: vec![PubSpec {
                     topic: "bench/latency".into(),
                     rate: Some(rate),
+                    phase: 0.0,
                 }],
                 groups: vec![Group {
                     filter: "bench/latency".into(),
@@ -253,6 +269,7 @@ pub async fn run(cli: Cli, addr: SocketAddr) -> Result<Json, Failure> {
             concurrency,
             hold,
         } => connections_run(&cli, addr, connections, concurrency, hold).await,
+        Scenario::Handshakes { concurrency } => handshakes_run(&cli, addr, concurrency).await,
         Scenario::Persisted {
             sessions,
             publishers,
@@ -266,6 +283,9 @@ struct PubSpec {
     topic: String,
     /// Messages per second; `None`: as fast as the window and the socket allow.
     rate: Option<f64>,
+    /// With a rate: where in its tick period (0..1) this publisher sends, so that many slow
+    /// publishers spread their messages instead of all firing on the same tick.
+    phase: f64,
 }
 
 /// Receivers that together should see every message of `expects` once: one plain subscriber,
@@ -506,7 +526,7 @@ async fn publisher(
                 let n = window.on_packets(&mut client.rbuf, cfg.qos, &mut out)?;
                 ctl.acked.fetch_add(n, Relaxed);
                 if !out.is_empty() {
-                    timeout_at(deadline, client.stream.write_all(&out)).await??;
+                    timeout_at(deadline, client.stream.send(&out)).await??;
                     out.clear();
                 }
                 if window.inflight == 0 {
@@ -548,8 +568,11 @@ async fn publish_loop(
     let mut payload = vec![0u8; cfg.payload_size];
     let mut wbuf = BytesMut::with_capacity(cfg.batch * (cfg.payload_size + topic.len() + 9) + 64);
     let mut ctrl = BytesMut::new();
-    let mut tick = spec.rate.map(|_| {
-        let mut t = tokio::time::interval(Duration::from_millis(1));
+    let mut tick = spec.rate.map(|rate| {
+        // At most one tick per millisecond; a publisher with a smaller share (1,000 sensors at
+        // 20 msg/s each) ticks once per message instead of waking a thousand times a second.
+        let period = Duration::from_secs_f64((1.0 / rate).max(0.001));
+        let mut t = tokio::time::interval_at(ctl.start + period.mul_f64(spec.phase), period);
         t.set_missed_tick_behavior(MissedTickBehavior::Skip);
         t
     });
@@ -584,7 +607,7 @@ async fn publish_loop(
             };
             if free < min_free {
                 if !ctrl.is_empty() {
-                    timeout_at(deadline, client.stream.write_all(&ctrl)).await??;
+                    timeout_at(deadline, client.stream.send(&ctrl)).await??;
                     ctrl.clear();
                 }
                 client.read_within(Duration::from_millis(50)).await?;
@@ -610,7 +633,7 @@ async fn publish_loop(
             codec::encode_publish(&mut wbuf, topic, qos, pkid, false, false, &payload);
             seq += 1;
         }
-        match timeout_at(deadline, client.stream.write_all(&wbuf)).await {
+        match timeout_at(deadline, client.stream.send(&wbuf)).await {
             Ok(r) => r?,
             Err(_) => bail!("write stalled past the run's deadline"),
         }
@@ -633,7 +656,7 @@ async fn publish_loop(
     }
     // PUBRELs owed for PUBRECs read in the last round.
     if !ctrl.is_empty() {
-        timeout_at(deadline, client.stream.write_all(&ctrl)).await??;
+        timeout_at(deadline, client.stream.send(&ctrl)).await??;
     }
     Ok(())
 }
@@ -714,7 +737,7 @@ async fn subscribe_loop(
             ctl.received.fetch_add(count, Relaxed);
         }
         if !acks.is_empty() {
-            match timeout_at(ctl.hard_deadline, client.stream.write_all(&acks)).await {
+            match timeout_at(ctl.hard_deadline, client.stream.send(&acks)).await {
                 Ok(r) => r?,
                 Err(_) => bail!("acknowledgement write stalled past the run's deadline"),
             }
@@ -764,6 +787,14 @@ async fn measurement_window(cli: &Cli, ctl: &Ctl) -> (Snapshot, Snapshot) {
         sleep_until(end.min(tokio::time::Instant::now() + Duration::from_secs(1))).await;
         let s = snapshot(ctl, None);
         let dt = s.at.duration_since(last.at).as_secs_f64().max(1e-9);
+        if matches!(cli.scenario, Scenario::Handshakes { .. }) {
+            eprintln!(
+                "telemq-bench:   connects {:>10.0}/s",
+                (s.sent - last.sent) as f64 / dt
+            );
+            last = s;
+            continue;
+        }
         eprintln!(
             "telemq-bench:   sent {:>10.0}/s  acked {:>10.0}/s  received {:>10.0}/s",
             (s.sent - last.sent) as f64 / dt,
@@ -832,7 +863,7 @@ async fn message_run(
     qos: u8,
     topo: Topology,
 ) -> Result<Json, Failure> {
-    let cfg = Arc::new(RunCfg::new(cli, addr, qos));
+    let cfg = Arc::new(RunCfg::new(cli, addr, qos)?);
     let filters: Vec<String> = topo
         .groups
         .iter()
@@ -847,6 +878,7 @@ async fn message_run(
     let subs = connect_subscribers(&cfg, filters).await?;
     let pubs = connect_publishers(&cfg, topo.publishers.len()).await?;
     let broker_rss_start = cli.broker_pid.and_then(rss_bytes);
+    let tls = subs.first().and_then(|c| c.stream.tls_description());
 
     let ctl = Arc::new(Ctl::new(cli));
     let trackers: Vec<Arc<Mutex<SeqTracker>>> = topo
@@ -949,7 +981,8 @@ async fn message_run(
         .with("scenario", cli.scenario.name())
         .with("label", cli.label.clone())
         .with("qos", qos)
-        .with("params", with_common(topo.params, cli));
+        .with("params", with_common(topo.params, cli))
+        .with("tls", tls);
     window_json(&mut report, cli, qos, true, &a, &b);
     report.set("sent", sent);
     if qos > 0 {
@@ -989,6 +1022,7 @@ async fn message_run(
 
 fn with_common(params: Json, cli: &Cli) -> Json {
     params
+        .with("tls", cli.tls)
         .with("payload_size", cli.payload_size)
         .with("window", cli.window)
         .with("batch", cli.batch)
@@ -1010,7 +1044,7 @@ async fn connections_run(
             )));
         }
     }
-    let cfg = Arc::new(RunCfg::new(cli, addr, cli.qos));
+    let cfg = Arc::new(RunCfg::new(cli, addr, cli.qos)?);
     let rss_before = cli.broker_pid.and_then(rss_bytes);
     eprintln!(
         "telemq-bench: connections: opening {connections} clients ({concurrency} handshakes in flight) to {addr}"
@@ -1147,6 +1181,114 @@ async fn connections_run(
     Ok(report)
 }
 
+/// Connects/s of fresh connections: `concurrency` workers each connect (TCP, TLS with --tls,
+/// CONNECT, CONNACK), send DISCONNECT and close, over and over. Connects completed within the
+/// measurement window count; `ctl.sent` counts them (there are no messages here).
+async fn handshakes_run(cli: &Cli, addr: SocketAddr, concurrency: usize) -> Result<Json, Failure> {
+    let cfg = Arc::new(RunCfg::new(cli, addr, cli.qos)?);
+    // One connection first: a wrong port or certificate fails here, once, rather than in every
+    // worker; it also tells which TLS parameters the broker chose.
+    let probe_id = format!("{}-probe", cfg.prefix);
+    let (probe, _) = Client::connect(&cfg.connect_opts(&probe_id, true))
+        .await
+        .map_err(|e| Failure::Setup(e.context("first connection failed")))?;
+    let tls = probe.stream.tls_description();
+    probe.disconnect(Duration::from_secs(1)).await;
+    eprintln!(
+        "telemq-bench: handshakes: {concurrency} workers connecting and disconnecting to {addr}{}",
+        tls.as_deref()
+            .map(|t| format!(" over {t}"))
+            .unwrap_or_default()
+    );
+
+    let ctl = Arc::new(Ctl::new(cli));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut workers = JoinSet::new();
+    for w in 0..concurrency {
+        let (cfg, ctl, failed) = (cfg.clone(), ctl.clone(), failed.clone());
+        workers.spawn(async move {
+            let mut n = 0u64;
+            while !ctl.stop_pub.load(Relaxed) {
+                let id = format!("{}-hs-{w}-{n}", cfg.prefix);
+                n += 1;
+                match Client::connect(&cfg.connect_opts(&id, true)).await {
+                    Ok((client, _)) => {
+                        // Counted at CONNACK: closing is not part of the set-up rate.
+                        ctl.sent.fetch_add(1, Relaxed);
+                        client.disconnect(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => {
+                        // The first few reasons are enough to diagnose; a refusing broker
+                        // must not fill memory with the same message.
+                        if failed.fetch_add(1, Relaxed) < 10 {
+                            ctl.error(format!("{e:#}"));
+                        }
+                        // Back off briefly so a broker that refuses does not get a busy loop.
+                        sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        });
+    }
+    let (a, b) = measurement_window(cli, &ctl).await;
+    // Workers finish the connection under way (bounded by --connect-timeout each).
+    let joined = timeout_at(ctl.hard_deadline, async {
+        while workers.join_next().await.is_some() {}
+    })
+    .await;
+    if joined.is_err() {
+        workers.abort_all();
+    }
+
+    let window = b.at.duration_since(a.at).as_secs_f64();
+    let connects = b.sent - a.sent;
+    let per_connect_us = |cpu: Option<(f64, f64)>| match cpu {
+        Some((x, y)) if connects > 0 => Some((y - x) * 1e6 / connects as f64),
+        _ => None,
+    };
+    let broker_us = per_connect_us(a.broker_cpu.zip(b.broker_cpu));
+    let own_us = per_connect_us(a.own_cpu.zip(b.own_cpu));
+    let failures = failed.load(Relaxed);
+    let mut errors = ctl.errors();
+    if failures > 10 {
+        errors.push(format!("... {failures} failed connects in all"));
+    }
+    let us = |v: Option<f64>| v.map_or_else(|| "?".to_string(), |v| format!("{v:.0}"));
+    eprintln!(
+        "telemq-bench: {connects} connects in {window:.2} s ({:.0}/s), {failures} failed; CPU per connect: broker {} µs, generator {} µs",
+        rate(connects, window),
+        us(broker_us),
+        us(own_us)
+    );
+    let ok = errors.is_empty();
+    let mut report = Json::object()
+        .with("scenario", cli.scenario.name())
+        .with("label", cli.label.clone())
+        .with(
+            "params",
+            Json::object()
+                .with("concurrency", concurrency)
+                .with("tls", cli.tls)
+                .with("keep_alive", KEEP_ALIVE),
+        )
+        .with("tls", tls);
+    window_json(&mut report, cli, 0, false, &a, &b);
+    report.set("connects", connects);
+    report.set("connects_per_s", rate(connects, window));
+    report.set("failed", failures);
+    report.set("broker_cpu_us_per_connect", broker_us);
+    report.set("generator_cpu_us_per_connect", own_us);
+    report.set("errors", errors);
+    report.set("ok", ok);
+    if connects == 0 {
+        return Err(Failure::Setup(anyhow!(
+            "no connection succeeded in the window: {}",
+            ctl.errors().first().cloned().unwrap_or_default()
+        )));
+    }
+    Ok(report)
+}
+
 async fn persisted_run(
     cli: &Cli,
     addr: SocketAddr,
@@ -1156,7 +1298,7 @@ async fn persisted_run(
     drain_timeout: f64,
 ) -> Result<Json, Failure> {
     let qos = cli.qos.max(1);
-    let cfg = Arc::new(RunCfg::new(cli, addr, qos));
+    let cfg = Arc::new(RunCfg::new(cli, addr, qos)?);
     let filter = "bench/persist/#";
     let session_ids: Vec<String> = (0..sessions)
         .map(|i| format!("{}-persist-{i}", cfg.prefix))
@@ -1195,6 +1337,7 @@ async fn persisted_run(
         let spec = PubSpec {
             topic: format!("bench/persist/{i}"),
             rate: None,
+            phase: 0.0,
         };
         pub_tasks.spawn(publisher(client, i as u32, spec, cfg.clone(), ctl.clone()));
     }
@@ -1314,7 +1457,7 @@ async fn drain_session(
             client.rbuf.advance(used);
         }
         if !acks.is_empty() {
-            timeout_at(deadline, client.stream.write_all(&acks)).await??;
+            timeout_at(deadline, client.stream.send(&acks)).await??;
             acks.clear();
         }
         if last_message.elapsed() >= Duration::from_secs(1) {
