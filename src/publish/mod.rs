@@ -64,10 +64,6 @@ impl Pipeline {
         }
     }
 
-    pub fn router(&self) -> &Router {
-        &self.router
-    }
-
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
