@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::{Auth, AuthError};
 use crate::clock;
+use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::{Config, ConfigError, StorageEngine};
 use crate::delayed::{self, DelayedMessages};
 use crate::exporter;
@@ -44,6 +45,8 @@ pub enum StartError {
     Auth(#[from] AuthError),
     #[error("cannot set up TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -152,17 +155,40 @@ impl Broker {
         };
         let first_delayed_id = recovered.as_ref().map_or(1, |r| r.next_message_id);
         let router = Arc::new(Router::new(&config));
+        let mut pipeline = Pipeline::new(router.clone(), store, config.dead_letter.clone());
+        let sessions = Arc::new(SessionRegistry::new(limits, memory.clone()));
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let cluster = if config.cluster.enabled {
+            let (outbox, forwarded) = tokio::sync::mpsc::channel(config.cluster.forward_queue);
+            pipeline = pipeline.with_outbox(outbox);
+            let parts = cluster::Parts {
+                router: router.clone(),
+                pipeline: pipeline.clone(),
+                registry: sessions.clone(),
+                outbox: forwarded,
+            };
+            Some(Cluster::start(&config.cluster, parts, shutdown.clone(), tracker.clone()).await?)
+        } else {
+            None
+        };
         let state = Arc::new(BrokerState {
             started: Instant::now(),
-            publish: Pipeline::new(router.clone(), store, config.dead_letter.clone()),
+            publish: pipeline,
             router,
             delayed: DelayedMessages::new(&config.delayed, first_delayed_id),
-            sessions: SessionRegistry::new(limits, memory.clone()),
+            sessions,
+            cluster,
             memory,
             config,
             auth,
         });
         if let Some(mut recovered) = recovered {
+            if state.cluster.is_some() {
+                // The cluster's bucket holds the retained messages, loaded above; what this
+                // node stored may have been replaced or cleared elsewhere since.
+                recovered.retained.clear();
+            }
             let delayed = std::mem::take(&mut recovered.delayed);
             info!(
                 delayed = delayed.len(),
@@ -181,8 +207,6 @@ impl Broker {
                     source,
                 })?;
         }
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
         let admission = Arc::new(Admission::new(&state.config.listener));
         for ((listener, addr), transport) in listeners {
             match transport {

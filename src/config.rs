@@ -238,6 +238,41 @@ durability = "process"
 # During a key rotation: the previous key, still used to read what it sealed. `telemq rekey`
 # re-seals everything with encryption_key_file; then remove this line.
 # old_encryption_key_file = "/etc/telemq/storage.key.old"
+
+[cluster]
+# Several telemq nodes acting as one broker, over NATS (core NATS routes messages between nodes;
+# JetStream key-value buckets hold session ownership, persistent sessions' subscriptions and
+# retained messages). Off: a single node, and none of the cluster code runs.
+enabled = false
+# This node's name, unique in the cluster and stable across restarts ([A-Za-z0-9_-]).
+# Empty: the host name.
+node_id = ""
+# NATS servers to connect to, tried in this order (list the nearest first); the node fails over
+# between them and reconnects with back-off.
+nats_urls = ["nats://127.0.0.1:4222"]
+# Prefix of every NATS subject and bucket name this cluster uses, so that several clusters can
+# share one NATS system.
+prefix = "telemq"
+# Replicas of the JetStream buckets (1, 3 or 5; at most the number of NATS servers).
+replicas = 1
+# Messages waiting to be forwarded to other nodes; past it they are dropped (and counted) rather
+# than let a NATS outage grow memory.
+forward_queue = 65536
+# How long a request to NATS (a takeover, a bucket update) may take before it fails.
+request_timeout = "5s"
+# NATS credentials, as NATS users set them: one of user + password, token, an NKey seed file or
+# a .creds file (JWT + NKey).
+# user = "telemq"
+# password = "secret"
+# token = "s3cr3t"
+# nkey_seed_file = "/etc/telemq/nats.nk"
+# credentials_file = "/etc/telemq/nats.creds"
+# TLS to NATS: the CA that signs the servers' certificates, and a client certificate if the
+# servers require one. tls_required = true refuses plain connections.
+tls_required = false
+# tls_ca_file = "/etc/telemq/nats-ca.pem"
+# tls_cert_file = "/etc/telemq/nats-client.pem"
+# tls_key_file = "/etc/telemq/nats-client.key"
 "#;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,6 +289,75 @@ pub struct Config {
     pub delayed: DelayedConfig,
     pub metrics: MetricsConfig,
     pub storage: StorageConfig,
+    pub cluster: ClusterConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub enabled: bool,
+    /// Empty: the host name (see [`ClusterConfig::node_name`]).
+    pub node_id: String,
+    pub nats_urls: Vec<String>,
+    pub prefix: String,
+    pub replicas: usize,
+    pub forward_queue: usize,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    pub nkey_seed_file: Option<PathBuf>,
+    pub credentials_file: Option<PathBuf>,
+    pub tls_required: bool,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            node_id: String::new(),
+            nats_urls: vec!["nats://127.0.0.1:4222".into()],
+            prefix: "telemq".into(),
+            replicas: 1,
+            forward_queue: 65536,
+            request_timeout: Duration::from_secs(5),
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed_file: None,
+            credentials_file: None,
+            tls_required: false,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The configured node id, or the host name when none is set.
+    pub fn node_name(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|name| name.trim().to_string())
+            .filter(|name| is_valid_name(name))
+            .unwrap_or_else(|| "telemq".into())
+    }
+}
+
+/// A NATS subject token or bucket name part that needs no encoding.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -636,6 +740,39 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "auth.max_concurrent_verifications must be at least 1".into(),
             ));
+        }
+        let cluster = &self.cluster;
+        if cluster.enabled {
+            if !cluster.node_id.is_empty() && !is_valid_name(&cluster.node_id) {
+                return Err(ConfigError::Invalid(
+                    "cluster.node_id may only hold letters, digits, '-' and '_'".into(),
+                ));
+            }
+            if !is_valid_name(&cluster.prefix) {
+                return Err(ConfigError::Invalid(
+                    "cluster.prefix may only hold letters, digits, '-' and '_'".into(),
+                ));
+            }
+            if cluster.nats_urls.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "cluster.nats_urls needs at least one server".into(),
+                ));
+            }
+            if !matches!(cluster.replicas, 1..=5) {
+                return Err(ConfigError::Invalid(
+                    "cluster.replicas must be between 1 and 5".into(),
+                ));
+            }
+            if cluster.forward_queue == 0 {
+                return Err(ConfigError::Invalid(
+                    "cluster.forward_queue must be at least 1".into(),
+                ));
+            }
+            if cluster.tls_cert_file.is_some() != cluster.tls_key_file.is_some() {
+                return Err(ConfigError::Invalid(
+                    "cluster.tls_cert_file and cluster.tls_key_file go together".into(),
+                ));
+            }
         }
         if let Some(max) = mqtt.max_keep_alive {
             if max == 0 {

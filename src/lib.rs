@@ -20,13 +20,17 @@
 //! - [`router`] matches topics against subscriptions (plain and shared) and keeps retained
 //!   messages; [`overload`] holds the overflow policies and the global memory guard;
 //!   [`delayed`] holds `$delayed/...` messages until they are due.
-//! - [`storage`] keeps retained messages and persistent sessions in RocksDB; [`persist`] turns
-//!   state changes into its write operations.
+//! - [`storage`] keeps retained messages and persistent sessions in RocksDB; [`publish`] is the
+//!   one pipeline every message takes: plan, write, deliver.
+//! - [`cluster`] (when enabled) joins other nodes over NATS: it forwards what is published
+//!   here, subscribes to what this node's clients want, and keeps session ownership and
+//!   retained messages in JetStream key-value buckets.
 //! - [`broker`] wires it together and owns shutdown.
 
 pub mod auth;
 pub mod broker;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod delayed;

@@ -236,7 +236,107 @@ pub const STORAGE_WRITE_ERRORS_TOTAL: &str = "telemq_storage_write_errors_total"
 pub const RECOVERY_SECONDS: &str = "telemq_recovery_seconds";
 pub const STORAGE_DECRYPT_FAILURES_TOTAL: &str = "telemq_storage_decrypt_failures_total";
 
+pub const CLUSTER_LINK_UP: &str = "telemq_cluster_link_up";
+pub const CLUSTER_FORWARDED_TOTAL: &str = "telemq_cluster_forwarded_total";
+pub const CLUSTER_FORWARD_DROPPED_TOTAL: &str = "telemq_cluster_forward_dropped_total";
+pub const CLUSTER_FORWARD_LAG_SECONDS: &str = "telemq_cluster_forward_lag_seconds";
+pub const CLUSTER_OVERLAP_SKIPPED_TOTAL: &str = "telemq_cluster_overlap_skipped_total";
+pub const CLUSTER_OWNERSHIP_CONFLICTS_TOTAL: &str = "telemq_cluster_ownership_conflicts_total";
+pub const CLUSTER_TAKEOVERS_TOTAL: &str = "telemq_cluster_takeovers_total";
+pub const CLUSTER_SUBSCRIPTIONS: &str = "telemq_cluster_subscriptions";
+pub const CLUSTER_ERRORS_TOTAL: &str = "telemq_cluster_errors_total";
+
+/// Label values of cluster forwarding.
+pub const OUT: &str = "out";
+pub const IN: &str = "in";
+
+fn describe_cluster() {
+    describe_gauge!(
+        CLUSTER_LINK_UP,
+        Unit::Count,
+        "1 while this node is connected to NATS, 0 while not (cluster mode only)"
+    );
+    describe_counter!(
+        CLUSTER_FORWARDED_TOTAL,
+        Unit::Count,
+        "Messages sent to (out) and received from (in) other nodes"
+    );
+    describe_counter!(
+        CLUSTER_FORWARD_DROPPED_TOTAL,
+        Unit::Count,
+        "Messages not forwarded to other nodes, by reason (link_down, queue_full, publish_failed, undecodable)"
+    );
+    describe_histogram!(
+        CLUSTER_FORWARD_LAG_SECONDS,
+        Unit::Seconds,
+        "Time from a message leaving its node to reaching this one (clocks of both nodes)"
+    );
+    describe_counter!(
+        CLUSTER_OVERLAP_SKIPPED_TOTAL,
+        Unit::Count,
+        "Copies of a message that arrived through a second overlapping subscription and were skipped"
+    );
+    describe_counter!(
+        CLUSTER_OWNERSHIP_CONFLICTS_TOTAL,
+        Unit::Count,
+        "Connects refused because another node claimed the same client id at the same time"
+    );
+    describe_counter!(
+        CLUSTER_TAKEOVERS_TOTAL,
+        Unit::Count,
+        "Sessions taken over from another node (from) or by another node (to)"
+    );
+    describe_gauge!(
+        CLUSTER_SUBSCRIPTIONS,
+        Unit::Count,
+        "NATS subscriptions this node holds for its clients' filters, by kind (plain, shared)"
+    );
+    describe_counter!(
+        CLUSTER_ERRORS_TOTAL,
+        Unit::Count,
+        "Cluster operations that failed, by operation"
+    );
+}
+
+pub fn cluster_link(up: bool) {
+    gauge!(CLUSTER_LINK_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn cluster_forwarded(direction: &'static str) {
+    counter!(CLUSTER_FORWARDED_TOTAL, "direction" => direction).increment(1);
+}
+
+pub fn cluster_forward_dropped(reason: &'static str) {
+    counter!(CLUSTER_FORWARD_DROPPED_TOTAL, "reason" => reason).increment(1);
+}
+
+pub fn cluster_forward_lag(seconds: f64) {
+    histogram!(CLUSTER_FORWARD_LAG_SECONDS).record(seconds);
+}
+
+pub fn cluster_overlap_skipped() {
+    counter!(CLUSTER_OVERLAP_SKIPPED_TOTAL).increment(1);
+}
+
+pub fn cluster_ownership_conflict() {
+    counter!(CLUSTER_OWNERSHIP_CONFLICTS_TOTAL).increment(1);
+}
+
+/// `direction`: "from" (this node took a session over) or "to" (another node took it).
+pub fn cluster_takeover(direction: &'static str) {
+    counter!(CLUSTER_TAKEOVERS_TOTAL, "direction" => direction).increment(1);
+}
+
+pub fn cluster_subscriptions(kind: &'static str, count: usize) {
+    gauge!(CLUSTER_SUBSCRIPTIONS, "kind" => kind).set(count as f64);
+}
+
+pub fn cluster_error(operation: &'static str) {
+    counter!(CLUSTER_ERRORS_TOTAL, "operation" => operation).increment(1);
+}
+
 fn describe() {
+    describe_cluster();
     describe_counter!(
         BYTES_RECEIVED_TOTAL,
         Unit::Bytes,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::auth::Auth;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::delayed::DelayedMessages;
 use crate::overload::MemoryGuard;
@@ -21,7 +22,9 @@ pub struct BrokerState {
     pub router: Arc<Router>,
     /// Routing, durability and delivery of every message.
     pub publish: Pipeline,
-    pub sessions: SessionRegistry,
+    pub sessions: Arc<SessionRegistry>,
+    /// This node's membership in a cluster; `None` for a single node.
+    pub cluster: Option<Arc<Cluster>>,
     pub started: Instant,
     /// Messages published to `$delayed/...`, waiting to fall due.
     pub delayed: DelayedMessages,

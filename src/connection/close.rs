@@ -85,6 +85,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             (Arc::new(will_message(*will, &self.client_id)), delay)
         });
         let state = std::mem::take(&mut self.session);
+        if let (Some(cluster), Some(ownership)) = (&self.state.cluster, self.ownership.take()) {
+            let subscriptions = super::subscribe::subscription_list(&state);
+            cluster
+                .disconnected(
+                    &self.client_id,
+                    *ownership,
+                    self.session_expiry,
+                    subscriptions,
+                )
+                .await;
+        }
         let detached = self.state.sessions.detach(
             &self.handle,
             self.connection_id,

@@ -12,6 +12,7 @@ use tracing::info;
 
 use super::{handshake, keep_alive, Access, Close, Connection, Peer};
 use crate::clock;
+use crate::cluster::ClaimError;
 use crate::message::Message;
 use crate::metrics;
 use crate::protocol::encode::{self, AckKind, ConnAck, OutgoingPublish};
@@ -101,7 +102,29 @@ where
         _ => NEVER_EXPIRES,
     };
     let session_expiry = requested_expiry.min(config.max_session_expiry_interval);
-    let attached = state
+    // In a cluster the client id is claimed first: a refused claim leaves the session where it
+    // is, on whichever node holds it.
+    let claimed = match &state.cluster {
+        Some(cluster) => {
+            match cluster
+                .claim(&client_id, connect.clean_start, session_expiry)
+                .await
+            {
+                Ok(claimed) => Some(claimed),
+                Err(error) => {
+                    let reason = match error {
+                        ClaimError::Conflict => ReasonCode::ServerBusy,
+                        ClaimError::Unavailable(_) => ReasonCode::ServerUnavailable,
+                    };
+                    info!(peer = %peer.address, %client_id, %error, "CONNECT refused");
+                    handshake::refuse(&mut stream, version, reason).await;
+                    return Err(Close::Refused(reason));
+                }
+            }
+        }
+        None => None,
+    };
+    let mut attached = state
         .sessions
         .attach(
             client_id.clone(),
@@ -118,8 +141,31 @@ where
         session_present = attached.session_present,
         "client connected"
     );
-    if let Some(ended) = attached.ended {
+    if let Some(ended) = attached.ended.take() {
         state.publish.finish_ended_sessions(vec![ended]).await;
+    }
+    let (ownership, resumed) = match claimed {
+        Some(claimed) => (Some(Box::new(claimed.ownership)), claimed.resumed),
+        None => (None, None),
+    };
+    let mut subscription_ops = Vec::new();
+    if let Some(subscriptions) = resumed {
+        // The session comes from another node: its subscriptions are the cluster's record,
+        // whatever this node still had of an earlier visit.
+        for filter in attached.state.subscriptions.keys() {
+            state.router.unsubscribe_session(&attached.handle, filter);
+        }
+        attached.state.subscriptions = Default::default();
+        for (filter, options) in subscriptions {
+            state
+                .router
+                .subscribe(&attached.handle, &filter, options.clone());
+            if session_expiry > 0 {
+                subscription_ops.push(ops::subscription_put(&client_id, &filter, &options));
+            }
+            attached.state.subscriptions.insert(filter, options);
+        }
+        attached.session_present = true;
     }
     // The session exists on disk before the client is told it does.
     let persisted_session = if session_expiry > 0 && state.publish.is_durable() {
@@ -139,7 +185,8 @@ where
                 publish_at: None,
             }),
         );
-        state.publish.write(vec![op]).await
+        subscription_ops.push(op);
+        state.publish.write(subscription_ops).await
     } else {
         Ok(())
     };
@@ -185,6 +232,7 @@ where
                 generation: acl_generation,
             })
         }),
+        ownership,
     };
     if let Err(error) = persisted_session {
         tracing::error!(client_id = %connection.client_id, %error, "cannot persist the session");

@@ -46,6 +46,7 @@ use tracing::{debug, info, Instrument};
 use crate::auth::acl::ClientAcl;
 use crate::auth::Identity;
 use crate::clock;
+use crate::cluster::Ownership;
 use crate::metrics;
 use crate::protocol::encode::{self, AckKind};
 use crate::protocol::{self, Packet, ProtocolError, ProtocolVersion, ReasonCode, Will};
@@ -278,6 +279,8 @@ struct Connection<S> {
     needs_flush: bool,
     /// This client's ACL rules; `None` when no ACL is configured (a reload does not add one).
     access: Option<Box<Access>>,
+    /// In a cluster: this connection's claim on the client id (boxed: single nodes have none).
+    ownership: Option<Box<Ownership>>,
 }
 
 #[derive(Default)]

@@ -16,6 +16,7 @@ use crate::protocol::validate::{is_valid_filter, split_shared};
 use crate::protocol::{
     ProtocolError, ReasonCode, RetainHandling, Subscribe, SubscriptionOptions, Unsubscribe,
 };
+use crate::session::SessionState;
 use crate::storage::ops;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -130,6 +131,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 .publish
                 .store_deliveries(&self.handle, &mut retained),
         );
+        self.record_subscriptions().await;
+        if let Some(cluster) = &self.state.cluster {
+            cluster
+                .settle_interest(self.state.router.interest_version())
+                .await;
+        }
         // [MQTT-3.8.4-1] SUBACK once the subscriptions are durable, before the retained
         // messages they trigger.
         let mut bytes = BytesMut::new();
@@ -142,6 +149,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             },
         )
         .await
+    }
+
+    /// In a cluster, a persistent session's subscriptions are recorded cluster-wide before
+    /// they are acknowledged, so the session resumes with them on any node.
+    async fn record_subscriptions(&mut self) {
+        let (Some(cluster), Some(ownership)) = (&self.state.cluster, &mut self.ownership) else {
+            return;
+        };
+        if !self.handle.is_persistent() {
+            return;
+        }
+        cluster
+            .record_subscriptions(
+                &self.client_id,
+                ownership,
+                self.session_expiry,
+                subscription_list(&self.session),
+            )
+            .await;
     }
 
     pub(super) async fn handle_unsubscribe(
@@ -163,6 +189,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 ReasonCode::NoSubscriptionExisted as u8
             });
         }
+        self.record_subscriptions().await;
         // [MQTT-3.10.4-4] UNSUBACK even when nothing was removed.
         let packet_id = unsubscribe.packet_id;
         self.reply_after(ops, |out, version| {
@@ -170,4 +197,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         })
         .await
     }
+}
+
+/// A session's subscriptions as the cluster records them.
+pub(super) fn subscription_list(session: &SessionState) -> Vec<(String, SubscriptionOptions)> {
+    session
+        .subscriptions
+        .iter()
+        .map(|(filter, options)| (filter.clone(), options.clone()))
+        .collect()
 }

@@ -22,11 +22,13 @@ mod restore;
 
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
+
 use crate::config::DeadLetterConfig;
 use crate::message::{Delivery, Message, StoredMessage};
 use crate::metrics;
 use crate::protocol::QoS;
-use crate::router::{Dropped, Router, Target};
+use crate::router::{Dropped, Reach, Router, Target};
 use crate::session::mailbox::is_spilled;
 use crate::session::{EndedSession, SessionHandle};
 use crate::storage::{ops, Completion, Op, StorageError, Store};
@@ -38,11 +40,13 @@ pub const DEAD_LETTER_PREFIX: &str = "$DLQ/";
 
 /// Routing, durability and delivery of messages. Holds the router and the storage handle, not
 /// the rest of the broker.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Pipeline {
     router: Arc<Router>,
     store: Arc<dyn Store>,
     dead_letter: DeadLetterConfig,
+    /// In a cluster: messages published here, for the cluster link to send to other nodes.
+    outbox: Option<mpsc::Sender<Arc<Message>>>,
 }
 
 /// A message with the sessions it goes to and what must be written before they get it.
@@ -61,7 +65,15 @@ impl Pipeline {
             router,
             store,
             dead_letter,
+            outbox: None,
         }
+    }
+
+    /// Hands every message this node publishes to `outbox` as well (the cluster link), without
+    /// waiting: when it is full the message is delivered here only, and counted.
+    pub fn with_outbox(mut self, outbox: mpsc::Sender<Arc<Message>>) -> Self {
+        self.outbox = Some(outbox);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -79,7 +91,7 @@ impl Pipeline {
     pub fn plan(&self, message: Arc<Message>) -> Planned {
         let mut targets = self.router.plan(&message);
         let ops = if self.store.is_durable() {
-            durable_ops(&*self.store, &message, &mut targets)
+            durable_ops(&*self.store, &message, &mut targets, true)
         } else {
             Vec::new()
         };
@@ -99,7 +111,41 @@ impl Pipeline {
     /// Delivers a planned message whose operations are durable: the retained store, then each
     /// target's mailbox; what could not be queued is counted, dead-lettered and released.
     pub async fn apply(&self, planned: Planned) {
+        self.forward(&planned.message);
         let dropped = self.router.apply(&planned.message, planned.targets);
+        self.dropped(dropped).await;
+    }
+
+    fn forward(&self, message: &Arc<Message>) {
+        let Some(outbox) = &self.outbox else {
+            return;
+        };
+        if let Err(error) = outbox.try_send(message.clone()) {
+            let reason = match error {
+                mpsc::error::TrySendError::Full(_) => "queue_full",
+                mpsc::error::TrySendError::Closed(_) => "link_closed",
+            };
+            metrics::cluster_forward_dropped(reason);
+        }
+    }
+
+    /// Delivers a message another node published to the subscriptions `reach` names here:
+    /// durably for persistent subscribers, then into the mailboxes. It is not forwarded again,
+    /// and the retained store is left to the cluster, which keeps it.
+    pub async fn publish_remote(&self, message: Arc<Message>, reach: Reach<'_>) {
+        let mut targets = self.router.plan_reaching(&message, reach);
+        if targets.is_empty() {
+            return;
+        }
+        if self.store.is_durable() {
+            let ops = durable_ops(&*self.store, &message, &mut targets, false);
+            if let Err(error) = self.write(ops).await {
+                metrics::message_dropped(metrics::DROP_STORAGE_FAILED);
+                tracing::error!(%error, topic = %message.topic, "message from another node not delivered: storage failed");
+                return;
+            }
+        }
+        let dropped = self.router.deliver(&message, targets);
         self.dropped(dropped).await;
     }
 
@@ -407,9 +453,14 @@ impl Pipeline {
 }
 
 /// See [`Pipeline::plan`].
-fn durable_ops(store: &dyn Store, message: &Arc<Message>, targets: &mut [Target]) -> Vec<Op> {
+fn durable_ops(
+    store: &dyn Store,
+    message: &Arc<Message>,
+    targets: &mut [Target],
+    retained: bool,
+) -> Vec<Op> {
     let mut batch = Vec::new();
-    if message.retain {
+    if retained && message.retain {
         batch.push(ops::retained(message));
     }
     let is_durable = |t: &Target| t.delivery.qos != QoS::AtMostOnce && t.session.is_persistent();

@@ -8,8 +8,11 @@ pub mod retained;
 pub mod shared;
 pub mod trie;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::config::OverflowPolicy;
@@ -19,10 +22,10 @@ use crate::overload::PolicyRules;
 use crate::protocol::validate::split_shared;
 use crate::protocol::{QoS, SubscriptionOptions};
 use crate::session::{Kick, Pushed, SessionHandle};
-use crate::sync::{read, write};
+use crate::sync::{lock, read, write};
 
 use retained::RetainedTree;
-use shared::SharedSubscriptions;
+use shared::{SharedGroup, SharedSubscriptions};
 use trie::SubscriptionTrie;
 
 #[derive(Debug)]
@@ -68,9 +71,38 @@ pub struct Dropped {
     pub reason: &'static str,
 }
 
+/// Which subscriptions a message is routed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach<'a> {
+    /// Plain subscriptions and every matching shared group: a message published on this node.
+    All,
+    /// Plain subscriptions only: a message another node forwarded (shared groups get theirs
+    /// through the cluster's own queue groups).
+    Plain,
+    /// One member of one shared group (`$share/<group>/<filter>`), which the cluster picked
+    /// this node for.
+    Share(&'a str),
+}
+
+/// The filters this node's clients hold, kept when a cluster needs to subscribe to them.
+#[derive(Debug, Default)]
+pub struct Interest {
+    /// Plain filters, with how many sessions hold each.
+    filters: HashMap<Arc<str>, usize>,
+    /// Bumped on every change, so that a watcher can tell whether it is up to date.
+    version: u64,
+}
+
 #[derive(Debug)]
 pub struct Router {
     subscriptions: RwLock<SubscriptionTrie<Arc<str>, Subscriber>>,
+    /// `Some` in a cluster: the filters other nodes must forward messages for.
+    interest: Option<Mutex<Interest>>,
+    /// Wakes the cluster when `interest` or the shared groups changed.
+    interest_changed: Notify,
+    /// Whether shared groups are served through the cluster (while it is reachable) rather than
+    /// by picking among this node's members when the message is published.
+    shares_in_cluster: AtomicBool,
     shared: RwLock<SharedSubscriptions>,
     /// Number of shared groups, read without the lock on the publish path.
     shared_groups: AtomicUsize,
@@ -87,6 +119,12 @@ impl Router {
     pub fn new(config: &Config) -> Self {
         Self {
             subscriptions: RwLock::new(SubscriptionTrie::new()),
+            interest: config
+                .cluster
+                .enabled
+                .then(|| Mutex::new(Interest::default())),
+            interest_changed: Notify::new(),
+            shares_in_cluster: AtomicBool::new(false),
             shared: RwLock::new(SharedSubscriptions::new(config.shared.clone())),
             shared_groups: AtomicUsize::new(0),
             retained: RwLock::new(RetainedTree::new()),
@@ -115,8 +153,14 @@ impl Router {
     /// number reserved). Nothing is queued yet: the caller persists what must be durable first,
     /// then calls [`Router::apply`].
     pub fn plan(&self, message: &Arc<Message>) -> Vec<Target> {
+        self.plan_reaching(message, Reach::All)
+    }
+
+    /// [`Router::plan`] for the subscriptions `reach` names.
+    pub fn plan_reaching(&self, message: &Arc<Message>, reach: Reach<'_>) -> Vec<Target> {
         let mut matches: Vec<Match> = Vec::new();
-        {
+        // A message for one shared group reaches no plain subscription.
+        if matches!(reach, Reach::All | Reach::Plain) {
             let trie = read(&self.subscriptions);
             trie.for_each_match(&message.topic, |client_id, subscriber| {
                 // [MQTT-3.8.3-3] No Local: not back to the publishing client.
@@ -131,12 +175,26 @@ impl Router {
         // besides any copy through its plain subscriptions.
         let mut shared_matches = Vec::new();
         // Most brokers have no shared groups; then the second lock is not even taken.
-        if self.shared_groups.load(Ordering::Acquire) > 0 {
-            read(&self.shared).for_each_match(&message.topic, |group| {
-                if let Some(member) = group.pick(message, None) {
-                    shared_matches.push((group.share.clone(), Match::new(message, member)));
+        let mut take = |group: &SharedGroup| {
+            if let Some(member) = group.pick(message, None) {
+                shared_matches.push((group.share.clone(), Match::new(message, member)));
+            }
+        };
+        match reach {
+            Reach::All
+                if self.shared_groups.load(Ordering::Acquire) > 0
+                    && !self.shares_in_cluster.load(Ordering::Acquire) =>
+            {
+                read(&self.shared).for_each_match(&message.topic, take);
+            }
+            Reach::Share(share) => {
+                if let Some(Ok((group, filter))) = split_shared(share) {
+                    if let Some(found) = read(&self.shared).group(group, filter) {
+                        take(found);
+                    }
                 }
-            });
+            }
+            _ => {}
         }
         if matches.len() > 1 {
             // Overlapping subscriptions of one client yield one copy with the highest QoS and
@@ -193,6 +251,12 @@ impl Router {
         if message.retain {
             self.store_retained(message);
         }
+        self.deliver(message, targets)
+    }
+
+    /// Queues the planned deliveries, leaving the retained store alone (a message from another
+    /// node: the cluster keeps retained messages itself). Returns what could not be queued.
+    pub fn deliver(&self, message: &Arc<Message>, targets: Vec<Target>) -> Vec<Dropped> {
         let policy = self.policy_for(&message.topic);
         let mut dropped = Vec::new();
         for target in targets {
@@ -263,9 +327,17 @@ impl Router {
         Some((member.session.clone(), member.options.clone()))
     }
 
-    /// Adds a retained message recovered from storage.
+    /// Adds a retained message recovered from storage or learnt from the cluster.
     pub fn restore_retained(&self, message: Arc<Message>) {
         self.store_retained(&message);
+    }
+
+    /// Clears the retained message on `topic` (the cluster learnt it was cleared).
+    pub fn forget_retained(&self, topic: &str) {
+        if let Some(old) = write(&self.retained).remove(topic) {
+            self.retained_bytes
+                .fetch_sub(old.footprint(), Ordering::Relaxed);
+        }
     }
 
     fn store_retained(&self, message: &Arc<Message>) {
@@ -318,11 +390,72 @@ impl Router {
             let replaced = shared.subscribe(filter, group, inner, subscriber);
             self.shared_groups
                 .store(shared.group_count(), Ordering::Release);
+            drop(shared);
+            self.shared_interest_changed();
             return replaced;
         }
-        write(&self.subscriptions)
+        let replaced = write(&self.subscriptions)
             .insert(filter, session.client_id.clone(), subscriber)
-            .map(|previous| previous.options)
+            .map(|previous| previous.options);
+        if replaced.is_none() {
+            self.note_interest(filter, true);
+        }
+        replaced
+    }
+
+    fn shared_interest_changed(&self) {
+        if let Some(interest) = &self.interest {
+            lock(interest).version += 1;
+        }
+        self.interest_changed.notify_one();
+    }
+
+    /// The version of the interest set now; see [`Router::plain_interest`].
+    pub fn interest_version(&self) -> u64 {
+        self.interest.as_ref().map_or(0, |i| lock(i).version)
+    }
+
+    fn note_interest(&self, filter: &str, added: bool) {
+        let Some(interest) = &self.interest else {
+            return;
+        };
+        let mut interest = lock(interest);
+        if added {
+            *interest.filters.entry(filter.into()).or_default() += 1;
+        } else if let Some(count) = interest.filters.get_mut(filter) {
+            *count -= 1;
+            if *count == 0 {
+                interest.filters.remove(filter);
+            }
+        }
+        interest.version += 1;
+        drop(interest);
+        self.interest_changed.notify_one();
+    }
+
+    /// The plain filters this node's sessions hold and the version of that set; empty unless
+    /// the router was made for a cluster.
+    pub fn plain_interest(&self) -> (Vec<Arc<str>>, u64) {
+        let Some(interest) = &self.interest else {
+            return (Vec::new(), 0);
+        };
+        let interest = lock(interest);
+        (interest.filters.keys().cloned().collect(), interest.version)
+    }
+
+    /// Every shared group (`$share/<group>/<filter>`) with whether a member is online.
+    pub fn shared_interest(&self) -> Vec<(Arc<str>, bool)> {
+        read(&self.shared).shares()
+    }
+
+    /// Resolves when subscriptions changed since the last call.
+    pub async fn interest_changed(&self) {
+        self.interest_changed.notified().await;
+    }
+
+    /// Serve shared groups through the cluster (`true`) or among this node's members.
+    pub fn set_shares_in_cluster(&self, in_cluster: bool) {
+        self.shares_in_cluster.store(in_cluster, Ordering::Release);
     }
 
     pub fn unsubscribe(&self, client_id: &Arc<str>, filter: &str) -> bool {
@@ -331,11 +464,17 @@ impl Router {
             let removed = shared.unsubscribe(group, inner, client_id, None);
             self.shared_groups
                 .store(shared.group_count(), Ordering::Release);
+            drop(shared);
+            self.shared_interest_changed();
             return removed;
         }
-        write(&self.subscriptions)
+        let removed = write(&self.subscriptions)
             .remove(filter, client_id)
-            .is_some()
+            .is_some();
+        if removed {
+            self.note_interest(filter, false);
+        }
+        removed
     }
 
     /// Removes `session`'s subscription on `filter`, but not one a newer session of the same
@@ -346,6 +485,8 @@ impl Router {
             shared.unsubscribe(group, inner, &session.client_id, Some(session));
             self.shared_groups
                 .store(shared.group_count(), Ordering::Release);
+            drop(shared);
+            self.shared_interest_changed();
             return;
         }
         let mut trie = write(&self.subscriptions);
@@ -354,6 +495,8 @@ impl Router {
             .is_some_and(|subscriber| Arc::ptr_eq(&subscriber.session, session));
         if owned {
             trie.remove(filter, &session.client_id);
+            drop(trie);
+            self.note_interest(filter, false);
         }
     }
 

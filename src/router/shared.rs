@@ -3,6 +3,7 @@
 //! goes to one member of the group, chosen by the group's strategy.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -129,6 +130,8 @@ fn hash_index(key: Option<&str>, count: usize) -> usize {
 #[derive(Debug)]
 pub struct SharedSubscriptions {
     groups: SubscriptionTrie<Arc<str>, SharedGroup>,
+    /// Every group's `$share/<group>/<filter>`, which the trie cannot list.
+    shares: BTreeSet<Arc<str>>,
     members: usize,
     config: SharedConfig,
 }
@@ -137,6 +140,7 @@ impl SharedSubscriptions {
     pub fn new(config: SharedConfig) -> Self {
         Self {
             groups: SubscriptionTrie::new(),
+            shares: BTreeSet::new(),
             members: 0,
             config,
         }
@@ -161,11 +165,10 @@ impl SharedSubscriptions {
         let name: Arc<str> = group.into();
         if self.groups.get_mut(filter, &name).is_none() {
             let strategy = self.strategy_for(group);
-            self.groups.insert(
-                filter,
-                name.clone(),
-                SharedGroup::new(share.into(), strategy),
-            );
+            let share: Arc<str> = share.into();
+            self.shares.insert(share.clone());
+            self.groups
+                .insert(filter, name.clone(), SharedGroup::new(share, strategy));
         }
         let shared = self.groups.get_mut(filter, &name)?;
         let client_id = &subscriber.session.client_id;
@@ -204,7 +207,9 @@ impl SharedSubscriptions {
         shared.members.remove(index);
         self.members -= 1;
         if shared.is_empty() {
-            self.groups.remove(filter, &name);
+            if let Some(group) = self.groups.remove(filter, &name) {
+                self.shares.remove(&group.share);
+            }
         }
         true
     }
@@ -217,6 +222,25 @@ impl SharedSubscriptions {
     /// The group a delivery came through, by its `$share/...` filter.
     pub fn group(&self, group: &str, filter: &str) -> Option<&SharedGroup> {
         self.groups.get(filter, &Arc::from(group))
+    }
+
+    /// Every group as `$share/<group>/<filter>`, with whether a member's client is online.
+    pub fn shares(&self) -> Vec<(Arc<str>, bool)> {
+        self.shares
+            .iter()
+            .map(|share| {
+                let online = crate::protocol::validate::split_shared(share)
+                    .and_then(Result::ok)
+                    .and_then(|(group, filter)| self.group(group, filter))
+                    .is_some_and(|group| {
+                        group
+                            .members
+                            .iter()
+                            .any(|m| m.session.is_online() && !m.session.is_ended())
+                    });
+                (share.clone(), online)
+            })
+            .collect()
     }
 
     /// Members of every group.

