@@ -106,6 +106,15 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                 )
                 .and_then(|b| {
                     b.set_buckets_for_metric(
+                        Matcher::Full(CLUSTER_FORWARD_LAG_SECONDS.into()),
+                        &[
+                            0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                            1.0, 5.0,
+                        ],
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
                         Matcher::Full(STORAGE_BATCH_REQUESTS.into()),
                         &[
                             1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 2048.0,
@@ -296,6 +305,41 @@ fn describe_cluster() {
         Unit::Count,
         "Cluster operations that failed, by operation"
     );
+}
+
+/// Creates every cluster series at zero when a node joins, so that dashboards and alerts see
+/// "none so far" rather than "no data" for events that have not happened.
+pub fn cluster_init() {
+    for direction in [OUT, IN] {
+        counter!(CLUSTER_FORWARDED_TOTAL, "direction" => direction).increment(0);
+    }
+    for reason in [
+        "link_down",
+        "queue_full",
+        "link_closed",
+        "publish_failed",
+        "undecodable",
+        "slow_consumer",
+    ] {
+        counter!(CLUSTER_FORWARD_DROPPED_TOTAL, "reason" => reason).increment(0);
+    }
+    counter!(CLUSTER_OVERLAP_SKIPPED_TOTAL).increment(0);
+    counter!(CLUSTER_OWNERSHIP_CONFLICTS_TOTAL).increment(0);
+    for direction in ["from", "to"] {
+        counter!(CLUSTER_TAKEOVERS_TOTAL, "direction" => direction).increment(0);
+    }
+    for operation in [
+        "claim",
+        "subscribe",
+        "retained_write",
+        "retained_watch",
+        "retained_queue_full",
+    ] {
+        counter!(CLUSTER_ERRORS_TOTAL, "operation" => operation).increment(0);
+    }
+    for kind in ["plain", "shared"] {
+        gauge!(CLUSTER_SUBSCRIPTIONS, "kind" => kind).set(0.0);
+    }
 }
 
 pub fn cluster_link(up: bool) {

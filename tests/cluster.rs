@@ -67,8 +67,19 @@ async fn subscribe(client: &mut V5Client, filter: &str, qos: QoS) {
     );
 }
 
-/// Payloads received until none arrives for a while: the messages a test sent have all been
-/// delivered or never will be.
+/// The next `count` messages, then nothing more for a while.
+async fn receive(client: &mut V5Client, count: usize) -> Vec<(String, Vec<u8>)> {
+    let mut got = Vec::with_capacity(count);
+    while got.len() < count {
+        let publish = client.next_publish().await;
+        let topic = String::from_utf8(publish.topic.to_vec()).expect("utf-8 topic");
+        got.push((topic, publish.payload.to_vec()));
+    }
+    client.expect_no_publish().await;
+    got
+}
+
+/// Payloads received until none arrives for a while, for probes that retry.
 async fn drain(client: &mut V5Client) -> Vec<(String, Vec<u8>)> {
     let mut got = Vec::new();
     while let Some(publish) = client.try_next_publish(Duration::from_millis(500)).await {
@@ -112,13 +123,17 @@ async fn messages_cross_nodes_once_per_client_in_order_at_every_qos() {
         .chain([("a".to_string(), b"parent".to_vec())])
         .collect();
     assert_eq!(
-        drain(&mut overlapping).await,
+        receive(&mut overlapping, expected.len()).await,
         expected,
         "overlapping filters on one node"
     );
-    assert_eq!(drain(&mut parent).await, expected, "a/# on another node");
     assert_eq!(
-        drain(&mut everything).await,
+        receive(&mut parent, expected.len()).await,
+        expected,
+        "a/# on another node"
+    );
+    assert_eq!(
+        receive(&mut everything, expected.len()).await,
         expected,
         "# on another node, no $ topic"
     );
@@ -269,7 +284,7 @@ async fn a_session_moves_to_the_node_its_client_connects_to() {
         .publish("move/1", QoS::AtLeastOnce, false, b"here".to_vec())
         .await;
     assert_eq!(
-        drain(&mut second).await,
+        receive(&mut second, 1).await,
         vec![("move/1".to_string(), b"here".to_vec())]
     );
     cluster.shutdown().await;
@@ -352,10 +367,20 @@ async fn each_shared_group_gets_each_message_once_across_nodes() {
             .await;
     }
     let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
-    for member in &mut members {
-        for (_, payload) in drain(member).await {
-            *seen.entry(payload).or_default() += 1;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seen.values().sum::<usize>() < 90 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "group g got {seen:?}"
+        );
+        for member in &mut members {
+            if let Some(publish) = member.try_next_publish(Duration::from_millis(10)).await {
+                *seen.entry(publish.payload.to_vec()).or_default() += 1;
+            }
         }
+    }
+    for member in &mut members {
+        member.expect_no_publish().await;
     }
     assert_eq!(seen.len(), 90, "every message reached group g");
     assert!(
@@ -363,7 +388,7 @@ async fn each_shared_group_gets_each_message_once_across_nodes() {
         "no message twice in group g"
     );
     assert_eq!(
-        drain(&mut other_group).await.len(),
+        receive(&mut other_group, 90).await.len(),
         90,
         "group h got every message too"
     );
@@ -426,13 +451,14 @@ async fn the_cluster_keeps_serving_when_one_nats_server_of_three_dies() {
     let (mut subscriber, _) = V5Client::connect(cluster.addr(1), "survivor-sub").await;
     subscribe(&mut subscriber, "alive/#", QoS::AtLeastOnce).await;
     cluster.nats[0].kill();
-    let (mut publisher, _) = V5Client::connect(cluster.addr(2), "survivor-pub").await;
+    // The buckets may elect new leaders first: a CONNECT meanwhile is refused, and retried.
+    let (mut publisher, _) = connect_when_available(&cluster, 2, "survivor-pub").await;
     publisher
         .publish("alive/1", QoS::AtLeastOnce, false, b"1".to_vec())
         .await;
-    assert_eq!(drain(&mut subscriber).await.len(), 1);
+    assert_eq!(receive(&mut subscriber, 1).await.len(), 1);
     // Node 0, cut off from its server, reconnects to another and routes again.
-    let (mut from_zero, _) = V5Client::connect(cluster.addr(0), "survivor-pub0").await;
+    let (mut from_zero, _) = connect_when_available(&cluster, 0, "survivor-pub0").await;
     let deadline = tokio::time::Instant::now() + WAIT * 4;
     let mut delivered = 0;
     let mut n = 0u32;
@@ -448,10 +474,140 @@ async fn the_cluster_keeps_serving_when_one_nats_server_of_three_dies() {
         delivered = drain(&mut subscriber).await.len();
     }
     // A takeover (a cross-node state change) works again too.
-    let (_, connack) = V5Client::connect(cluster.addr(0), "survivor-sub").await;
+    let (_, connack) = connect_when_available(&cluster, 0, "survivor-sub").await;
     assert_eq!(
         connack.code,
         rumqttc::v5::mqttbytes::v5::ConnectReturnCode::Success
     );
     cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_node_resume_on_another_while_the_others_serve() {
+    use common::process::BrokerProcess;
+    let cluster = Cluster::start(1).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("telemq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listener]\nbind = \"127.0.0.1:0\"\n[websocket]\nenabled = false\n[metrics]\nenabled = false\n\
+             [storage]\ndata_dir = \"{}\"\n[cluster]\nenabled = true\nnode_id = \"victim\"\n\
+             nats_urls = [\"{}\"]\nrequest_timeout = \"2s\"\n",
+            dir.path().join("data").display(),
+            cluster.nats[0].url()
+        ),
+    )
+    .expect("config written");
+    let victim = BrokerProcess::start(&config);
+
+    let (mut subscriber, _) = V5Client::connect_persistent(victim.addr, "survivor", 600).await;
+    subscribe(&mut subscriber, "k/#", QoS::AtLeastOnce).await;
+    let (mut publisher, _) = V5Client::connect(cluster.addr(0), "steady-pub").await;
+    publisher
+        .publish("k/before", QoS::AtLeastOnce, false, b"before".to_vec())
+        .await;
+    assert_eq!(
+        subscriber.next_publish().await.payload.as_ref(),
+        b"before",
+        "routed to the victim before the kill"
+    );
+
+    victim.kill();
+    // The other nodes go on acknowledging.
+    publisher
+        .publish("k/during", QoS::AtLeastOnce, false, b"during".to_vec())
+        .await;
+    drop(subscriber);
+
+    // The client comes back on another node: its session, with its subscription, is there.
+    let (mut resumed, connack) =
+        V5Client::connect_persistent(cluster.addr(1), "survivor", 600).await;
+    assert!(connack.session_present, "session resumed on node 1");
+    publisher
+        .publish("k/after", QoS::AtLeastOnce, false, b"after".to_vec())
+        .await;
+    let got = receive(&mut resumed, 1).await;
+    assert_eq!(got, vec![("k/after".to_string(), b"after".to_vec())]);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_decide() {
+    let mut cluster = Cluster::start(1).await;
+    let (mut local_sub, _) = V5Client::connect(cluster.addr(0), "local-sub").await;
+    subscribe(&mut local_sub, "l/#", QoS::AtLeastOnce).await;
+    let (mut local_pub, _) = V5Client::connect(cluster.addr(0), "local-pub").await;
+
+    cluster.nats[0].kill();
+    local_pub
+        .publish("l/1", QoS::AtLeastOnce, false, b"local".to_vec())
+        .await;
+    assert_eq!(
+        receive(&mut local_sub, 1).await.len(),
+        1,
+        "served locally without NATS"
+    );
+    // A CONNECT needs the cluster to decide who owns the client id: refused, with a reason.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut client = RawClient::connect(cluster.addr(1)).await;
+        let answer = client
+            .connect_with(&packets::connect_v5("newcomer", true, 60, &[]))
+            .await
+            .expect("CONNACK");
+        if answer.body[1] == 0x88 {
+            break;
+        }
+        // The node has not yet noticed the link went down.
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "CONNACK {:?}",
+            answer.body
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.nats[0].restart();
+    // The nodes reconnect on their own and route again.
+    let (mut remote_sub, _) = connect_when_available(&cluster, 2, "remote-sub").await;
+    subscribe(&mut remote_sub, "l/#", QoS::AtLeastOnce).await;
+    local_pub
+        .publish("l/2", QoS::AtLeastOnce, false, b"again".to_vec())
+        .await;
+    assert_eq!(
+        receive(&mut remote_sub, 1).await,
+        vec![("l/2".to_string(), b"again".to_vec())]
+    );
+    cluster.shutdown().await;
+}
+
+/// Connects as a client does after a refusal: again, until the node can decide who owns the
+/// client id (CONNECT is refused with 0x88 while NATS or its buckets are unreachable).
+async fn connect_when_available(
+    cluster: &Cluster,
+    node: usize,
+    id: &str,
+) -> (V5Client, common::rumqtt::v5::ConnAck) {
+    let started = tokio::time::Instant::now();
+    let deadline = started + WAIT * 4;
+    loop {
+        let mut probe = RawClient::connect(cluster.addr(node)).await;
+        let answer = probe
+            .connect_with(&packets::connect_v5(&format!("probe-{id}"), true, 60, &[]))
+            .await
+            .expect("CONNACK");
+        if answer.body[1] == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {node} never available again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "node {node} took CONNECTs again after {:?}",
+        started.elapsed()
+    );
+    V5Client::connect(cluster.addr(node), id).await
 }

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::rumqtt::v5::{QoS, V5Client};
 use common::TestBroker;
 use telemq::config::OverflowPolicy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -92,8 +93,8 @@ fn promtool(args: &[&str]) {
     );
 }
 
-fn start_prometheus(dir: &Path, target: SocketAddr) -> Prometheus {
-    let rules = Path::new(ROOT).join("grafana/prometheus/alerts.yml");
+fn start_prometheus(dir: &Path, target: SocketAddr, rules: &str) -> Prometheus {
+    let rules = Path::new(ROOT).join("grafana/prometheus").join(rules);
     let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
@@ -142,8 +143,25 @@ async fn every_dashboard_query_and_alert_metric_has_data_in_a_real_prometheus() 
     // Every series of the dashboard exists after this: the queue (1 message) overflows too.
     let _clients = common::traffic::mixed(broker.addr).await;
     let dir = tempfile::tempdir().unwrap();
-    let prometheus = start_prometheus(dir.path(), broker.broker().metrics_addr().unwrap());
+    let prometheus = start_prometheus(
+        dir.path(),
+        broker.broker().metrics_addr().unwrap(),
+        "alerts.yml",
+    );
 
+    check_monitoring_files(&prometheus, "telemq.json", "alerts.yml", 20, 8).await;
+    broker.shutdown().await;
+}
+
+/// Waits until Prometheus has scraped twice, then checks that every query of the dashboard
+/// returns data and every metric the alert rules read exists.
+async fn check_monitoring_files(
+    prometheus: &Prometheus,
+    dashboard: &str,
+    rules: &str,
+    min_queries: usize,
+    min_rules: usize,
+) {
     let deadline = Instant::now() + Duration::from_secs(60);
     // Until its storage is up, Prometheus answers 503 "Service Unavailable" here.
     while !http_get(prometheus.addr, "/-/ready")
@@ -154,7 +172,7 @@ async fn every_dashboard_query_and_alert_metric_has_data_in_a_real_prometheus() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // rate() needs two scrapes of a series; wait until it has them.
-    while !has_data(&prometheus, "rate(telemq_connections_total[1m])").await {
+    while !has_data(prometheus, "rate(telemq_connections_total[1m])").await {
         assert!(
             Instant::now() < deadline,
             "Prometheus never scraped telemq twice"
@@ -163,16 +181,16 @@ async fn every_dashboard_query_and_alert_metric_has_data_in_a_real_prometheus() 
     }
 
     let dashboard =
-        std::fs::read_to_string(format!("{ROOT}/grafana/dashboards/telemq.json")).unwrap();
+        std::fs::read_to_string(format!("{ROOT}/grafana/dashboards/{dashboard}")).unwrap();
     let expressions = dashboard_exprs(&dashboard);
     assert!(
-        expressions.len() >= 20,
+        expressions.len() >= min_queries,
         "only {} queries found",
         expressions.len()
     );
     let mut empty = Vec::new();
     for expr in &expressions {
-        if !has_data(&prometheus, expr).await {
+        if !has_data(prometheus, expr).await {
             empty.push(expr.clone());
         }
     }
@@ -181,23 +199,70 @@ async fn every_dashboard_query_and_alert_metric_has_data_in_a_real_prometheus() 
         "dashboard queries without data: {empty:#?}"
     );
 
-    let rules = std::fs::read_to_string(format!("{ROOT}/grafana/prometheus/alerts.yml")).unwrap();
+    let rules = std::fs::read_to_string(format!("{ROOT}/grafana/prometheus/{rules}")).unwrap();
     let mut rule_count = 0;
     for expr in rules.lines().filter_map(|l| l.trim().strip_prefix("expr:")) {
         rule_count += 1;
         // The expression itself must be valid (it is usually empty while nothing fires)...
-        has_data(&prometheus, expr.trim()).await;
+        has_data(prometheus, expr.trim()).await;
         // ...and every metric it reads must exist.
         for metric in metric_names(expr) {
             assert!(
-                has_data(&prometheus, &format!("count({metric})")).await,
+                has_data(prometheus, &format!("count({metric})")).await,
                 "alert rule `{}` reads {metric}, which has no data",
                 expr.trim()
             );
         }
     }
-    assert!(rule_count >= 8, "only {rule_count} alert rules found");
-    broker.shutdown().await;
+    assert!(
+        rule_count >= min_rules,
+        "only {rule_count} alert rules found"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cluster_dashboard_query_and_alert_metric_has_data() {
+    promtool(&[
+        "check",
+        "config",
+        &format!("{ROOT}/grafana/prometheus/prometheus-cluster.yml"),
+    ]);
+    let nats = common::nats::NatsServer::start();
+    let node = |name: &'static str| {
+        let url = nats.url();
+        TestBroker::start_with(move |config| {
+            config.cluster.enabled = true;
+            config.cluster.node_id = name.into();
+            config.cluster.nats_urls = vec![url];
+        })
+    };
+    let (first, second) = (node("m-0").await, node("m-1").await);
+    // Traffic between the nodes, through overlapping filters: every forwarding series exists.
+    let (mut subscriber, _) = V5Client::connect(second.addr, "cross-sub").await;
+    subscriber.subscribe("m/+", QoS::AtLeastOnce).await;
+    subscriber.subscribe("m/#", QoS::AtLeastOnce).await;
+    let (mut publisher, _) = V5Client::connect(first.addr, "cross-pub").await;
+    publisher
+        .publish("m/1", QoS::AtLeastOnce, false, b"x".to_vec())
+        .await;
+    subscriber.next_publish().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let prometheus = start_prometheus(
+        dir.path(),
+        first.broker().metrics_addr().unwrap(),
+        "cluster-alerts.yml",
+    );
+    check_monitoring_files(
+        &prometheus,
+        "telemq-cluster.json",
+        "cluster-alerts.yml",
+        10,
+        3,
+    )
+    .await;
+    first.shutdown().await;
+    second.shutdown().await;
 }
 
 /// The values of every `"expr"` key in the dashboard JSON (JSON string escapes decoded).

@@ -98,6 +98,7 @@ impl Cluster {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Result<Arc<Self>, ClusterError> {
+        metrics::cluster_init();
         let node: Arc<str> = config.node_name().into();
         let link_up = Arc::new(AtomicBool::new(false));
         let client = connect(config, &node, &link_up, &parts.router).await?;

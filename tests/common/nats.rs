@@ -141,6 +141,13 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.client_port)
     }
 
+    /// Starts a killed single server again on the same ports and JetStream files.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn(None);
+        self.wait_ready();
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
