@@ -179,6 +179,11 @@ async fn qos_properties_and_no_local_survive_the_hop() {
     assert!((99..=100).contains(&expiry), "remaining expiry {expiry}");
     // No Local: the publisher's own subscription on its own node gets nothing back.
     publisher.expect_no_publish().await;
+    // The only subscriber is on another node: the PUBACK must not say "no matching subscribers"
+    // (0x10), which a single node answers when it has none.
+    let mut raw = common::raw_v5(cluster.addr(0), "raw-pub").await;
+    assert_eq!(raw.publish_qos1_v5("p/raw", 1, b"r").await, 0x00);
+    assert_eq!(receive(&mut subscriber, 1).await[0].0, "p/raw");
     cluster.shutdown().await;
 }
 
@@ -610,4 +615,33 @@ async fn connect_when_available(
         started.elapsed()
     );
     V5Client::connect(cluster.addr(node), id).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_storage_resumes_sessions_from_the_cluster() {
+    let mut cluster = Cluster::start(1).await;
+    let (mut client, _) = V5Client::connect_persistent(cluster.addr(0), "forgotten", 600).await;
+    subscribe(&mut client, "lost/#", QoS::AtLeastOnce).await;
+    client.disconnect().await;
+    // Node 0 comes back under the same name with an empty data directory.
+    let url = cluster.nats[0].url();
+    let old = cluster.nodes.remove(0);
+    old.shutdown().await;
+    cluster.nodes.insert(0, node("node-0", vec![url]).await);
+
+    let (mut client, connack) =
+        V5Client::connect_persistent(cluster.addr(0), "forgotten", 600).await;
+    assert!(
+        connack.session_present,
+        "the cluster remembered the session"
+    );
+    let (mut publisher, _) = V5Client::connect(cluster.addr(1), "lost-pub").await;
+    publisher
+        .publish("lost/1", QoS::AtLeastOnce, false, b"found".to_vec())
+        .await;
+    assert_eq!(
+        receive(&mut client, 1).await,
+        vec![("lost/1".to_string(), b"found".to_vec())]
+    );
+    cluster.shutdown().await;
 }

@@ -127,9 +127,12 @@ pub struct Ownership {
 #[derive(Debug)]
 pub struct Claimed {
     pub ownership: Ownership,
-    /// The session's subscriptions when it was resumed from another node (or came back to this
-    /// one from another): the connection subscribes to them and answers session present.
-    pub resumed: Option<Vec<(String, SubscriptionOptions)>>,
+    /// The subscriptions of the session the cluster knows for this client id, when it is to be
+    /// resumed (not expired, no Clean Start).
+    pub subscriptions: Option<Vec<(String, SubscriptionOptions)>>,
+    /// Whether another node held the session: what this node has of it is from an earlier
+    /// visit and out of date.
+    pub moved: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,8 +225,8 @@ impl Cluster {
         }
         Ok(Claimed {
             ownership: Ownership { key, revision },
-            // Resumed from this node's own record: the local session has its subscriptions.
-            resumed: carried.filter(|_| from_elsewhere.is_some()),
+            subscriptions: carried,
+            moved: from_elsewhere.is_some(),
         })
     }
 

@@ -145,13 +145,19 @@ where
         state.publish.finish_ended_sessions(vec![ended]).await;
     }
     let (ownership, resumed) = match claimed {
-        Some(claimed) => (Some(Box::new(claimed.ownership)), claimed.resumed),
+        Some(claimed) => {
+            // The cluster's record is the session when it comes from another node (what this
+            // node still has of an earlier visit is out of date) or when this node has none
+            // (it lost it: a restart without storage).
+            let resumed = claimed
+                .subscriptions
+                .filter(|_| claimed.moved || !attached.session_present);
+            (Some(Box::new(claimed.ownership)), resumed)
+        }
         None => (None, None),
     };
     let mut subscription_ops = Vec::new();
     if let Some(subscriptions) = resumed {
-        // The session comes from another node: its subscriptions are the cluster's record,
-        // whatever this node still had of an earlier visit.
         for filter in attached.state.subscriptions.keys() {
             state.router.unsubscribe_session(&attached.handle, filter);
         }

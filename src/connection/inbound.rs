@@ -123,7 +123,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 .refuse_publish(publish.qos, publish.packet_id, ReasonCode::QuotaExceeded)
                 .await;
         }
-        let reason = if planned.targets.is_empty() {
+        // In a cluster, no subscriber here says nothing of the other nodes': the reason code
+        // would be a guess, so it is not given.
+        let reason = if planned.targets.is_empty() && self.state.cluster.is_none() {
             metrics::message_dropped(metrics::DROP_NO_SUBSCRIBERS);
             self.state
                 .publish

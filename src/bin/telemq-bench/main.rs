@@ -35,6 +35,10 @@ pub struct Cli {
     /// Broker port.
     #[arg(long, default_value_t = 1883, global = true)]
     pub port: u16,
+    /// Ports (on --host) the subscribers connect to, round-robin, instead of --port: with the
+    /// nodes of a cluster, publishers on one node and subscribers on others.
+    #[arg(long, value_delimiter = ',', global = true)]
+    pub subscriber_ports: Vec<u16>,
     /// Measurement window in seconds (after the warm-up).
     #[arg(long, default_value_t = 10.0, global = true)]
     pub duration: f64,
@@ -306,7 +310,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let outcome = runtime.block_on(scenarios::run(cli.clone(), addr));
+    let mut subscriber_addrs = Vec::new();
+    for &port in &cli.subscriber_ports {
+        match resolve(&cli.host, port) {
+            Ok(a) => subscriber_addrs.push(a),
+            Err(e) => {
+                eprintln!("telemq-bench: {e:#}");
+                println!("{}", base.with("error", format!("{e:#}")).with("ok", false));
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let outcome = runtime.block_on(scenarios::run(cli.clone(), addr, subscriber_addrs));
     // Connections still open in detached tasks must not delay the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match outcome {

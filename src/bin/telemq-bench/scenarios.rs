@@ -86,6 +86,8 @@ impl Ctl {
 /// Immutable per-run settings.
 struct RunCfg {
     addr: SocketAddr,
+    /// Where subscribers connect, round-robin (`--subscriber-ports`); empty: `addr`.
+    subscriber_addrs: Vec<SocketAddr>,
     qos: u8,
     payload_size: usize,
     window: u16,
@@ -109,6 +111,7 @@ impl RunCfg {
         };
         Ok(Self {
             addr,
+            subscriber_addrs: Vec::new(),
             qos,
             payload_size: cli.payload_size,
             window: cli.window,
@@ -122,8 +125,25 @@ impl RunCfg {
     }
 
     fn connect_opts<'a>(&'a self, client_id: &'a str, clean_session: bool) -> ConnectOptions<'a> {
+        self.connect_opts_at(self.addr, client_id, clean_session)
+    }
+
+    /// The address subscriber `i` connects to.
+    fn subscriber_addr(&self, i: usize) -> SocketAddr {
+        match self.subscriber_addrs.len() {
+            0 => self.addr,
+            n => self.subscriber_addrs[i % n],
+        }
+    }
+
+    fn connect_opts_at<'a>(
+        &'a self,
+        addr: SocketAddr,
+        client_id: &'a str,
+        clean_session: bool,
+    ) -> ConnectOptions<'a> {
         ConnectOptions {
-            addr: self.addr,
+            addr,
             client_id,
             clean_session,
             keep_alive: KEEP_ALIVE,
@@ -163,7 +183,11 @@ fn open_files_limit() -> Option<u64> {
     soft.parse().ok()
 }
 
-pub async fn run(cli: Cli, addr: SocketAddr) -> Result<Json, Failure> {
+pub async fn run(
+    cli: Cli,
+    addr: SocketAddr,
+    subscriber_addrs: Vec<SocketAddr>,
+) -> Result<Json, Failure> {
     match cli.scenario.clone() {
         Scenario::FanIn { publishers, rate } => {
             let topo = Topology {
@@ -183,7 +207,7 @@ pub async fn run(cli: Cli, addr: SocketAddr) -> Result<Json, Failure> {
                     .with("publishers", publishers)
                     .with("rate", rate),
             };
-            message_run(&cli, addr, cli.qos, topo).await
+            message_run(&cli, addr, &subscriber_addrs, cli.qos, topo).await
         }
         Scenario::FanOut { subscribers, rate } => {
             let topo = Topology {
@@ -203,7 +227,7 @@ pub async fn run(cli: Cli, addr: SocketAddr) -> Result<Json, Failure> {
                     .with("subscribers", subscribers)
                     .with("rate", rate),
             };
-            message_run(&cli, addr, cli.qos, topo).await
+            message_run(&cli, addr, &subscriber_addrs, cli.qos, topo).await
         }
         Scenario::Pairs { pairs } => {
             let topo = Topology {
@@ -223,7 +247,7 @@ pub async fn run(cli: Cli, addr: SocketAddr) -> Result<Json, Failure> {
                     .collect(),
                 params: Json::object().with("pairs", pairs),
             };
-            message_run(&cli, addr, cli.qos, topo).await
+            message_run(&cli, addr, &subscriber_addrs, cli.qos, topo).await
         }
         Scenario::Shared {
             publishers,
@@ -246,7 +270,7 @@ pub async fn run(cli: Cli, addr: SocketAddr) -> Result<Json, Failure> {
                     .with("publishers", publishers)
                     .with("subscribers", subscribers),
             };
-            message_run(&cli, addr, cli.qos, topo).await
+            message_run(&cli, addr, &subscriber_addrs, cli.qos, topo).await
         }
         Scenario::Latency { rate } => {
             let topo = Topology {
@@ -262,7 +286,7 @@ pub async fn run(cli: Cli, addr: SocketAddr) -> Result<Json, Failure> {
                 }],
                 params: Json::object().with("rate", rate),
             };
-            message_run(&cli, addr, cli.qos, topo).await
+            message_run(&cli, addr, &subscriber_addrs, cli.qos, topo).await
         }
         Scenario::Connections {
             connections,
@@ -304,10 +328,18 @@ struct Topology {
 
 /// Connects `n` clients with at most `concurrency` handshakes in flight. `setup` runs on each
 /// connected client (e.g. SUBSCRIBE). Results keep the input order.
+/// Who a batch of connections is for: subscribers go where `--subscriber-ports` says.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Publisher,
+    Subscriber,
+}
+
 async fn connect_many<T, F, Fut>(
     cfg: &Arc<RunCfg>,
     ids: Vec<(String, bool)>,
     concurrency: usize,
+    role: Role,
     setup: F,
 ) -> Vec<anyhow::Result<T>>
 where
@@ -325,7 +357,11 @@ where
         set.spawn(async move {
             let _permit = permits.acquire_owned().await;
             let result = async {
-                let (client, _) = Client::connect(&cfg.connect_opts(&id, clean)).await?;
+                let addr = match role {
+                    Role::Subscriber => cfg.subscriber_addr(i),
+                    Role::Publisher => cfg.addr,
+                };
+                let (client, _) = Client::connect(&cfg.connect_opts_at(addr, &id, clean)).await?;
                 setup(client, i).await
             }
             .await;
@@ -373,7 +409,7 @@ async fn connect_subscribers(
     let filters = Arc::new(filters);
     let qos = cfg.qos;
     let timeout = cfg.connect_timeout;
-    let results = connect_many(cfg, ids, 500, {
+    let results = connect_many(cfg, ids, 500, Role::Subscriber, {
         let filters = filters.clone();
         move |mut client: Client, i: usize| {
             let filters = filters.clone();
@@ -398,7 +434,10 @@ async fn connect_publishers(cfg: &Arc<RunCfg>, n: usize) -> Result<Vec<Client>, 
     let ids = (0..n)
         .map(|i| (format!("{}-pub-{i}", cfg.prefix), true))
         .collect();
-    let results = connect_many(cfg, ids, 500, |c: Client, _| async move { Ok(c) }).await;
+    let results = connect_many(cfg, ids, 500, Role::Publisher, |c: Client, _| async move {
+        Ok(c)
+    })
+    .await;
     results
         .into_iter()
         .map(|r| r.map_err(|e| Failure::Setup(e.context("publisher set-up failed"))))
@@ -860,10 +899,13 @@ fn window_json(
 async fn message_run(
     cli: &Cli,
     addr: SocketAddr,
+    subscriber_addrs: &[SocketAddr],
     qos: u8,
     topo: Topology,
 ) -> Result<Json, Failure> {
-    let cfg = Arc::new(RunCfg::new(cli, addr, qos)?);
+    let mut cfg = RunCfg::new(cli, addr, qos)?;
+    cfg.subscriber_addrs = subscriber_addrs.to_vec();
+    let cfg = Arc::new(cfg);
     let filters: Vec<String> = topo
         .groups
         .iter()
@@ -1056,16 +1098,22 @@ async fn connections_run(
     let qos = cfg.qos;
     let sub_timeout = cfg.connect_timeout;
     let started = Instant::now();
-    let results = connect_many(&cfg, ids, concurrency, move |mut c: Client, i: usize| {
-        let topic = format!("bench/conn/{prefix}/{i}");
-        async move {
-            let codes = c.subscribe(1, &[(&topic, qos)], sub_timeout).await?;
-            match codes.as_slice() {
-                [code] if *code <= qos => Ok(c),
-                other => Err(anyhow!("SUBACK {other:?} for {topic}")),
+    let results = connect_many(
+        &cfg,
+        ids,
+        concurrency,
+        Role::Subscriber,
+        move |mut c: Client, i: usize| {
+            let topic = format!("bench/conn/{prefix}/{i}");
+            async move {
+                let codes = c.subscribe(1, &[(&topic, qos)], sub_timeout).await?;
+                match codes.as_slice() {
+                    [code] if *code <= qos => Ok(c),
+                    other => Err(anyhow!("SUBACK {other:?} for {topic}")),
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     let connect_s = started.elapsed().as_secs_f64();
     let mut clients = Vec::with_capacity(connections);
