@@ -255,9 +255,9 @@ nats_urls = ["nats://127.0.0.1:4222"]
 prefix = "telemq"
 # Replicas of the JetStream buckets (1, 3 or 5; at most the number of NATS servers).
 replicas = 1
-# Messages waiting to be forwarded to other nodes; past it they are dropped (and counted) rather
-# than let a NATS outage grow memory.
-forward_queue = 65536
+# Messages waiting to be forwarded to other nodes. When it is full, a QoS 1/2 publisher waits
+# (its acknowledgement is held back) and a QoS 0 message is dropped and counted.
+forward_queue = 8192
 # How long a request to NATS (a takeover, a bucket update) may take before it fails.
 request_timeout = "5s"
 # NATS credentials, as NATS users set them: one of user + password, token, an NKey seed file or
@@ -323,7 +323,7 @@ impl Default for ClusterConfig {
             nats_urls: vec!["nats://127.0.0.1:4222".into()],
             prefix: "telemq".into(),
             replicas: 1,
-            forward_queue: 65536,
+            forward_queue: 8192,
             request_timeout: Duration::from_secs(5),
             user: None,
             password: None,

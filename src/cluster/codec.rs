@@ -10,7 +10,7 @@ use bytes::{BufMut, Bytes};
 
 use crate::clock::{self, from_unix_ms, unix_ms};
 use crate::message::Message;
-use crate::storage::{decode_message, encode_message, StorageError};
+use crate::storage::{decode_message, encode_message_into, StorageError};
 
 const VERSION: u8 = 1;
 const NO_EXPIRY: u64 = u64::MAX;
@@ -33,8 +33,7 @@ pub struct Received {
 }
 
 pub fn encode(message: &Message, now: SystemTime) -> Bytes {
-    let record = encode_message(message);
-    let mut out = Vec::with_capacity(17 + record.len());
+    let mut out = Vec::with_capacity(64 + message.topic.len() + message.payload.len());
     out.put_u8(VERSION);
     out.put_u64(unix_ms(now));
     let remaining = message.expires_at.map_or(NO_EXPIRY, |at| {
@@ -44,7 +43,7 @@ pub fn encode(message: &Message, now: SystemTime) -> Bytes {
             .max(1)
     });
     out.put_u64(remaining);
-    out.extend_from_slice(&record);
+    encode_message_into(&mut out, message);
     out.into()
 }
 

@@ -111,20 +111,34 @@ impl Pipeline {
     /// Delivers a planned message whose operations are durable: the retained store, then each
     /// target's mailbox; what could not be queued is counted, dead-lettered and released.
     pub async fn apply(&self, planned: Planned) {
-        self.forward(&planned.message);
+        self.forward(&planned.message).await;
         let dropped = self.router.apply(&planned.message, planned.targets);
         self.dropped(dropped).await;
     }
 
-    fn forward(&self, message: &Arc<Message>) {
+    /// Hands a message to the cluster link. A QoS 1 or 2 message waits for room, which holds
+    /// back its publisher's acknowledgement: the link forwards at its own pace and nothing
+    /// acknowledged is dropped for want of room. (While NATS is unreachable the link drains the
+    /// queue, counting what it cannot send, so this never waits on a dead link.) A QoS 0 message
+    /// is dropped, and counted, when the queue is full.
+    async fn forward(&self, message: &Arc<Message>) {
         let Some(outbox) = &self.outbox else {
             return;
         };
-        if let Err(error) = outbox.try_send(message.clone()) {
-            let reason = match error {
-                mpsc::error::TrySendError::Full(_) => "queue_full",
-                mpsc::error::TrySendError::Closed(_) => "link_closed",
-            };
+        let sent = if message.qos == QoS::AtMostOnce {
+            outbox
+                .try_send(message.clone())
+                .map_err(|error| match error {
+                    mpsc::error::TrySendError::Full(_) => "queue_full",
+                    mpsc::error::TrySendError::Closed(_) => "link_closed",
+                })
+        } else {
+            outbox
+                .send(message.clone())
+                .await
+                .map_err(|_| "link_closed")
+        };
+        if let Err(reason) = sent {
             metrics::cluster_forward_dropped(reason);
         }
     }

@@ -35,7 +35,9 @@ use crate::metrics;
 pub use memory::Volatile;
 /// Record formats the cluster also uses: messages sent between nodes, subscriptions of sessions
 /// it records.
-pub use records::{decode_message, decode_subscription, encode_message, encode_subscription};
+pub use records::{
+    decode_message, decode_subscription, encode_message, encode_message_into, encode_subscription,
+};
 pub use recovery::{Recovered, RecoveredSession};
 pub use rekey::{rekey, RekeyReport};
 

@@ -129,9 +129,14 @@ fn put_bytes32(out: &mut Vec<u8>, data: &[u8]) {
 
 pub fn encode_message(message: &Message) -> Vec<u8> {
     let mut out = Vec::with_capacity(32 + message.topic.len() + message.payload.len());
-    out.put_u8(FORMAT);
-    put_message_body(&mut out, message);
+    encode_message_into(&mut out, message);
     out
+}
+
+/// [`encode_message`] appended to `out`, for a caller that puts its own header first.
+pub fn encode_message_into(out: &mut Vec<u8>, message: &Message) {
+    out.put_u8(FORMAT);
+    put_message_body(out, message);
 }
 
 fn put_message_body(out: &mut Vec<u8>, message: &Message) {
