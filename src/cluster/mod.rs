@@ -22,12 +22,13 @@ mod retained;
 mod routing;
 pub mod subject;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -75,6 +76,10 @@ pub struct Cluster {
     retained_writes: mpsc::Sender<Arc<Message>>,
     /// The router's interest version this node's NATS subscriptions reflect.
     interest_applied: watch::Sender<u64>,
+    /// Claims of this node's connections, by client id (see `ownership`).
+    claims: Mutex<HashMap<String, ownership::LocalClaim>>,
+    /// Wakes takeover requests waiting for a claim of this node to attach its session.
+    claims_settled: Notify,
 }
 
 /// What the wiring hands over to start the cluster link.
@@ -120,6 +125,8 @@ impl Cluster {
             active: RwLock::new(SubscriptionTrie::new()),
             retained_writes,
             interest_applied: watch::Sender::new(0),
+            claims: Mutex::new(HashMap::new()),
+            claims_settled: Notify::new(),
         });
         let watch = cluster.load_retained().await?;
         tracker.spawn(retained::watch(cluster.clone(), watch, shutdown.clone()));

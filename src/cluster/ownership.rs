@@ -25,6 +25,7 @@ use crate::metrics;
 use crate::protocol::SubscriptionOptions;
 use crate::session::NEVER_EXPIRES;
 use crate::storage::{decode_subscription, encode_subscription};
+use crate::sync::lock;
 
 const RECORD_VERSION: u8 = 1;
 
@@ -121,6 +122,23 @@ fn get_string(data: &mut &[u8]) -> Option<String> {
 pub struct Ownership {
     key: String,
     revision: u64,
+    /// The revision its claim wrote, which names the claim in [`Cluster::settle_claim`].
+    claimed: u64,
+}
+
+impl Ownership {
+    pub fn claimed_revision(&self) -> u64 {
+        self.claimed
+    }
+}
+
+/// A claim this node made, until its connection ends: what a takeover request from another
+/// node is checked against.
+#[derive(Debug)]
+pub(super) struct LocalClaim {
+    revision: u64,
+    /// Whether the connection has attached its session (before, there is nothing to close).
+    attached: bool,
 }
 
 /// A successful claim.
@@ -133,6 +151,14 @@ pub struct Claimed {
     /// Whether another node held the session: what this node has of it is from an earlier
     /// visit and out of date.
     pub moved: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum TakeoverAction {
+    Ignore,
+    /// This node's claim is still attaching its session: wait for it, then give up.
+    WaitForAttach,
+    GiveUp,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,23 +244,76 @@ impl Cluster {
             }
             Err(error) => return Err(error),
         };
+        lock(&self.claims).insert(
+            client_id.into(),
+            LocalClaim {
+                revision,
+                attached: false,
+            },
+        );
         let from_elsewhere = previous.as_ref().filter(|p| *p.node != *self.node);
         if let Some(previous) = from_elsewhere {
             metrics::cluster_takeover("from");
-            self.tell_previous_owner(&previous.node, client_id).await;
+            self.tell_previous_owner(&previous.node, client_id, revision)
+                .await;
         }
         Ok(Claimed {
-            ownership: Ownership { key, revision },
+            ownership: Ownership {
+                key,
+                revision,
+                claimed: revision,
+            },
             subscriptions: carried,
             moved: from_elsewhere.is_some(),
         })
     }
 
-    async fn tell_previous_owner(&self, node: &str, client_id: &str) {
-        let request = self.client.request(
-            self.control_subject(node),
-            Bytes::copy_from_slice(client_id.as_bytes()),
-        );
+    /// Called once the claiming connection has attached its session: a takeover request that
+    /// arrived in between (see [`takeover`]) may now close it.
+    pub fn settle_claim(&self, client_id: &str, claimed: u64) {
+        if let Some(claim) = lock(&self.claims).get_mut(client_id) {
+            if claim.revision == claimed {
+                claim.attached = true;
+            }
+        }
+        self.claims_settled.notify_waiters();
+    }
+
+    /// Closes the client's connection here (DISCONNECT 0x8E) and stops routing to its
+    /// session: another node owns it now.
+    pub async fn give_up_session(&self, client_id: &str) {
+        if let Some((session, filters)) = self.registry.hand_to_other_node(client_id).await {
+            for filter in &filters {
+                self.router.unsubscribe_session(&session, filter);
+            }
+            metrics::cluster_takeover("to");
+            info!(%client_id, "session taken over by another node");
+        }
+    }
+
+    /// A takeover request for `client_id` from the node whose claim wrote `revision`: what this
+    /// node must do about it.
+    fn takeover_requested(&self, client_id: &str, revision: u64) -> TakeoverAction {
+        let mut claims = lock(&self.claims);
+        match claims.get_mut(client_id) {
+            // This node claimed the client id again after that claim: the request is stale.
+            Some(claim) if claim.revision > revision => TakeoverAction::Ignore,
+            Some(claim) if !claim.attached => TakeoverAction::WaitForAttach,
+            Some(_) => {
+                claims.remove(client_id);
+                TakeoverAction::GiveUp
+            }
+            None => TakeoverAction::GiveUp,
+        }
+    }
+
+    async fn tell_previous_owner(&self, node: &str, client_id: &str, revision: u64) {
+        let mut payload = Vec::with_capacity(8 + client_id.len());
+        payload.put_u64(revision);
+        payload.extend_from_slice(client_id.as_bytes());
+        let request = self
+            .client
+            .request(self.control_subject(node), payload.into());
         match tokio::time::timeout(self.request_timeout, request).await {
             Ok(Ok(_)) => debug!(%client_id, %node, "previous owner released the session"),
             // No responders: that node is gone; its clients reconnect elsewhere.
@@ -274,6 +353,15 @@ impl Cluster {
         expiry_interval: u32,
         subscriptions: Vec<(String, SubscriptionOptions)>,
     ) {
+        {
+            let mut claims = lock(&self.claims);
+            if claims
+                .get(client_id)
+                .is_some_and(|claim| claim.revision == ownership.claimed)
+            {
+                claims.remove(client_id);
+            }
+        }
         if expiry_interval == 0 {
             if let Err(error) = self
                 .sessions
@@ -309,6 +397,33 @@ impl Cluster {
     }
 }
 
+/// Hands `client_id`'s session to the node whose claim wrote `revision`. The requester
+/// answers its client only after this returns, so the connection here is closed before the
+/// new one is acknowledged, also when the request arrives while this node's own claim is
+/// still attaching its session.
+async fn takeover(cluster: &Cluster, client_id: &str, revision: u64) {
+    let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+    loop {
+        let settled = cluster.claims_settled.notified();
+        let mut settled = std::pin::pin!(settled);
+        settled.as_mut().enable();
+        match cluster.takeover_requested(client_id, revision) {
+            TakeoverAction::Ignore => return,
+            TakeoverAction::GiveUp => break,
+            TakeoverAction::WaitForAttach => {
+                if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                    lock(&cluster.claims).remove(client_id);
+                    break;
+                }
+            }
+        }
+    }
+    cluster.give_up_session(client_id).await;
+}
+
+/// How long a takeover request waits for a claim of this node to attach its session.
+const TAKEOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Answers other nodes' takeovers: closes the client's connection here and stops routing to
 /// its session.
 pub(super) async fn serve_control(
@@ -325,29 +440,34 @@ pub(super) async fn serve_control(
             reason: e.to_string(),
         })?;
     Ok(async move {
+        // Takeovers of different client ids go on side by side: one waiting for a connection
+        // to close must not hold up the others. Dropped (and aborted) with this task.
+        let mut running = tokio::task::JoinSet::new();
         loop {
             let request = tokio::select! {
                 _ = shutdown.cancelled() => return,
+                Some(_) = running.join_next(), if !running.is_empty() => continue,
                 request = requests.next() => match request {
                     Some(request) => request,
                     None => return,
                 },
             };
-            let Ok(client_id) = std::str::from_utf8(&request.payload) else {
+            let Some((revision, id)) = request.payload.split_first_chunk::<8>() else {
                 continue;
             };
-            if let Some((session, filters)) = cluster.registry.hand_to_other_node(client_id).await {
-                for filter in &filters {
-                    cluster.router.unsubscribe_session(&session, filter);
+            let Ok(client_id) = std::str::from_utf8(id).map(str::to_owned) else {
+                continue;
+            };
+            let revision = u64::from_be_bytes(*revision);
+            let cluster = cluster.clone();
+            running.spawn(async move {
+                takeover(&cluster, &client_id, revision).await;
+                if let Some(reply) = request.reply {
+                    if let Err(error) = cluster.client.publish(reply, Bytes::new()).await {
+                        debug!(%error, "takeover reply not sent");
+                    }
                 }
-                metrics::cluster_takeover("to");
-                info!(%client_id, "session taken over by another node");
-            }
-            if let Some(reply) = request.reply {
-                if let Err(error) = cluster.client.publish(reply, Bytes::new()).await {
-                    debug!(%error, "takeover reply not sent");
-                }
-            }
+            });
         }
     })
 }

@@ -144,6 +144,9 @@ where
     if let Some(ended) = attached.ended.take() {
         state.publish.finish_ended_sessions(vec![ended]).await;
     }
+    if let (Some(cluster), Some(claimed)) = (&state.cluster, &claimed) {
+        cluster.settle_claim(&client_id, claimed.ownership.claimed_revision());
+    }
     let (ownership, resumed) = match claimed {
         Some(claimed) => {
             // The cluster's record is the session when it comes from another node (what this
