@@ -137,6 +137,26 @@ async fn messages_cross_nodes_once_per_client_in_order_at_every_qos() {
         expected,
         "# on another node, no $ topic"
     );
+    // Interest: NATS sends a node only what its own clients subscribed to. Node 0 has no
+    // subscriber and subscribes to no topic subject.
+    let topic_subjects = |node: &str| -> Vec<String> {
+        let mut subjects: Vec<String> = cluster.nats[0]
+            .subscriptions_of(&format!("telemq-{node}"))
+            .into_iter()
+            .filter(|s| s.starts_with("telemq.t.") || s.starts_with("telemq.d."))
+            .collect();
+        subjects.sort();
+        subjects
+    };
+    assert_eq!(topic_subjects("node-0"), Vec::<String>::new());
+    assert_eq!(
+        topic_subjects("node-1"),
+        vec!["telemq.t.a", "telemq.t.a.*.c", "telemq.t.a.>"]
+    );
+    assert_eq!(
+        topic_subjects("node-2"),
+        vec!["telemq.t.>", "telemq.t.a", "telemq.t.a.>"]
+    );
     cluster.shutdown().await;
 }
 
@@ -181,6 +201,21 @@ async fn qos_properties_and_no_local_survive_the_hop() {
     publisher.expect_no_publish().await;
     // The only subscriber is on another node: the PUBACK must not say "no matching subscribers"
     // (0x10), which a single node answers when it has none.
+    // Retain As Published, per subscription, on the receiving node [MQTT-3.3.1-12].
+    let (mut as_published, _) = V5Client::connect(cluster.addr(2), "rap").await;
+    let mut keep_flag = Filter::new("rap/#", QoS::AtLeastOnce);
+    keep_flag.preserve_retain = true;
+    as_published.subscribe_filter(keep_flag, None).await;
+    let (mut plain, _) = V5Client::connect(cluster.addr(2), "rap-plain").await;
+    subscribe(&mut plain, "rap/#", QoS::AtLeastOnce).await;
+    publisher
+        .publish("rap/1", QoS::AtLeastOnce, true, b"kept".to_vec())
+        .await;
+    assert!(
+        as_published.next_publish().await.retain,
+        "retain flag as published"
+    );
+    assert!(!plain.next_publish().await.retain, "retain flag cleared");
     let mut raw = common::raw_v5(cluster.addr(0), "raw-pub").await;
     assert_eq!(raw.publish_qos1_v5("p/raw", 1, b"r").await, 0x00);
     assert_eq!(receive(&mut subscriber, 1).await[0].0, "p/raw");

@@ -179,6 +179,18 @@ impl Cluster {
     }
 }
 
+/// The next item from `next` (a channel or stream), or `None` once shutdown has begun: the
+/// loop of every task this module runs.
+async fn until_shutdown<T>(
+    shutdown: &CancellationToken,
+    next: impl std::future::Future<Output = Option<T>>,
+) -> Option<T> {
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        item = next => item,
+    }
+}
+
 async fn connect(
     config: &ClusterConfig,
     node: &Arc<str>,

@@ -170,6 +170,24 @@ pub enum ClaimError {
 }
 
 impl Cluster {
+    /// A record naming this node as the owner; connected unless `disconnected_at` is given.
+    fn record(
+        &self,
+        client_id: &str,
+        expiry_interval: u32,
+        disconnected_at: Option<SystemTime>,
+        subscriptions: Vec<(String, SubscriptionOptions)>,
+    ) -> SessionRecord {
+        SessionRecord {
+            node: self.node.to_string(),
+            client_id: client_id.to_string(),
+            connected: disconnected_at.is_none(),
+            expiry_interval,
+            disconnected_at,
+            subscriptions,
+        }
+    }
+
     fn control_subject(&self, node: &str) -> String {
         format!("{}.ctl.{}", self.base, subject::token(node))
     }
@@ -204,14 +222,12 @@ impl Cluster {
             .as_ref()
             .filter(|record| !clean_start && !record.has_expired(now))
             .map(|record| record.subscriptions.clone());
-        let record = SessionRecord {
-            node: self.node.to_string(),
-            client_id: client_id.to_string(),
-            connected: true,
+        let record = self.record(
+            client_id,
             expiry_interval,
-            disconnected_at: None,
-            subscriptions: carried.clone().unwrap_or_default(),
-        };
+            None,
+            carried.clone().unwrap_or_default(),
+        );
         let written = match &current {
             None => self
                 .sessions
@@ -333,14 +349,7 @@ impl Cluster {
         expiry_interval: u32,
         subscriptions: Vec<(String, SubscriptionOptions)>,
     ) {
-        let record = SessionRecord {
-            node: self.node.to_string(),
-            client_id: client_id.to_string(),
-            connected: true,
-            expiry_interval,
-            disconnected_at: None,
-            subscriptions,
-        };
+        let record = self.record(client_id, expiry_interval, None, subscriptions);
         self.update(ownership, record).await;
     }
 
@@ -372,14 +381,12 @@ impl Cluster {
             }
             return;
         }
-        let record = SessionRecord {
-            node: self.node.to_string(),
-            client_id: client_id.to_string(),
-            connected: false,
+        let record = self.record(
+            client_id,
             expiry_interval,
-            disconnected_at: Some(clock::now()),
+            Some(clock::now()),
             subscriptions,
-        };
+        );
         self.update(&mut ownership, record).await;
     }
 

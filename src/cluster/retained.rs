@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{codec, subject, Cluster, ClusterError};
+use super::{codec, subject, until_shutdown, Cluster, ClusterError};
 use crate::clock;
 use crate::message::Message;
 use crate::metrics;
@@ -144,14 +144,7 @@ pub(super) async fn write(
     mut changes: mpsc::Receiver<Arc<Message>>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            message = changes.recv() => match message {
-                Some(message) => message,
-                None => return,
-            },
-        };
+    while let Some(message) = until_shutdown(&shutdown, changes.recv()).await {
         let key = subject::topic_subject(KEY_ROOT, &message.topic);
         let written = if message.payload.is_empty() {
             cluster

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use super::{codec, subject, Cluster};
+use super::{codec, subject, until_shutdown, Cluster};
 use crate::clock;
 use crate::message::Message;
 use crate::metrics;
@@ -36,14 +36,7 @@ pub(super) async fn forward(
     mut outbox: mpsc::Receiver<Arc<Message>>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            message = outbox.recv() => match message {
-                Some(message) => message,
-                None => return,
-            },
-        };
+    while let Some(message) = until_shutdown(&shutdown, outbox.recv()).await {
         // `$SYS` topics describe one node; they stay on it.
         if message.topic.starts_with("$SYS/") {
             continue;
@@ -212,14 +205,7 @@ async fn receive(
     interest: Interest,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            message = subscriber.next() => match message {
-                Some(message) => message,
-                None => return,
-            },
-        };
+    while let Some(message) = until_shutdown(&shutdown, subscriber.next()).await {
         let Some(topic) = subject::subject_topic(&cluster.base, &message.subject) else {
             metrics::cluster_forward_dropped("undecodable");
             continue;

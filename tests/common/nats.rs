@@ -123,6 +123,45 @@ impl NatsServer {
         }
     }
 
+    /// The subjects the client connection named `name` subscribes to, from `/connz`.
+    pub fn subscriptions_of(&self, name: &str) -> Vec<String> {
+        let body = self.monitor("/connz?subs=1&limit=1000");
+        // One object per connection: its "name", later its "subscriptions_list".
+        let Some(at) = body.find(&format!("\"name\":\"{name}\"")) else {
+            panic!("no connection named {name} in /connz: {body}");
+        };
+        let rest = &body[at..];
+        let Some(list) = rest.find("\"subscriptions_list\":[") else {
+            return Vec::new();
+        };
+        let list = &rest[list + "\"subscriptions_list\":[".len()..];
+        let end = list.find(']').unwrap_or(list.len());
+        list[..end]
+            .split(',')
+            // Go's JSON writes `>` and `<` escaped.
+            .map(|s| {
+                s.trim()
+                    .trim_matches('"')
+                    .replace("\\u003e", ">")
+                    .replace("\\u003c", "<")
+            })
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    fn monitor(&self, path: &str) -> String {
+        let mut stream =
+            TcpStream::connect(("127.0.0.1", self.monitor_port)).expect("monitor port");
+        let request = format!("GET {path} HTTP/1.0\r\nhost: localhost\r\n\r\n");
+        stream.write_all(request.as_bytes()).expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.replace([' ', '\n'], ""))
+            .unwrap_or_default()
+    }
+
     /// `/healthz` answers ok once the server, and JetStream, are ready.
     fn healthy(&self) -> bool {
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.monitor_port)) else {
