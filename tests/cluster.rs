@@ -25,6 +25,8 @@ async fn node(name: &str, urls: Vec<String>) -> TestBroker {
         config.cluster.node_id = name;
         // The buckets survive the loss of a NATS server when there are three.
         config.cluster.replicas = urls.len();
+        // A small forward queue: publishers meet its back-pressure in every test.
+        config.cluster.forward_queue = 64;
         config.cluster.nats_urls = urls;
         config.cluster.request_timeout = Duration::from_secs(2);
     })
@@ -578,6 +580,7 @@ async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_d
     let (mut local_sub, _) = V5Client::connect(cluster.addr(0), "local-sub").await;
     subscribe(&mut local_sub, "l/#", QoS::AtLeastOnce).await;
     let (mut local_pub, _) = V5Client::connect(cluster.addr(0), "local-pub").await;
+    let mut flood = common::raw_v5(cluster.addr(0), "local-flood").await;
 
     cluster.nats[0].kill();
     local_pub
@@ -587,6 +590,32 @@ async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_d
         receive(&mut local_sub, 1).await.len(),
         1,
         "served locally without NATS"
+    );
+    // Far more than the forward queue and the NATS client's own queue hold: none of it may
+    // wait for the dead link.
+    const FLOOD: u16 = 3000;
+    // In windows under the broker's Receive Maximum (1024).
+    for window in (1..=FLOOD).collect::<Vec<_>>().chunks(500) {
+        for &id in window {
+            flood
+                .send(&packets::publish(
+                    "l/flood",
+                    1,
+                    id,
+                    false,
+                    false,
+                    Some(&[]),
+                    b"f",
+                ))
+                .await;
+        }
+        for _ in window {
+            flood.recv_type(4).await;
+        }
+    }
+    assert_eq!(
+        receive(&mut local_sub, usize::from(FLOOD)).await.len(),
+        usize::from(FLOOD)
     );
     // A CONNECT needs the cluster to decide who owns the client id: refused, with a reason.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -611,6 +640,8 @@ async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_d
     // The nodes reconnect on their own and route again.
     let (mut remote_sub, _) = connect_when_available(&cluster, 2, "remote-sub").await;
     subscribe(&mut remote_sub, "l/#", QoS::AtLeastOnce).await;
+    // Node 0 too, whose reconnect back-off grew while NATS was away.
+    connect_when_available(&cluster, 0, "local-pub-probe").await;
     local_pub
         .publish("l/2", QoS::AtLeastOnce, false, b"again".to_vec())
         .await;

@@ -217,6 +217,8 @@ async fn connect(
         // In the order configured: an operator lists the node's nearest server first.
         .retain_servers_order()
         .max_reconnects(None)
+        // A silent partition (no reset) is noticed after two missed pings.
+        .ping_interval(Duration::from_secs(10))
         .connection_timeout(config.request_timeout)
         .request_timeout(Some(config.request_timeout))
         .reconnect_delay_callback(|attempts| {

@@ -30,6 +30,9 @@ use crate::sync::{read, write};
 /// shared groups follow whether a member is online, which changes without a subscribe.
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// How long a message waits to be taken by the NATS client before it is dropped.
+const PUBLISH_WAIT: Duration = Duration::from_millis(500);
+
 /// Sends every message published on this node to its topic's subject.
 pub(super) async fn forward(
     cluster: Arc<Cluster>,
@@ -50,12 +53,16 @@ pub(super) async fn forward(
         }
         let subject = subject::topic_subject(&cluster.base, &message.topic);
         let payload = codec::encode(&message, clock::now());
-        match cluster.client.publish(subject, payload).await {
-            Ok(()) => metrics::cluster_forwarded(metrics::OUT),
-            Err(error) => {
+        // The client's command queue stops moving while its connection is down and not yet
+        // noticed (a silent network partition): dropping after a short wait keeps publishers on
+        // this node from waiting behind a dead link.
+        match tokio::time::timeout(PUBLISH_WAIT, cluster.client.publish(subject, payload)).await {
+            Ok(Ok(())) => metrics::cluster_forwarded(metrics::OUT),
+            Ok(Err(error)) => {
                 metrics::cluster_forward_dropped("publish_failed");
                 debug!(%error, "message not forwarded");
             }
+            Err(_) => metrics::cluster_forward_dropped("link_down"),
         }
     }
 }
