@@ -255,7 +255,7 @@ async fn retained_messages_are_set_and_cleared_from_any_node() {
 async fn retained_on(cluster: &Cluster, node: usize, filter: &str) -> Vec<(String, Vec<u8>)> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let (mut probe, _) = V5Client::connect(cluster.addr(node), "retained-probe").await;
+        let (mut probe, _) = V5Client::connect(cluster.addr(node), &format!("probe-{node}")).await;
         subscribe(&mut probe, filter, QoS::AtLeastOnce).await;
         let got = drain(&mut probe).await;
         probe.disconnect().await;
@@ -268,7 +268,7 @@ async fn retained_on(cluster: &Cluster, node: usize, filter: &str) -> Vec<(Strin
 async fn wait_for_retained(cluster: &Cluster, node: usize, filter: &str, count: usize) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let (mut probe, _) = V5Client::connect(cluster.addr(node), "retained-probe").await;
+        let (mut probe, _) = V5Client::connect(cluster.addr(node), &format!("probe-{node}")).await;
         subscribe(&mut probe, filter, QoS::AtLeastOnce).await;
         let got = drain(&mut probe).await;
         probe.disconnect().await;
@@ -381,7 +381,7 @@ async fn of_two_simultaneous_connects_on_two_nodes_exactly_one_stays() {
         }
         assert_eq!(connected, 1, "round {round}: exactly one connection stays");
     }
-    eprintln!("{refused} of 100 races ended with a refused CONNECT (Server Busy)");
+    eprintln!("{refused} of 100 races ended with a refused CONNECT (Server Busy), the others with a takeover");
     cluster.shutdown().await;
 }
 

@@ -29,6 +29,9 @@ use crate::sync::lock;
 
 const RECORD_VERSION: u8 = 1;
 
+/// Reads and compare-and-sets a claim tries before a CONNECT is refused as a conflict.
+const CLAIM_ATTEMPTS: u32 = 3;
+
 /// A session as the cluster knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct SessionRecord {
@@ -136,7 +139,9 @@ impl Ownership {
 /// node is checked against.
 #[derive(Debug)]
 pub(super) struct LocalClaim {
-    revision: u64,
+    /// The revision the claim wrote; `None` while its write is on its way. A request that
+    /// arrives then (another node read the write before this node heard it succeed) waits.
+    revision: Option<u64>,
     /// Whether the connection has attached its session (before, there is nothing to close).
     attached: bool,
 }
@@ -199,6 +204,32 @@ impl Cluster {
         clean_start: bool,
         expiry_interval: u32,
     ) -> Result<Claimed, ClaimError> {
+        // A conflict is often a write that just finished: the previous connection recording its
+        // disconnect, or another node's claim. Read again and retry, a few times, before the
+        // client is told the server is busy.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self
+                .claim_once(client_id, clean_start, expiry_interval)
+                .await
+            {
+                Err(ClaimError::Conflict) if attempts < CLAIM_ATTEMPTS => continue,
+                Err(ClaimError::Conflict) => {
+                    metrics::cluster_ownership_conflict();
+                    return Err(ClaimError::Conflict);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn claim_once(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        expiry_interval: u32,
+    ) -> Result<Claimed, ClaimError> {
         if !self.is_linked() {
             return Err(ClaimError::Unavailable("NATS link down".into()));
         }
@@ -228,6 +259,14 @@ impl Cluster {
             None,
             carried.clone().unwrap_or_default(),
         );
+        // Registered before the write: see `LocalClaim::revision`.
+        lock(&self.claims).insert(
+            client_id.into(),
+            LocalClaim {
+                revision: None,
+                attached: false,
+            },
+        );
         let written = match &current {
             None => self
                 .sessions
@@ -252,21 +291,21 @@ impl Cluster {
                     }
                 }),
         };
-        let revision = match written {
-            Ok(revision) => revision,
-            Err(ClaimError::Conflict) => {
-                metrics::cluster_ownership_conflict();
-                return Err(ClaimError::Conflict);
+        {
+            let mut claims = lock(&self.claims);
+            let pending = claims
+                .get_mut(client_id)
+                .filter(|claim| claim.revision.is_none());
+            match (&written, pending) {
+                (Ok(revision), Some(claim)) => claim.revision = Some(*revision),
+                (Err(_), Some(_)) => {
+                    claims.remove(client_id);
+                }
+                _ => {}
             }
-            Err(error) => return Err(error),
-        };
-        lock(&self.claims).insert(
-            client_id.into(),
-            LocalClaim {
-                revision,
-                attached: false,
-            },
-        );
+        }
+        self.claims_settled.notify_waiters();
+        let revision = written?;
         let from_elsewhere = previous.as_ref().filter(|p| *p.node != *self.node);
         if let Some(previous) = from_elsewhere {
             metrics::cluster_takeover("from");
@@ -288,7 +327,7 @@ impl Cluster {
     /// arrived in between (see [`takeover`]) may now close it.
     pub fn settle_claim(&self, client_id: &str, claimed: u64) {
         if let Some(claim) = lock(&self.claims).get_mut(client_id) {
-            if claim.revision == claimed {
+            if claim.revision == Some(claimed) {
                 claim.attached = true;
             }
         }
@@ -313,7 +352,9 @@ impl Cluster {
         let mut claims = lock(&self.claims);
         match claims.get_mut(client_id) {
             // This node claimed the client id again after that claim: the request is stale.
-            Some(claim) if claim.revision > revision => TakeoverAction::Ignore,
+            Some(claim) if claim.revision.is_some_and(|own| own > revision) => {
+                TakeoverAction::Ignore
+            }
             Some(claim) if !claim.attached => TakeoverAction::WaitForAttach,
             Some(_) => {
                 claims.remove(client_id);
@@ -366,7 +407,7 @@ impl Cluster {
             let mut claims = lock(&self.claims);
             if claims
                 .get(client_id)
-                .is_some_and(|claim| claim.revision == ownership.claimed)
+                .is_some_and(|claim| claim.revision == Some(ownership.claimed))
             {
                 claims.remove(client_id);
             }

@@ -149,7 +149,6 @@ impl Mailbox {
         let bytes = delivery.footprint();
         let mut pushed = Pushed::default();
         let mut freed = 0;
-        let held;
         {
             let mut queue = lock(&self.queue);
             if !queue.fits(bytes, &self.limits) {
@@ -206,9 +205,10 @@ impl Mailbox {
             if spill {
                 added.spill();
             }
-            held = added.memory();
+            // Counted before the lock is released: a connection popping the delivery at once
+            // must not subtract it from the guard before it was added (the count would wrap).
+            self.guard.add(added.memory());
         }
-        self.guard.add(held);
         self.guard.sub(freed);
         self.notify.notify_one();
         pushed
@@ -222,15 +222,16 @@ impl Mailbox {
     /// Puts back deliveries recovered from storage or handed back by a closing connection, in
     /// order, whatever the limits: they were accepted already.
     pub fn restore(&self, deliveries: impl IntoIterator<Item = Delivery>) {
-        let mut added = 0;
         {
             let mut queue = lock(&self.queue);
+            let mut added = 0;
             for delivery in deliveries {
                 let bytes = delivery.footprint();
                 added += queue.push_back(delivery, bytes, true).memory();
             }
+            // Under the lock, as in `push`.
+            self.guard.add(added);
         }
-        self.guard.add(added);
         self.notify.notify_one();
     }
 
@@ -340,8 +341,9 @@ impl Mailbox {
                     }
                 }
             }
+            // Under the lock, as in `push`.
+            self.guard.add(refilled);
         }
-        self.guard.add(refilled);
         self.guard.sub(freed);
         self.notify.notify_one();
         lost
@@ -405,6 +407,42 @@ mod tests {
 
     fn seqs(mailbox: &Mailbox) -> Vec<u64> {
         mailbox.drain().iter().map(|d| d.seq).collect()
+    }
+
+    /// A delivery popped by another thread the moment it is pushed: the memory guard never
+    /// counts it out before it counted it in (a wrap below zero pauses every publisher, and
+    /// panics in debug builds). Found by the cluster test's 3 000-message flood.
+    #[test]
+    fn the_memory_guard_never_goes_below_zero_when_a_push_is_popped_at_once() {
+        let guard = Arc::new(MemoryGuard::new(usize::MAX, usize::MAX - 1));
+        let mailbox = Arc::new(Mailbox::new(
+            Arc::new(QueueLimits {
+                max_messages: usize::MAX,
+                max_bytes: usize::MAX,
+                qos0_first: false,
+            }),
+            guard.clone(),
+        ));
+        const COUNT: u64 = 200_000;
+        let consumer = {
+            let mailbox = mailbox.clone();
+            std::thread::spawn(move || {
+                let mut popped = 0;
+                while popped < COUNT {
+                    if mailbox.pop_if(|_| true).is_some() {
+                        popped += 1;
+                    }
+                }
+            })
+        };
+        for seq in 0..COUNT {
+            mailbox.push(
+                delivery(seq, QoS::AtLeastOnce, 1),
+                OverflowPolicy::DropNewest,
+            );
+        }
+        consumer.join().expect("no underflow in the consumer");
+        assert_eq!(guard.queued_bytes(), 0);
     }
 
     #[test]
