@@ -869,4 +869,42 @@ mod tests {
         });
         assert!(config.validate().is_err());
     }
+
+    #[test]
+    fn cluster_settings_are_checked_only_when_the_cluster_is_on() {
+        let cluster_config: Config =
+            toml::from_str(include_str!("../grafana/cluster/telemq.toml")).unwrap();
+        cluster_config.validate().unwrap();
+        assert!(cluster_config.cluster.enabled && cluster_config.cluster.replicas == 3);
+
+        let mut config = Config::default();
+        config.cluster.node_id = "not a token".into();
+        config.validate().unwrap();
+        config.cluster.enabled = true;
+        let refused = |adjust: fn(&mut ClusterConfig)| {
+            let mut config = Config::default();
+            config.cluster.enabled = true;
+            adjust(&mut config.cluster);
+            config.validate().is_err()
+        };
+        assert!(refused(|c| c.node_id = "a.b".into()));
+        assert!(refused(|c| c.prefix = "t>".into()));
+        assert!(refused(|c| c.nats_urls.clear()));
+        assert!(refused(|c| c.replicas = 0));
+        assert!(refused(|c| c.replicas = 7));
+        assert!(refused(|c| c.forward_queue = 0));
+        assert!(refused(|c| c.tls_cert_file = Some("client.pem".into())));
+        assert!(!refused(|c| c.node_id = "node-1_a".into()));
+    }
+
+    #[test]
+    fn an_empty_node_id_falls_back_to_a_valid_name() {
+        let name = ClusterConfig::default().node_name();
+        assert!(is_valid_name(&name), "{name}");
+        let named = ClusterConfig {
+            node_id: "n7".into(),
+            ..ClusterConfig::default()
+        };
+        assert_eq!(named.node_name(), "n7");
+    }
 }
