@@ -711,3 +711,35 @@ async fn a_node_that_lost_its_storage_resumes_sessions_from_the_cluster() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_start_on_another_node_discards_what_the_old_node_queued() {
+    let cluster = Cluster::start(1).await;
+    let (mut client, _) = V5Client::connect_persistent(cluster.addr(0), "restarter", 600).await;
+    subscribe(&mut client, "q/#", QoS::AtLeastOnce).await;
+    client.disconnect().await;
+    // Queued on node 0 for the offline session.
+    let (mut publisher, _) = V5Client::connect(cluster.addr(1), "q-pub").await;
+    publisher
+        .publish("q/old", QoS::AtLeastOnce, false, b"old".to_vec())
+        .await;
+
+    // A Clean Start on node 1 discards the session, node 0's queue included [MQTT-3.1.2-4].
+    let mut options = V5Client::options(cluster.addr(1), "restarter");
+    options
+        .set_clean_start(true)
+        .set_session_expiry_interval(Some(600));
+    let (client, connack) = V5Client::connect_with(options).await;
+    assert!(!connack.session_present);
+    client.disconnect().await;
+
+    // Back on node 0, resuming: the session is the one started clean, with nothing queued.
+    let (mut client, connack) =
+        V5Client::connect_persistent(cluster.addr(0), "restarter", 600).await;
+    assert!(
+        connack.session_present,
+        "the session started clean on node 1"
+    );
+    client.expect_no_publish().await;
+    cluster.shutdown().await;
+}

@@ -309,7 +309,7 @@ impl Cluster {
         let from_elsewhere = previous.as_ref().filter(|p| *p.node != *self.node);
         if let Some(previous) = from_elsewhere {
             metrics::cluster_takeover("from");
-            self.tell_previous_owner(&previous.node, client_id, revision)
+            self.tell_previous_owner(&previous.node, client_id, revision, clean_start)
                 .await;
         }
         Ok(Claimed {
@@ -335,14 +335,21 @@ impl Cluster {
     }
 
     /// Closes the client's connection here (DISCONNECT 0x8E) and stops routing to its
-    /// session: another node owns it now.
-    pub async fn give_up_session(&self, client_id: &str) {
+    /// session: another node owns it now. With `discard` (the new connection asked for a Clean
+    /// Start) the session ends here too, queue included [MQTT-3.1.2-4]; otherwise what it
+    /// queued stays, for the client to collect if it comes back to this node.
+    pub async fn give_up_session(&self, client_id: &str, discard: bool) {
         if let Some((session, filters)) = self.registry.hand_to_other_node(client_id).await {
             for filter in &filters {
                 self.router.unsubscribe_session(&session, filter);
             }
             metrics::cluster_takeover("to");
-            info!(%client_id, "session taken over by another node");
+            info!(%client_id, discard, "session taken over by another node");
+        }
+        if discard {
+            if let Some(ended) = self.registry.discard(client_id) {
+                self.pipeline.finish_ended_sessions(vec![ended]).await;
+            }
         }
     }
 
@@ -364,9 +371,10 @@ impl Cluster {
         }
     }
 
-    async fn tell_previous_owner(&self, node: &str, client_id: &str, revision: u64) {
-        let mut payload = Vec::with_capacity(8 + client_id.len());
+    async fn tell_previous_owner(&self, node: &str, client_id: &str, revision: u64, discard: bool) {
+        let mut payload = Vec::with_capacity(9 + client_id.len());
         payload.put_u64(revision);
+        payload.put_u8(u8::from(discard));
         payload.extend_from_slice(client_id.as_bytes());
         let request = self
             .client
@@ -449,7 +457,7 @@ impl Cluster {
 /// answers its client only after this returns, so the connection here is closed before the
 /// new one is acknowledged, also when the request arrives while this node's own claim is
 /// still attaching its session.
-async fn takeover(cluster: &Cluster, client_id: &str, revision: u64) {
+async fn takeover(cluster: &Cluster, client_id: &str, revision: u64, discard: bool) {
     let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
     loop {
         let settled = cluster.claims_settled.notified();
@@ -466,7 +474,7 @@ async fn takeover(cluster: &Cluster, client_id: &str, revision: u64) {
             }
         }
     }
-    cluster.give_up_session(client_id).await;
+    cluster.give_up_session(client_id, discard).await;
 }
 
 /// How long a takeover request waits for a claim of this node to attach its session.
@@ -500,7 +508,11 @@ pub(super) async fn serve_control(
                     None => return,
                 },
             };
-            let Some((revision, id)) = request.payload.split_first_chunk::<8>() else {
+            // The new owner's claim revision, whether it started clean, the client id.
+            let Some((revision, rest)) = request.payload.split_first_chunk::<8>() else {
+                continue;
+            };
+            let Some((&discard, id)) = rest.split_first() else {
                 continue;
             };
             let Ok(client_id) = std::str::from_utf8(id).map(str::to_owned) else {
@@ -509,7 +521,7 @@ pub(super) async fn serve_control(
             let revision = u64::from_be_bytes(*revision);
             let cluster = cluster.clone();
             running.spawn(async move {
-                takeover(&cluster, &client_id, revision).await;
+                takeover(&cluster, &client_id, revision, discard != 0).await;
                 if let Some(reply) = request.reply {
                     if let Err(error) = cluster.client.publish(reply, Bytes::new()).await {
                         debug!(%error, "takeover reply not sent");

@@ -331,6 +331,18 @@ impl SessionRegistry {
         Some((handle, filters))
     }
 
+    /// Ends the session of `client_id` if no connection holds it (another node's client started
+    /// clean); the caller finishes what it returns as for any ended session.
+    pub fn discard(&self, client_id: &str) -> Option<EndedSession> {
+        let mut sessions = lock(&self.sessions);
+        let handle = sessions.get(client_id)?;
+        if handle.inner().live.is_some() {
+            return None;
+        }
+        let handle = sessions.remove(client_id)?;
+        Some(end_session(&handle, None))
+    }
+
     /// Resolves once connection `connection_id` of `handle` has finished closing.
     async fn finished(&self, handle: &SessionHandle, connection_id: u64) {
         loop {
