@@ -258,6 +258,9 @@ replicas = 1
 # Messages waiting to be forwarded to other nodes. When it is full, a QoS 1/2 publisher waits
 # (its acknowledgement is held back) and a QoS 0 message is dropped and counted.
 forward_queue = 8192
+# Messages from other nodes buffered per NATS subscription while this node delivers them. Past
+# it the NATS client drops them; before that, flow control asks senders to hold back.
+subscription_buffer = 65536
 # How long a request to NATS (a takeover, a bucket update) may take before it fails.
 request_timeout = "5s"
 # NATS credentials, as NATS users set them: one of user + password, token, an NKey seed file or
@@ -302,6 +305,7 @@ pub struct ClusterConfig {
     pub prefix: String,
     pub replicas: usize,
     pub forward_queue: usize,
+    pub subscription_buffer: usize,
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     pub user: Option<String>,
@@ -324,6 +328,7 @@ impl Default for ClusterConfig {
             prefix: "telemq".into(),
             replicas: 1,
             forward_queue: 8192,
+            subscription_buffer: 65536,
             request_timeout: Duration::from_secs(5),
             user: None,
             password: None,
@@ -761,6 +766,11 @@ impl Config {
             if !matches!(cluster.replicas, 1..=5) {
                 return Err(ConfigError::Invalid(
                     "cluster.replicas must be between 1 and 5".into(),
+                ));
+            }
+            if cluster.subscription_buffer == 0 {
+                return Err(ConfigError::Invalid(
+                    "cluster.subscription_buffer must be at least 1".into(),
                 ));
             }
             if cluster.forward_queue == 0 {

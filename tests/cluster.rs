@@ -19,6 +19,14 @@ struct Cluster {
 }
 
 async fn node(name: &str, urls: Vec<String>) -> TestBroker {
+    node_with(name, urls, |_| {}).await
+}
+
+async fn node_with(
+    name: &str,
+    urls: Vec<String>,
+    adjust: impl FnOnce(&mut telemq::Config) + Send + 'static,
+) -> TestBroker {
     let name = name.to_string();
     TestBroker::start_with(move |config| {
         config.cluster.enabled = true;
@@ -29,6 +37,7 @@ async fn node(name: &str, urls: Vec<String>) -> TestBroker {
         config.cluster.forward_queue = 64;
         config.cluster.nats_urls = urls;
         config.cluster.request_timeout = Duration::from_secs(2);
+        adjust(config);
     })
     .await
 }
@@ -742,4 +751,54 @@ async fn a_clean_start_on_another_node_discards_what_the_old_node_queued() {
     );
     client.expect_no_publish().await;
     cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_acknowledged_messages_reaches_another_node_complete_and_in_order() {
+    let nats = NatsServer::start();
+    // Small buffers on both sides (the forward queue is 64): the publisher is slowed, not
+    // dropped. (Whether flow control between nodes prevents loss under sustained overload is
+    // measured by `scripts/bench-compare`'s cluster scenarios; bursts in a debug build overflow
+    // or fit a buffer whether it acts or not.)
+    let small = |config: &mut telemq::Config| config.cluster.subscription_buffer = 512;
+    let sender = node_with("fast", vec![nats.url()], small).await;
+    let receiver = node_with("slow", vec![nats.url()], small).await;
+    let (mut subscriber, _) = V5Client::connect(receiver.addr, "behind").await;
+    subscribe(&mut subscriber, "flow/#", QoS::AtLeastOnce).await;
+
+    let mut publisher = common::raw_v5(sender.addr, "flooder").await;
+    const TOTAL: u16 = 20_000;
+    let ids: Vec<u16> = (1..=TOTAL).collect();
+    let flood = async {
+        for window in ids.chunks(500) {
+            for &id in window {
+                publisher
+                    .send(&packets::publish(
+                        "flow/1",
+                        1,
+                        id,
+                        false,
+                        false,
+                        Some(&[]),
+                        &id.to_be_bytes(),
+                    ))
+                    .await;
+            }
+            for _ in window {
+                publisher.recv_type(4).await;
+            }
+        }
+    };
+    let collect = async {
+        let mut got = Vec::with_capacity(usize::from(TOTAL));
+        while got.len() < usize::from(TOTAL) {
+            let publish = subscriber.next_publish().await;
+            got.push(u16::from_be_bytes([publish.payload[0], publish.payload[1]]));
+        }
+        got
+    };
+    let ((), got) = tokio::join!(flood, collect);
+    assert_eq!(got, ids, "every acknowledged message, in order");
+    sender.shutdown().await;
+    receiver.shutdown().await;
 }

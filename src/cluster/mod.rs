@@ -18,6 +18,7 @@
 
 mod codec;
 mod ownership;
+mod pressure;
 mod retained;
 mod routing;
 pub mod subject;
@@ -80,6 +81,8 @@ pub struct Cluster {
     claims: Mutex<HashMap<String, ownership::LocalClaim>>,
     /// Wakes takeover requests waiting for a claim of this node to attach its session.
     claims_settled: Notify,
+    /// Flow control between nodes (see `pressure`).
+    pressure: pressure::Pressure,
 }
 
 /// What the wiring hands over to start the cluster link.
@@ -127,6 +130,7 @@ impl Cluster {
             interest_applied: watch::Sender::new(0),
             claims: Mutex::new(HashMap::new()),
             claims_settled: Notify::new(),
+            pressure: pressure::Pressure::default(),
         });
         let watch = cluster.load_retained().await?;
         tracker.spawn(retained::watch(cluster.clone(), watch, shutdown.clone()));
@@ -140,6 +144,7 @@ impl Cluster {
             parts.outbox,
             shutdown.clone(),
         ));
+        tracker.spawn(pressure::run(cluster.clone(), shutdown.clone()));
         tracker.spawn(routing::follow_interest(
             cluster.clone(),
             shutdown.clone(),
@@ -217,6 +222,7 @@ async fn connect(
         // In the order configured: an operator lists the node's nearest server first.
         .retain_servers_order()
         .max_reconnects(None)
+        .subscription_capacity(config.subscription_buffer)
         // A silent partition (no reset) is noticed after two missed pings.
         .ping_interval(Duration::from_secs(10))
         .connection_timeout(config.request_timeout)

@@ -19,10 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use super::{codec, subject, until_shutdown, Cluster};
+use super::{codec, pressure, subject, until_shutdown, Cluster};
 use crate::clock;
 use crate::message::Message;
 use crate::metrics;
+use crate::protocol::QoS;
 use crate::router::Reach;
 use crate::sync::{read, write};
 
@@ -50,6 +51,9 @@ pub(super) async fn forward(
         if !cluster.is_linked() {
             metrics::cluster_forward_dropped("link_down");
             continue;
+        }
+        if message.qos != QoS::AtMostOnce {
+            pressure::wait_for_room(&cluster, &shutdown).await;
         }
         let subject = subject::topic_subject(&cluster.base, &message.topic);
         let payload = codec::encode(&message, clock::now());
@@ -233,6 +237,7 @@ async fn receive(
         };
         if let Ok(lag) = clock::now().duration_since(received.sent_at) {
             metrics::cluster_forward_lag(lag.as_secs_f64());
+            cluster.pressure.observe(lag);
         }
         metrics::cluster_forwarded(metrics::IN);
         let message = Arc::new(received.message);
