@@ -802,3 +802,42 @@ async fn a_flood_of_acknowledged_messages_reaches_another_node_complete_and_in_o
     sender.shutdown().await;
     receiver.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_group_members_are_all_offline_is_not_chosen() {
+    let cluster = Cluster::start(1).await;
+    let (mut online, _) = V5Client::connect(cluster.addr(1), "g-online").await;
+    subscribe(&mut online, "$share/g/jobs/+", QoS::AtLeastOnce).await;
+    let (mut away, _) = V5Client::connect_persistent(cluster.addr(2), "g-away", 600).await;
+    subscribe(&mut away, "$share/g/jobs/+", QoS::AtLeastOnce).await;
+    away.disconnect().await;
+    // Node 2 leaves the group's queue on NATS once its only member is offline.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while cluster.nats[0]
+        .subscriptions_of("telemq-node-2")
+        .iter()
+        .any(|subject| subject == "telemq.t.jobs.*")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node 2 still in the group"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (mut publisher, _) = V5Client::connect(cluster.addr(0), "jobs-pub").await;
+    for i in 0..20u32 {
+        publisher
+            .publish("jobs/x", QoS::AtLeastOnce, false, i.to_be_bytes().to_vec())
+            .await;
+    }
+    assert_eq!(
+        receive(&mut online, 20).await.len(),
+        20,
+        "all to the online member"
+    );
+    let (mut away, connack) = V5Client::connect_persistent(cluster.addr(2), "g-away", 600).await;
+    assert!(connack.session_present);
+    away.expect_no_publish().await;
+    cluster.shutdown().await;
+}
