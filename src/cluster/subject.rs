@@ -11,6 +11,8 @@
 
 use std::fmt::Write;
 
+use crate::config::is_name_byte;
+
 /// The token of an empty topic level.
 const EMPTY_LEVEL: &str = "=";
 
@@ -25,7 +27,7 @@ pub fn push_token(out: &mut String, level: &str) {
         return;
     }
     for byte in level.bytes() {
-        if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
+        if is_name_byte(byte) {
             out.push(char::from(byte));
         } else {
             // Writing to a String cannot fail.
@@ -93,7 +95,7 @@ fn decode_token(token: &str, out: &mut Vec<u8>) -> Option<()> {
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 3;
             }
-            b if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' => {
+            b if is_name_byte(b) => {
                 out.push(b);
                 i += 1;
             }
