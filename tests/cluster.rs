@@ -58,6 +58,13 @@ impl Cluster {
     }
 }
 
+/// A clean-start client on `addr` subscribed to `filter`.
+async fn subscribed(addr: std::net::SocketAddr, id: &str, filter: &str, qos: QoS) -> V5Client {
+    let (mut client, _) = V5Client::connect(addr, id).await;
+    subscribe(&mut client, filter, qos).await;
+    client
+}
+
 async fn subscribe(client: &mut V5Client, filter: &str, qos: QoS) {
     let suback = client
         .subscribe_filter(Filter::new(filter, qos), None)
@@ -96,13 +103,11 @@ async fn messages_cross_nodes_once_per_client_in_order_at_every_qos() {
     let cluster = Cluster::start(1).await;
     // Overlapping filters of one client on node 1, and overlapping filters of clients on two
     // nodes: each client gets each message once.
-    let (mut overlapping, _) = V5Client::connect(cluster.addr(1), "overlapping").await;
-    subscribe(&mut overlapping, "a/+/c", QoS::AtLeastOnce).await;
+    let mut overlapping =
+        subscribed(cluster.addr(1), "overlapping", "a/+/c", QoS::AtLeastOnce).await;
     subscribe(&mut overlapping, "a/#", QoS::ExactlyOnce).await;
-    let (mut everything, _) = V5Client::connect(cluster.addr(2), "everything").await;
-    subscribe(&mut everything, "#", QoS::AtMostOnce).await;
-    let (mut parent, _) = V5Client::connect(cluster.addr(2), "parent").await;
-    subscribe(&mut parent, "a/#", QoS::AtLeastOnce).await;
+    let mut everything = subscribed(cluster.addr(2), "everything", "#", QoS::AtMostOnce).await;
+    let mut parent = subscribed(cluster.addr(2), "parent", "a/#", QoS::AtLeastOnce).await;
 
     let (mut publisher, _) = V5Client::connect(cluster.addr(0), "publisher").await;
     let qos_levels = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
@@ -166,8 +171,7 @@ async fn messages_cross_nodes_once_per_client_in_order_at_every_qos() {
 async fn qos_properties_and_no_local_survive_the_hop() {
     use common::rumqtt::v5::PublishProperties;
     let cluster = Cluster::start(1).await;
-    let (mut subscriber, _) = V5Client::connect(cluster.addr(1), "props-sub").await;
-    subscribe(&mut subscriber, "p/#", QoS::AtMostOnce).await;
+    let mut subscriber = subscribed(cluster.addr(1), "props-sub", "p/#", QoS::AtMostOnce).await;
     let (mut publisher, _) = V5Client::connect(cluster.addr(0), "props-pub").await;
     let mut filter = Filter::new("p/#", QoS::AtLeastOnce);
     filter.nolocal = true;
@@ -208,8 +212,7 @@ async fn qos_properties_and_no_local_survive_the_hop() {
     let mut keep_flag = Filter::new("rap/#", QoS::AtLeastOnce);
     keep_flag.preserve_retain = true;
     as_published.subscribe_filter(keep_flag, None).await;
-    let (mut plain, _) = V5Client::connect(cluster.addr(2), "rap-plain").await;
-    subscribe(&mut plain, "rap/#", QoS::AtLeastOnce).await;
+    let mut plain = subscribed(cluster.addr(2), "rap-plain", "rap/#", QoS::AtLeastOnce).await;
     publisher
         .publish("rap/1", QoS::AtLeastOnce, true, b"kept".to_vec())
         .await;
@@ -251,14 +254,25 @@ async fn retained_messages_are_set_and_cleared_from_any_node() {
     cluster.shutdown().await;
 }
 
-/// The retained messages a new subscription on `node` gets.
+/// What one new subscription on `node` gets at once: the retained messages.
+async fn probe_retained(cluster: &Cluster, node: usize, filter: &str) -> Vec<(String, Vec<u8>)> {
+    let mut probe = subscribed(
+        cluster.addr(node),
+        &format!("probe-{node}"),
+        filter,
+        QoS::AtLeastOnce,
+    )
+    .await;
+    let got = drain(&mut probe).await;
+    probe.disconnect().await;
+    got
+}
+
+/// The retained messages a new subscription on `node` gets, once there are some.
 async fn retained_on(cluster: &Cluster, node: usize, filter: &str) -> Vec<(String, Vec<u8>)> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let (mut probe, _) = V5Client::connect(cluster.addr(node), &format!("probe-{node}")).await;
-        subscribe(&mut probe, filter, QoS::AtLeastOnce).await;
-        let got = drain(&mut probe).await;
-        probe.disconnect().await;
+        let got = probe_retained(cluster, node, filter).await;
         if !got.is_empty() || tokio::time::Instant::now() > deadline {
             return got;
         }
@@ -268,10 +282,7 @@ async fn retained_on(cluster: &Cluster, node: usize, filter: &str) -> Vec<(Strin
 async fn wait_for_retained(cluster: &Cluster, node: usize, filter: &str, count: usize) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let (mut probe, _) = V5Client::connect(cluster.addr(node), &format!("probe-{node}")).await;
-        subscribe(&mut probe, filter, QoS::AtLeastOnce).await;
-        let got = drain(&mut probe).await;
-        probe.disconnect().await;
+        let got = probe_retained(cluster, node, filter).await;
         if got.len() == count {
             return;
         }
@@ -390,12 +401,17 @@ async fn each_shared_group_gets_each_message_once_across_nodes() {
     let cluster = Cluster::start(1).await;
     let mut members = Vec::new();
     for (i, node) in [0, 1, 2].into_iter().enumerate() {
-        let (mut member, _) = V5Client::connect(cluster.addr(node), &format!("g-{i}")).await;
-        subscribe(&mut member, "$share/g/work/+", QoS::AtLeastOnce).await;
+        let member = subscribed(
+            cluster.addr(node),
+            &format!("g-{i}"),
+            "$share/g/work/+",
+            QoS::AtLeastOnce,
+        )
+        .await;
         members.push(member);
     }
-    let (mut other_group, _) = V5Client::connect(cluster.addr(2), "h-0").await;
-    subscribe(&mut other_group, "$share/h/work/#", QoS::AtLeastOnce).await;
+    let mut other_group =
+        subscribed(cluster.addr(2), "h-0", "$share/h/work/#", QoS::AtLeastOnce).await;
 
     let (mut publisher, _) = V5Client::connect(cluster.addr(0), "worker-pub").await;
     for i in 0..90u32 {
@@ -441,10 +457,8 @@ async fn each_shared_group_gets_each_message_once_across_nodes() {
 async fn a_will_and_a_delayed_message_are_published_once_across_nodes() {
     use common::rumqtt::v5::LastWill;
     let cluster = Cluster::start(1).await;
-    let (mut watcher, _) = V5Client::connect(cluster.addr(1), "watcher").await;
-    subscribe(&mut watcher, "status/#", QoS::AtLeastOnce).await;
-    let (mut watcher2, _) = V5Client::connect(cluster.addr(2), "watcher2").await;
-    subscribe(&mut watcher2, "status/#", QoS::AtLeastOnce).await;
+    let mut watcher = subscribed(cluster.addr(1), "watcher", "status/#", QoS::AtLeastOnce).await;
+    let mut watcher2 = subscribed(cluster.addr(2), "watcher2", "status/#", QoS::AtLeastOnce).await;
 
     let mut options = V5Client::options(cluster.addr(0), "dying");
     options.set_last_will(LastWill::new(
@@ -490,8 +504,8 @@ async fn a_will_and_a_delayed_message_are_published_once_across_nodes() {
 async fn the_cluster_keeps_serving_when_one_nats_server_of_three_dies() {
     let mut cluster = Cluster::start(3).await;
     // Node 0 prefers server 0, which dies; node 0 fails over to another server.
-    let (mut subscriber, _) = V5Client::connect(cluster.addr(1), "survivor-sub").await;
-    subscribe(&mut subscriber, "alive/#", QoS::AtLeastOnce).await;
+    let mut subscriber =
+        subscribed(cluster.addr(1), "survivor-sub", "alive/#", QoS::AtLeastOnce).await;
     cluster.nats[0].kill();
     // The buckets may elect new leaders first: a CONNECT meanwhile is refused, and retried.
     let (mut publisher, _) = connect_when_available(&cluster, 2, "survivor-pub").await;
@@ -577,8 +591,7 @@ async fn clients_of_a_killed_node_resume_on_another_while_the_others_serve() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_decide() {
     let mut cluster = Cluster::start(1).await;
-    let (mut local_sub, _) = V5Client::connect(cluster.addr(0), "local-sub").await;
-    subscribe(&mut local_sub, "l/#", QoS::AtLeastOnce).await;
+    let mut local_sub = subscribed(cluster.addr(0), "local-sub", "l/#", QoS::AtLeastOnce).await;
     let (mut local_pub, _) = V5Client::connect(cluster.addr(0), "local-pub").await;
     let mut flood = common::raw_v5(cluster.addr(0), "local-flood").await;
 
@@ -754,8 +767,7 @@ async fn a_flood_of_acknowledged_messages_reaches_another_node_complete_and_in_o
     // any 50 ms signal, as docs/cluster.md says.)
     let sender = node("fast", vec![nats.url()]).await;
     let receiver = node("slow", vec![nats.url()]).await;
-    let (mut subscriber, _) = V5Client::connect(receiver.addr, "behind").await;
-    subscribe(&mut subscriber, "flow/#", QoS::AtLeastOnce).await;
+    let mut subscriber = subscribed(receiver.addr, "behind", "flow/#", QoS::AtLeastOnce).await;
 
     let mut publisher = common::raw_v5(sender.addr, "flooder").await;
     const TOTAL: u16 = 20_000;
@@ -797,8 +809,13 @@ async fn a_flood_of_acknowledged_messages_reaches_another_node_complete_and_in_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_group_members_are_all_offline_is_not_chosen() {
     let cluster = Cluster::start(1).await;
-    let (mut online, _) = V5Client::connect(cluster.addr(1), "g-online").await;
-    subscribe(&mut online, "$share/g/jobs/+", QoS::AtLeastOnce).await;
+    let mut online = subscribed(
+        cluster.addr(1),
+        "g-online",
+        "$share/g/jobs/+",
+        QoS::AtLeastOnce,
+    )
+    .await;
     let (mut away, _) = V5Client::connect_persistent(cluster.addr(2), "g-away", 600).await;
     subscribe(&mut away, "$share/g/jobs/+", QoS::AtLeastOnce).await;
     away.disconnect().await;
