@@ -156,10 +156,6 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
     /// Waits until this node's NATS subscriptions include what the router held at `version`
     /// (see `Router::interest_version`), so that a subscription acknowledged to a client
     /// receives what other nodes publish from then on. Gives up after the request timeout or
