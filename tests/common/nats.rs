@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 /// How long a server may take to be ready (JetStream elects its meta leader in a cluster).
 const READY: Duration = Duration::from_secs(30);
 
+/// Starts on fresh ports before giving up, for ports taken between probe and bind.
+const START_ATTEMPTS: usize = 5;
+
 pub struct NatsServer {
     child: Option<Child>,
     pub client_port: u16,
@@ -50,7 +53,21 @@ impl NatsServer {
     }
 
     /// `count` servers routed to each other, each with JetStream; returns once all are ready.
+    ///
+    /// A port found free can be taken by another test's connection before the server binds it;
+    /// the server then exits, and the whole set starts again on fresh ports.
     pub fn cluster(count: usize) -> Vec<Self> {
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            match Self::try_cluster(count) {
+                Ok(servers) => return servers,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!("nats-server did not start in {START_ATTEMPTS} attempts: {failures:#?}");
+    }
+
+    fn try_cluster(count: usize) -> Result<Vec<Self>, String> {
         let route_ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
         let routes = route_ports
             .iter()
@@ -73,9 +90,9 @@ impl NatsServer {
             })
             .collect();
         for server in &mut servers {
-            server.wait_ready();
+            server.wait_ready()?;
         }
-        servers
+        Ok(servers)
     }
 
     fn spawn(&mut self, cluster: Option<(usize, u16, String)>) {
@@ -89,7 +106,7 @@ impl NatsServer {
             .arg("-sd")
             .arg(self._store.path())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(self.log_file());
         if let Some((index, route_port, routes)) = cluster {
             command
                 .arg("-n")
@@ -102,18 +119,33 @@ impl NatsServer {
         self.child = Some(command.spawn().expect("start nats-server"));
     }
 
-    fn wait_ready(&mut self) {
+    /// Where the server's own log goes, so that a failure to start can say why.
+    fn log_file(&self) -> Stdio {
+        std::fs::File::create(self.log_path())
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null())
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self._store.path().join("nats-server.log")
+    }
+
+    /// Ok once `/healthz` answers; Err with the server's log if it exited first.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + READY;
         loop {
             if self.healthy() {
-                return;
+                return Ok(());
             }
             if let Some(status) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("nats-server exited: {status}");
+                self.child = None;
+                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                return Err(format!("nats-server exited ({status}): {tail:?}"));
             }
             assert!(
                 Instant::now() < deadline,
@@ -181,10 +213,20 @@ impl NatsServer {
     }
 
     /// Starts a killed single server again on the same ports and JetStream files.
+    /// The ports may be briefly taken by another test's connection; the server then exits
+    /// and is started again.
     pub fn restart(&mut self) {
-        self.kill();
-        self.spawn(None);
-        self.wait_ready();
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            self.kill();
+            self.spawn(None);
+            match self.wait_ready() {
+                Ok(()) => return,
+                Err(failure) => failures.push(failure),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("nats-server did not restart in {START_ATTEMPTS} attempts: {failures:#?}");
     }
 
     /// SIGKILL.
