@@ -161,12 +161,15 @@ impl Broker {
         let tracker = TaskTracker::new();
         let cluster = if config.cluster.enabled {
             let (outbox, forwarded) = tokio::sync::mpsc::channel(config.cluster.forward_queue);
-            pipeline = pipeline.with_outbox(outbox);
+            let (replication, to_replicate) =
+                tokio::sync::mpsc::channel(config.cluster.forward_queue);
+            pipeline = pipeline.with_outbox(outbox).with_replication(replication);
             let parts = cluster::Parts {
                 router: router.clone(),
                 pipeline: pipeline.clone(),
                 registry: sessions.clone(),
                 outbox: forwarded,
+                replication: to_replicate,
             };
             Some(Cluster::start(&config.cluster, parts, shutdown.clone(), tracker.clone()).await?)
         } else {

@@ -115,6 +115,15 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(
+                        Matcher::Full(CLUSTER_REPLICATION_SECONDS.into()),
+                        &[
+                            0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                            1.0, 5.0,
+                        ],
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
                         Matcher::Full(STORAGE_BATCH_REQUESTS.into()),
                         &[
                             1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 2048.0,
@@ -254,6 +263,9 @@ pub const CLUSTER_OWNERSHIP_CONFLICTS_TOTAL: &str = "telemq_cluster_ownership_co
 pub const CLUSTER_TAKEOVERS_TOTAL: &str = "telemq_cluster_takeovers_total";
 pub const CLUSTER_SUBSCRIPTIONS: &str = "telemq_cluster_subscriptions";
 pub const CLUSTER_ERRORS_TOTAL: &str = "telemq_cluster_errors_total";
+pub const CLUSTER_REPLICATED_TOTAL: &str = "telemq_cluster_replicated_total";
+pub const CLUSTER_REPLICATION_SECONDS: &str = "telemq_cluster_replication_seconds";
+pub const CLUSTER_QUORUM: &str = "telemq_cluster_quorum";
 
 /// Label values of cluster forwarding.
 pub const OUT: &str = "out";
@@ -301,6 +313,21 @@ fn describe_cluster() {
         "NATS subscriptions this node holds for its clients' filters, by kind (plain, shared)"
     );
     describe_counter!(
+        CLUSTER_REPLICATED_TOTAL,
+        Unit::Count,
+        "Messages the cluster was asked to store with their replicas before acknowledging them, by result (stored, refused)"
+    );
+    describe_histogram!(
+        CLUSTER_REPLICATION_SECONDS,
+        Unit::Seconds,
+        "Time from handing a message to the cluster to its replicas holding it (or its refusal)"
+    );
+    describe_gauge!(
+        CLUSTER_QUORUM,
+        Unit::Count,
+        "1 while the last replicated write succeeded, 0 after one was refused (no quorum): QoS 1/2 publishes are being refused"
+    );
+    describe_counter!(
         CLUSTER_ERRORS_TOTAL,
         Unit::Count,
         "Cluster operations that failed, by operation"
@@ -319,7 +346,15 @@ pub fn cluster_init() {
         forwarded_out: counter!(CLUSTER_FORWARDED_TOTAL, "direction" => OUT),
         forwarded_in: counter!(CLUSTER_FORWARDED_TOTAL, "direction" => IN),
         lag: histogram!(CLUSTER_FORWARD_LAG_SECONDS),
+        stored: counter!(CLUSTER_REPLICATED_TOTAL, "result" => "stored"),
+        refused: counter!(CLUSTER_REPLICATED_TOTAL, "result" => "refused"),
+        replication: histogram!(CLUSTER_REPLICATION_SECONDS),
+        quorum: gauge!(CLUSTER_QUORUM),
     });
+    for result in ["stored", "refused"] {
+        counter!(CLUSTER_REPLICATED_TOTAL, "result" => result).increment(0);
+    }
+    gauge!(CLUSTER_QUORUM).set(1.0);
     for reason in [
         "link_down",
         "queue_full",
@@ -358,6 +393,10 @@ struct ClusterHot {
     forwarded_out: metrics::Counter,
     forwarded_in: metrics::Counter,
     lag: metrics::Histogram,
+    stored: metrics::Counter,
+    refused: metrics::Counter,
+    replication: metrics::Histogram,
+    quorum: metrics::Gauge,
 }
 
 static CLUSTER_HOT: OnceLock<ClusterHot> = OnceLock::new();
@@ -379,6 +418,20 @@ pub fn cluster_forward_lag(seconds: f64) {
         Some(hot) => hot.lag.record(seconds),
         None => histogram!(CLUSTER_FORWARD_LAG_SECONDS).record(seconds),
     }
+}
+
+/// One replication request answered: stored with its replicas, or refused.
+pub fn cluster_replicated(stored: bool, seconds: f64) {
+    let Some(hot) = CLUSTER_HOT.get() else {
+        return;
+    };
+    if stored {
+        hot.stored.increment(1);
+    } else {
+        hot.refused.increment(1);
+    }
+    hot.replication.record(seconds);
+    hot.quorum.set(if stored { 1.0 } else { 0.0 });
 }
 
 pub fn cluster_overlap_skipped() {

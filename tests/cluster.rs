@@ -594,19 +594,22 @@ async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_d
     let mut local_sub = subscribed(cluster.addr(0), "local-sub", "l/#", QoS::AtLeastOnce).await;
     let (mut local_pub, _) = V5Client::connect(cluster.addr(0), "local-pub").await;
     let mut flood = common::raw_v5(cluster.addr(0), "local-flood").await;
+    let (mut v3_pub, _) =
+        RawClient::handshake(cluster.addr(0), &packets::connect_v4("v3-pub", true, 60)).await;
 
     cluster.nats[0].kill();
+    // QoS 0 needs no replicas: served locally.
     local_pub
-        .publish("l/1", QoS::AtLeastOnce, false, b"local".to_vec())
+        .publish("l/0", QoS::AtMostOnce, false, b"local".to_vec())
         .await;
     assert_eq!(
-        receive(&mut local_sub, 1).await.len(),
-        1,
-        "served locally without NATS"
+        receive(&mut local_sub, 1).await,
+        vec![("l/0".to_string(), b"local".to_vec())],
+        "QoS 0 served locally without NATS"
     );
-    // Far more than the forward queue and the NATS client's own queue hold: none of it may
-    // wait for the dead link.
-    const FLOOD: u16 = 3000;
+    // QoS 1 is acknowledged only once replicated: every publish is refused with 0x80 and a
+    // reason string, none waits on the dead link for ever, and none is delivered.
+    const FLOOD: u16 = 1500;
     // In windows under the broker's Receive Maximum (1024).
     for window in (1..=FLOOD).collect::<Vec<_>>().chunks(500) {
         for &id in window {
@@ -622,13 +625,26 @@ async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_d
                 ))
                 .await;
         }
-        for _ in window {
-            flood.recv_type(4).await;
+        for &id in window {
+            let puback = flood.recv_type(4).await;
+            assert_eq!(puback.body[..2], id.to_be_bytes(), "in order");
+            assert_eq!(puback.body[2], 0x80, "refused: {:?}", puback.body);
+            let reason = String::from_utf8_lossy(&puback.body[4..]);
+            assert!(reason.contains("replicas"), "reason string: {reason}");
         }
     }
-    assert_eq!(
-        receive(&mut local_sub, usize::from(FLOOD)).await.len(),
-        usize::from(FLOOD)
+    // 3.1.1 cannot refuse a PUBLISH: the connection closes and the client will retransmit.
+    v3_pub
+        .send(&packets::publish("l/v3", 1, 1, false, false, None, b"v3"))
+        .await;
+    let before_close = v3_pub.expect_closed().await;
+    assert!(
+        before_close.iter().all(|p| p.packet_type() != 4),
+        "no PUBACK for an unreplicated 3.1.1 publish"
+    );
+    assert!(
+        drain(&mut local_sub).await.is_empty(),
+        "nothing refused was delivered"
     );
     // A CONNECT needs the cluster to decide who owns the client id: refused, with a reason.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -650,7 +666,7 @@ async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_d
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     cluster.nats[0].restart();
-    // The nodes reconnect on their own and route again.
+    // The nodes reconnect on their own and route again; QoS 1 is accepted again.
     let (mut remote_sub, _) = connect_when_available(&cluster, 2, "remote-sub").await;
     subscribe(&mut remote_sub, "l/#", QoS::AtLeastOnce).await;
     // Node 0 too, whose reconnect back-off grew while NATS was away.
@@ -660,6 +676,10 @@ async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_d
         .await;
     assert_eq!(
         receive(&mut remote_sub, 1).await,
+        vec![("l/2".to_string(), b"again".to_vec())]
+    );
+    assert_eq!(
+        receive(&mut local_sub, 1).await,
         vec![("l/2".to_string(), b"again".to_vec())]
     );
     cluster.shutdown().await;

@@ -257,8 +257,8 @@ async fn every_cluster_dashboard_query_and_alert_metric_has_data() {
         &prometheus,
         "telemq-cluster.json",
         "cluster-alerts.yml",
-        10,
-        3,
+        13,
+        4,
     )
     .await;
     first.shutdown().await;

@@ -9,6 +9,9 @@
 //!   member.
 //! - **Retained messages** ([`retained`]): a JetStream key-value bucket, one key per topic,
 //!   which every node mirrors into its router.
+//! - **Replication** ([`log`]): a QoS 1/2 message published here is stored in a JetStream
+//!   stream with `cluster.replicas` copies, and a retained change in the retained bucket,
+//!   before its publisher is acknowledged; without a quorum the publish is refused.
 //! - **Session ownership** ([`ownership`]): a key-value bucket, client id → owning node and the
 //!   persistent session's subscriptions, changed only by compare-and-set, so that a client id
 //!   is connected to at most one node.
@@ -17,6 +20,7 @@
 //! keeps no interest set.
 
 mod codec;
+mod log;
 mod ownership;
 mod pressure;
 mod retained;
@@ -37,7 +41,7 @@ use tracing::{info, warn};
 use crate::config::ClusterConfig;
 use crate::message::Message;
 use crate::metrics;
-use crate::publish::Pipeline;
+use crate::publish::{Pipeline, Replicate};
 use crate::router::trie::SubscriptionTrie;
 use crate::router::Router;
 use crate::session::SessionRegistry;
@@ -64,6 +68,7 @@ pub struct Cluster {
     /// Prefix of every subject and bucket.
     base: String,
     client: async_nats::Client,
+    jetstream: jetstream::Context,
     sessions: kv::Store,
     retained: kv::Store,
     router: Arc<Router>,
@@ -74,7 +79,7 @@ pub struct Cluster {
     /// The plain filters whose NATS subscriptions are active, to tell which one of several
     /// overlapping subscriptions delivers a message (see `routing`).
     active: RwLock<SubscriptionTrie<Arc<str>, ()>>,
-    retained_writes: mpsc::Sender<Arc<Message>>,
+    retained_writes: mpsc::Sender<(Arc<Message>, retained::RetainedWritten)>,
     /// The router's interest version this node's NATS subscriptions reflect.
     interest_applied: watch::Sender<u64>,
     /// Claims of this node's connections, by client id (see `ownership`).
@@ -92,6 +97,8 @@ pub struct Parts {
     pub registry: Arc<SessionRegistry>,
     /// Messages published on this node (the pipeline's outbox).
     pub outbox: mpsc::Receiver<Arc<Message>>,
+    /// Messages to store with their replicas before they are acknowledged.
+    pub replication: mpsc::Receiver<Replicate>,
 }
 
 /// Retained changes waiting to be written to the bucket.
@@ -110,14 +117,20 @@ impl Cluster {
         let node: Arc<str> = config.node_name().into();
         let link_up = Arc::new(AtomicBool::new(false));
         let client = connect(config, &node, &link_up, &parts.router).await?;
-        let jetstream = jetstream::new(client.clone());
-        let sessions = bucket(&jetstream, &format!("{}_sessions", config.prefix), config).await?;
-        let retained = bucket(&jetstream, &format!("{}_retained", config.prefix), config).await?;
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(config.request_timeout)
+            .build(client.clone());
+        let replicas = replicas(config, &client);
+        info!(replicas, "cluster state is kept with this many replicas");
+        let sessions = bucket(&jetstream, &format!("{}_sessions", config.prefix), replicas).await?;
+        let retained = bucket(&jetstream, &format!("{}_retained", config.prefix), replicas).await?;
+        log::open(&jetstream, config, replicas).await?;
         let (retained_writes, retained_rx) = mpsc::channel(RETAINED_QUEUE);
         let cluster = Arc::new(Self {
             node,
             base: config.prefix.clone(),
             client,
+            jetstream,
             sessions,
             retained,
             router: parts.router,
@@ -137,6 +150,11 @@ impl Cluster {
         tracker.spawn(retained::write(
             cluster.clone(),
             retained_rx,
+            shutdown.clone(),
+        ));
+        tracker.spawn(log::replicate(
+            cluster.clone(),
+            parts.replication,
             shutdown.clone(),
         ));
         tracker.spawn(routing::forward(
@@ -299,12 +317,24 @@ async fn connect(
     Ok(client)
 }
 
+/// How many copies the buckets and the log keep: `cluster.replicas`, or with 0 (the default)
+/// as many as the NATS cluster has servers, at most 3 — a majority of 3 survives the loss of
+/// one machine. The servers are counted from the client URLs the connected server advertises.
+/// An existing bucket or stream keeps the replicas it was created with.
+fn replicas(config: &ClusterConfig, client: &async_nats::Client) -> usize {
+    if config.replicas > 0 {
+        return config.replicas;
+    }
+    let info = client.server_info();
+    info.connect_urls.len().clamp(1, 3)
+}
+
 /// Opens a key-value bucket, creating it on first use. Several nodes starting together may race
 /// to create it; whoever loses opens the winner's.
 async fn bucket(
     jetstream: &jetstream::Context,
     name: &str,
-    config: &ClusterConfig,
+    replicas: usize,
 ) -> Result<kv::Store, ClusterError> {
     if let Ok(store) = jetstream.get_key_value(name).await {
         return Ok(store);
@@ -313,7 +343,7 @@ async fn bucket(
         .create_key_value(kv::Config {
             bucket: name.to_string(),
             history: 1,
-            num_replicas: config.replicas,
+            num_replicas: replicas,
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         })

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv::{Operation, Watch};
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -21,16 +21,18 @@ use crate::metrics;
 
 /// Keys are the topic's subject under this root.
 const KEY_ROOT: &str = "r";
+/// Answers whether a retained change reached the bucket.
+pub(super) type RetainedWritten = oneshot::Sender<Result<(), String>>;
+
 /// Pause before watching again after the watch ended (NATS unreachable).
 const REWATCH: Duration = Duration::from_secs(1);
 
 impl Cluster {
-    /// Queues a retained message (or, with an empty payload, its clearing) for the bucket.
-    pub(super) fn write_retained(&self, message: &Arc<Message>) {
-        if self.retained_writes.try_send(message.clone()).is_err() {
-            metrics::cluster_error("retained_queue_full");
-            warn!(topic = %message.topic, "retained message not written to the cluster: queue full");
-        }
+    /// Queues a retained message (or, with an empty payload, its clearing) for the bucket;
+    /// `written` answers once the bucket holds it. Waits for room in the queue.
+    pub(super) async fn write_retained(&self, message: &Arc<Message>, written: RetainedWritten) {
+        // A closed queue (shutting down) drops `written`, which answers "not written".
+        let _ = self.retained_writes.send((message.clone(), written)).await;
     }
 
     /// Reads the bucket into the router and returns the watch that follows later changes.
@@ -141,10 +143,10 @@ pub(super) async fn watch(cluster: Arc<Cluster>, mut watch: Watch, shutdown: Can
 /// Writes retained changes published on this node to the bucket, in the order they were made.
 pub(super) async fn write(
     cluster: Arc<Cluster>,
-    mut changes: mpsc::Receiver<Arc<Message>>,
+    mut changes: mpsc::Receiver<(Arc<Message>, RetainedWritten)>,
     shutdown: CancellationToken,
 ) {
-    while let Some(message) = until_shutdown(&shutdown, changes.recv()).await {
+    while let Some((message, answer)) = until_shutdown(&shutdown, changes.recv()).await {
         let key = subject::topic_subject(KEY_ROOT, &message.topic);
         let written = if message.payload.is_empty() {
             cluster
@@ -161,9 +163,10 @@ pub(super) async fn write(
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         };
-        if let Err(error) = written {
+        if let Err(error) = &written {
             metrics::cluster_error("retained_write");
             warn!(%error, topic = %message.topic, "retained message not written to the cluster");
         }
+        let _ = answer.send(written);
     }
 }

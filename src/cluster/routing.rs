@@ -45,9 +45,6 @@ pub(super) async fn forward(
         if message.topic.starts_with("$SYS/") {
             continue;
         }
-        if message.retain {
-            cluster.write_retained(&message);
-        }
         if !cluster.is_linked() {
             metrics::cluster_forward_dropped("link_down");
             continue;

@@ -15,7 +15,13 @@ pub struct ClusterConfig {
     pub node_id: String,
     pub nats_urls: Vec<String>,
     pub prefix: String,
+    /// 0: as many as the NATS cluster has servers, at most 3.
     pub replicas: usize,
+    /// How long the replication log keeps a message.
+    #[serde(with = "humantime_serde")]
+    pub log_max_age: Duration,
+    /// How many bytes the replication log keeps; the oldest go first.
+    pub log_max_bytes: u64,
     pub forward_queue: usize,
     pub subscription_buffer: usize,
     #[serde(with = "humantime_serde")]
@@ -38,7 +44,9 @@ impl Default for ClusterConfig {
             node_id: String::new(),
             nats_urls: vec!["nats://127.0.0.1:4222".into()],
             prefix: "telemq".into(),
-            replicas: 1,
+            replicas: 0,
+            log_max_age: Duration::from_secs(24 * 3600),
+            log_max_bytes: 1 << 30,
             forward_queue: 8192,
             subscription_buffer: 65536,
             request_timeout: Duration::from_secs(5),
@@ -76,8 +84,12 @@ impl ClusterConfig {
                 "cluster.nats_urls needs at least one server".into(),
             ),
             (
-                !matches!(self.replicas, 1..=5),
-                "cluster.replicas must be between 1 and 5".into(),
+                self.replicas > 5,
+                "cluster.replicas must be between 0 (automatic) and 5".into(),
+            ),
+            (
+                self.log_max_age.is_zero() || self.log_max_bytes == 0,
+                "cluster.log_max_age and cluster.log_max_bytes must be more than 0".into(),
             ),
             (
                 self.subscription_buffer == 0,
@@ -146,8 +158,9 @@ mod tests {
         assert!(refused(|c| c.node_id = "a.b".into()));
         assert!(refused(|c| c.prefix = "t>".into()));
         assert!(refused(|c| c.nats_urls.clear()));
-        assert!(refused(|c| c.replicas = 0));
+        assert!(!refused(|c| c.replicas = 0));
         assert!(refused(|c| c.replicas = 7));
+        assert!(refused(|c| c.log_max_bytes = 0));
         assert!(refused(|c| c.forward_queue = 0));
         assert!(refused(|c| c.tls_cert_file = Some("client.pem".into())));
         assert!(!refused(|c| c.node_id = "node-1_a".into()));

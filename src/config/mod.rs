@@ -256,8 +256,14 @@ nats_urls = ["nats://127.0.0.1:4222"]
 # Prefix of every NATS subject and bucket name this cluster uses, so that several clusters can
 # share one NATS system.
 prefix = "telemq"
-# Replicas of the JetStream buckets (1, 3 or 5; at most the number of NATS servers).
-replicas = 1
+# Copies of the replicated state: the JetStream buckets and the replication log (1, 3 or 5; at
+# most the number of NATS servers). 0: as many as the NATS cluster has servers, at most 3. In a
+# cluster a QoS 1/2 publish is acknowledged only once a majority of the copies hold it, and
+# refused (MQTT 5: 0x80; 3.1.1: the connection closes) while no majority can be reached.
+replicas = 0
+# How long, and up to how many bytes, the replication log keeps messages.
+log_max_age = "24h"
+log_max_bytes = 1073741824
 # Messages waiting to be forwarded to other nodes. When it is full, a QoS 1/2 publisher waits
 # (its acknowledgement is held back) and a QoS 0 message is dropped and counted.
 forward_queue = 8192

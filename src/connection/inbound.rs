@@ -142,8 +142,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             // written is recognised.
             self.remember_qos2(packet_id, &mut batch);
         }
-        self.submit(
+        // In a cluster a QoS 1/2 publish is acknowledged once stored with its replicas. A QoS 0
+        // retained change is replicated too, but nothing waits for it.
+        let replicated = self
+            .state
+            .publish
+            .replicate(&planned.message)
+            .await
+            .filter(|_| ack.is_some());
+        self.submit_replicated(
             batch,
+            replicated,
             Action::Publish {
                 planned,
                 ack,
@@ -242,6 +251,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         };
         self.ack_after(batch, AckKind::PubComp, packet_id, reason)
             .await
+    }
+
+    /// Forgets a QoS 2 packet id whose PUBLISH was refused after it was remembered, so that
+    /// the client's retransmission is taken as the new message it is.
+    pub(super) async fn forget_qos2(&mut self, packet_id: u16) {
+        self.session.inbound_qos2.remove(&packet_id);
+        if self.handle.is_persistent() {
+            let delete = vec![ops::inbound_delete(&self.client_id, packet_id)];
+            self.state.publish.write_behind(delete).await;
+        }
     }
 
     /// Remembers a QoS 2 packet id until its PUBREL [MQTT-4.3.3-9]; for a persistent session

@@ -53,10 +53,10 @@ use crate::protocol::{self, Packet, ProtocolError, ProtocolVersion, ReasonCode, 
 use crate::session::{Kick, SessionHandle, SessionState};
 use crate::small_map::SmallMap;
 use crate::state::BrokerState;
-use crate::storage::{Op, StorageError};
+use crate::storage::Op;
 use establish::establish;
 use io::{completion_of, read_or_write};
-use pending::{first_completion, Pending};
+use pending::{first_completion, Failure, Pending};
 
 /// Deliveries are encoded into the write buffer only while it holds less than this, so a client
 /// that reads slowly leaves messages in its (bounded) mailbox rather than in memory here.
@@ -89,6 +89,8 @@ pub(crate) enum Close {
     Protocol(ProtocolError),
     /// Storage could not make something durable that the client is owed an answer for.
     StorageFailure,
+    /// The cluster could not store a 3.1.1 client's PUBLISH with its replicas.
+    NotReplicated,
     /// Its queue overflowed under the `disconnect` policy.
     SlowConsumer,
 }
@@ -106,6 +108,7 @@ impl Close {
             Self::Refused(reason) => reason.label(),
             Self::Protocol(error) => error.reason.label(),
             Self::StorageFailure => "storage_failure",
+            Self::NotReplicated => "not_replicated",
             Self::SlowConsumer => "slow_consumer",
         }
     }
@@ -228,7 +231,7 @@ enum Event {
     Wrote(std::io::Result<Option<usize>>),
     MailboxReady,
     MemoryGuardChanged,
-    Stored(Result<(), StorageError>),
+    Stored(Result<(), Failure>),
 }
 
 struct Connection<S> {
@@ -327,10 +330,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let can_read = !paused
                 && self.write_buf.len() < WRITE_BACKLOG_LIMIT
                 && self.pending.len() < PENDING_LIMIT;
-            let awaiting_storage = self
-                .pending
-                .front()
-                .is_some_and(|pending| pending.completion.is_some());
+            let awaiting_storage = self.pending.front().is_some_and(Pending::is_waiting);
             let wants_write = !self.write_buf.is_empty() || self.needs_flush;
             // Every branch is a small future borrowing the connection's state: the select's
             // futures are part of every idle connection's memory.

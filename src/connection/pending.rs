@@ -1,29 +1,71 @@
 //! The connection's queue of work waiting for storage: acknowledgements leave only once what
 //! they acknowledge is durable, and in the order the client's packets arrived [MQTT-4.6.0-2].
-//! The event loop polls the front write's completion ([`first_completion`]).
+//! In a cluster, durable also means stored by the cluster with its replicas: a publish waits
+//! for its local write and its replication, which run at the same time. The event loop polls
+//! the front entry ([`first_completion`]).
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::oneshot;
 
 use super::{Close, Connection};
 use crate::message::Delivery;
 use crate::metrics;
 use crate::protocol::encode::{self, AckKind};
 use crate::protocol::{ProtocolVersion, ReasonCode};
-use crate::publish::Planned;
+use crate::publish::{Planned, Replicated, ReplicationError};
 use crate::storage::{Completion, Op, StorageError};
 
-/// Something to finish once its storage write completes.
+/// Something to finish once its storage write (and, in a cluster, its replication) completes.
 pub(super) struct Pending {
-    /// `None` when nothing had to be written but earlier work is still waiting.
-    pub(super) completion: Option<Completion>,
+    /// `None` when nothing had to be written, or once written.
+    completion: Option<Completion>,
+    /// `None` when nothing is replicated, or once replicated.
+    replicated: Option<Replicated>,
     action: Action,
+}
+
+impl Pending {
+    /// Whether something is still being written or replicated.
+    pub(super) fn is_waiting(&self) -> bool {
+        self.completion.is_some() || self.replicated.is_some()
+    }
+
+    /// Ready once the write and the replication both finished, or either failed.
+    fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        if let Some(completion) = self.completion.as_mut() {
+            let written = std::task::ready!(Pin::new(completion).poll(cx))
+                .unwrap_or(Err(StorageError::Closed));
+            self.completion = None;
+            written.map_err(Failure::Storage)?;
+        }
+        if let Some(replicated) = self.replicated.as_mut() {
+            let stored = std::task::ready!(Pin::new(replicated).poll(cx))
+                .unwrap_or_else(|_| Err(ReplicationError("the cluster link closed".into())));
+            self.replicated = None;
+            stored.map_err(Failure::Replication)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The outcome if it is known now, without waiting.
+    fn try_outcome(&mut self) -> Option<Result<(), Failure>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.poll_outcome(&mut cx) {
+            Poll::Ready(outcome) => Some(outcome),
+            Poll::Pending => None,
+        }
+    }
+}
+
+/// Why pending work cannot be acknowledged.
+pub(super) enum Failure {
+    Storage(StorageError),
+    Replication(ReplicationError),
 }
 
 pub(super) enum Action {
@@ -44,11 +86,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Queues `action` behind everything already waiting; when `ops` must be written first, it
     /// completes once they are durable. With nothing to wait for it runs at once.
     pub(super) async fn submit(&mut self, ops: Vec<Op>, action: Action) -> Result<(), Close> {
+        self.submit_replicated(ops, None, action).await
+    }
+
+    /// As [`Connection::submit`], also waiting for `replicated`.
+    pub(super) async fn submit_replicated(
+        &mut self,
+        ops: Vec<Op>,
+        replicated: Option<Replicated>,
+        action: Action,
+    ) -> Result<(), Close> {
         let completion = self.state.publish.submit(ops).await;
-        if completion.is_none() && self.pending.is_empty() {
+        if completion.is_none() && replicated.is_none() && self.pending.is_empty() {
             return self.apply(action, Ok(())).await;
         }
-        self.pending.push_back(Pending { completion, action });
+        self.pending.push_back(Pending {
+            completion,
+            replicated,
+            action,
+        });
         Ok(())
     }
 
@@ -84,20 +140,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         .await
     }
 
-    /// The front of the queue finished writing: run it and everything behind it that is ready.
+    /// The front of the queue finished: run it and everything behind it that is ready.
     pub(super) async fn complete_pending(
         &mut self,
-        first: Result<(), StorageError>,
+        first: Result<(), Failure>,
     ) -> Result<(), Close> {
         let mut result = Some(first);
         while let Some(front) = self.pending.front_mut() {
-            let outcome = match (result.take(), front.completion.as_mut()) {
-                (Some(outcome), _) => outcome,
-                (None, None) => Ok(()),
-                (None, Some(completion)) => match completion.try_recv() {
-                    Ok(outcome) => outcome,
-                    Err(oneshot::error::TryRecvError::Empty) => break,
-                    Err(oneshot::error::TryRecvError::Closed) => Err(StorageError::Closed),
+            let outcome = match result.take() {
+                Some(outcome) => outcome,
+                None => match front.try_outcome() {
+                    Some(outcome) => outcome,
+                    None => break,
                 },
             };
             let Some(pending) = self.pending.pop_front() else {
@@ -111,27 +165,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Waits for and runs everything still queued (the connection is closing; routing of
     /// messages already made durable must still happen).
     pub(super) async fn drain_pending(&mut self) {
-        while let Some(pending) = self.pending.pop_front() {
-            let outcome = match pending.completion {
-                Some(completion) => completion.await.unwrap_or(Err(StorageError::Closed)),
-                None => Ok(()),
-            };
+        while let Some(mut pending) = self.pending.pop_front() {
+            let outcome = std::future::poll_fn(|cx| pending.poll_outcome(cx)).await;
             let _ = self.apply(pending.action, outcome).await;
         }
     }
 
-    async fn apply(
-        &mut self,
-        action: Action,
-        outcome: Result<(), StorageError>,
-    ) -> Result<(), Close> {
+    async fn apply(&mut self, action: Action, outcome: Result<(), Failure>) -> Result<(), Close> {
         match action {
             Action::Publish {
                 planned,
                 ack,
                 qos2_packet_id,
             } => {
-                if let Err(error) = outcome {
+                if let Err(Failure::Replication(error)) = outcome {
+                    return self
+                        .refuse_unreplicated(&planned, ack, qos2_packet_id, error)
+                        .await;
+                }
+                if let Err(Failure::Storage(error)) = outcome {
                     tracing::error!(client_id = %self.client_id, %error, "message not accepted: storage failed");
                     metrics::message_dropped(metrics::DROP_STORAGE_FAILED);
                     if let Some(packet_id) = qos2_packet_id {
@@ -154,7 +206,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Ok(())
             }
             Action::Reply { bytes, deliveries } => {
-                if let Err(error) = outcome {
+                if let Err(Failure::Storage(error)) = outcome {
                     tracing::error!(client_id = %self.client_id, %error, "request not completed: storage failed");
                     return Err(Close::StorageFailure);
                 }
@@ -164,18 +216,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
     }
+
+    /// The cluster did not store a publish with its replicas: it is not routed, what was
+    /// written for it here is undone, and the publisher is told. MQTT 5 gets the reason code
+    /// 0x80 with a reason string and may retry; 3.1.1 cannot refuse a PUBLISH, so the
+    /// connection closes and the client retransmits after reconnecting.
+    async fn refuse_unreplicated(
+        &mut self,
+        planned: &Planned,
+        ack: Option<(AckKind, u16, u8)>,
+        qos2_packet_id: Option<u16>,
+        error: ReplicationError,
+    ) -> Result<(), Close> {
+        tracing::warn!(client_id = %self.client_id, %error, topic = %planned.message.topic, "publish refused");
+        self.state.publish.abandon(planned).await;
+        if let Some(packet_id) = qos2_packet_id {
+            self.forget_qos2(packet_id).await;
+        }
+        let Some((kind, packet_id, _)) = ack else {
+            return Ok(());
+        };
+        if !self.version.is_v5() {
+            return Err(Close::NotReplicated);
+        }
+        encode::ack_with_reason_string(
+            self.version,
+            kind,
+            packet_id,
+            ReasonCode::UnspecifiedError as u8,
+            NOT_REPLICATED,
+            &mut self.write_buf,
+        );
+        Ok(())
+    }
 }
 
-/// The result of the oldest pending storage write; never resolves when it has none.
+/// The reason string of a publish refused for want of replicas.
+const NOT_REPLICATED: &str = "the cluster cannot store messages with their replicas now; retry";
+
+/// The outcome of the oldest pending entry; never resolves when it waits for nothing.
 pub(super) fn first_completion(
     pending: &mut VecDeque<Pending>,
-) -> impl Future<Output = Result<(), StorageError>> + '_ {
-    std::future::poll_fn(
-        move |cx| match pending.front_mut().and_then(|p| p.completion.as_mut()) {
-            Some(completion) => Pin::new(completion)
-                .poll(cx)
-                .map(|result| result.unwrap_or(Err(StorageError::Closed))),
-            None => Poll::Pending,
-        },
-    )
+) -> impl Future<Output = Result<(), Failure>> + '_ {
+    std::future::poll_fn(move |cx| match pending.front_mut() {
+        Some(front) if front.is_waiting() => front.poll_outcome(cx),
+        _ => Poll::Pending,
+    })
 }

@@ -163,6 +163,27 @@ pub fn ack(
     out.put_u8(0);
 }
 
+/// A v5 PUBACK / PUBREC / PUBREL / PUBCOMP with a failure `reason` and a reason string
+/// [MQTT-3.4.2.2.2]; for 3.1.1 only the packet id.
+pub fn ack_with_reason_string(
+    version: ProtocolVersion,
+    kind: AckKind,
+    packet_id: u16,
+    reason: u8,
+    reason_string: &str,
+    out: &mut BytesMut,
+) {
+    if !version.is_v5() {
+        return ack(version, kind, packet_id, reason, out);
+    }
+    let mut props = Properties::default();
+    props.string(0x1F, reason_string);
+    write_fixed_header(out, kind.first_byte(), 2 + 1 + props.encoded_len());
+    out.put_u16(packet_id);
+    out.put_u8(reason);
+    props.write_into(out);
+}
+
 /// SUBACK with one return code per filter; v3 clients only know 0, 1, 2 and 0x80.
 pub fn suback(version: ProtocolVersion, packet_id: u16, codes: &[u8], out: &mut BytesMut) {
     let props_len = usize::from(version.is_v5());
@@ -321,4 +342,37 @@ pub fn publish(version: ProtocolVersion, p: &OutgoingPublish<'_>, out: &mut Byte
         }
     }
     out.put_slice(p.payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_carries_its_reason_string_in_v5_only() {
+        let mut out = BytesMut::new();
+        ack_with_reason_string(
+            ProtocolVersion::V5,
+            AckKind::PubAck,
+            7,
+            0x80,
+            "why",
+            &mut out,
+        );
+        // Type, remaining length, packet id, reason, property length, 0x1F, string.
+        assert_eq!(
+            out.as_ref(),
+            &[0x40, 10, 0, 7, 0x80, 6, 0x1F, 0, 3, b'w', b'h', b'y']
+        );
+        let mut v3 = BytesMut::new();
+        ack_with_reason_string(
+            ProtocolVersion::V3_1_1,
+            AckKind::PubAck,
+            7,
+            0x80,
+            "why",
+            &mut v3,
+        );
+        assert_eq!(v3.as_ref(), &[0x40, 2, 0, 7]);
+    }
 }

@@ -16,13 +16,15 @@
 //! redelivery after a crash.
 //!
 //! A [`Planned`] message is what a cluster link takes too: applying it delivers to this node's
-//! mailboxes, and handing it to other nodes is a second consumer of the same plan.
+//! mailboxes, and handing it to other nodes is a second consumer of the same plan. In a cluster,
+//! a QoS 1/2 or retained message is also replicated ([`Pipeline::replicate`]) while it is
+//! written here, and its acknowledgement waits for both.
 
 mod restore;
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::DeadLetterConfig;
 use crate::message::{Delivery, Message, StoredMessage};
@@ -47,7 +49,27 @@ pub struct Pipeline {
     dead_letter: DeadLetterConfig,
     /// In a cluster: messages published here, for the cluster link to send to other nodes.
     outbox: Option<mpsc::Sender<Arc<Message>>>,
+    /// In a cluster: messages to store on other machines before they are acknowledged.
+    replication: Option<mpsc::Sender<Replicate>>,
 }
+
+/// A message for the cluster to store with its replicas; `done` answers once it is stored, or
+/// why not.
+#[derive(Debug)]
+pub struct Replicate {
+    pub message: Arc<Message>,
+    pub done: oneshot::Sender<Result<(), ReplicationError>>,
+}
+
+/// Resolves once a message handed to [`Pipeline::replicate`] is stored with its replicas.
+/// A dropped sender (the link shutting down) counts as not stored.
+pub type Replicated = oneshot::Receiver<Result<(), ReplicationError>>;
+
+/// Why the cluster did not store a message with its replicas: the message must not be
+/// acknowledged.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("the cluster could not store the message with its replicas: {0}")]
+pub struct ReplicationError(pub Arc<str>);
 
 /// A message with the sessions it goes to and what must be written before they get it.
 #[derive(Debug)]
@@ -66,7 +88,49 @@ impl Pipeline {
             store,
             dead_letter,
             outbox: None,
+            replication: None,
         }
+    }
+
+    /// Has QoS 1/2 and retained messages stored by the cluster (see [`Pipeline::replicate`]).
+    pub fn with_replication(mut self, replication: mpsc::Sender<Replicate>) -> Self {
+        self.replication = Some(replication);
+        self
+    }
+
+    /// In a cluster, hands a QoS 1/2 or retained message to be stored with its replicas; the
+    /// answer says when it is. Waits for room in the link's queue, which holds back the
+    /// publisher. `None` when nothing needs replicating: no cluster, a QoS 0 message that
+    /// retains nothing, or a `$SYS` topic, which describes this node only.
+    pub async fn replicate(&self, message: &Arc<Message>) -> Option<Replicated> {
+        let replication = self.replication.as_ref()?;
+        if (message.qos == QoS::AtMostOnce && !message.retain) || message.topic.starts_with("$SYS/")
+        {
+            return None;
+        }
+        let (done, replicated) = oneshot::channel();
+        let request = Replicate {
+            message: message.clone(),
+            done,
+        };
+        // A closed link drops the request, and with it `done`: the message is not stored.
+        let _ = replication.send(request).await;
+        Some(replicated)
+    }
+
+    /// Undoes the local writes of a planned message that will not be acknowledged after all
+    /// (the cluster did not store it): the persistent sessions' deliveries are released, so a
+    /// restart does not deliver what the publisher was told was refused.
+    pub async fn abandon(&self, planned: &Planned) {
+        if !self.store.is_durable() {
+            return;
+        }
+        let ops = planned
+            .targets
+            .iter()
+            .filter_map(|target| ops::release(target.session.store_id, &target.delivery, true))
+            .collect();
+        self.write_behind(ops).await;
     }
 
     /// Hands every message this node publishes to `outbox` as well (the cluster link), without
@@ -166,8 +230,16 @@ impl Pipeline {
     /// Publishes a message on the broker's own behalf (a will, a delayed message): durably for
     /// persistent subscribers, then into the mailboxes.
     pub async fn publish(&self, message: Arc<Message>) {
+        let replicated = self.replicate(&message).await;
         let mut planned = self.plan(message);
         let ops = std::mem::take(&mut planned.ops);
+        // Nobody waits for an answer: without replicas the message is still delivered here.
+        if let Some(Ok(Err(error))) = match replicated {
+            Some(replicated) => Some(replicated.await),
+            None => None,
+        } {
+            tracing::warn!(%error, topic = %planned.message.topic, "message published without its replicas");
+        }
         if let Err(error) = self.write(ops).await {
             metrics::message_dropped(metrics::DROP_STORAGE_FAILED);
             tracing::error!(%error, topic = %planned.message.topic, "message not published: storage failed");
