@@ -155,6 +155,10 @@ pub struct Delivery {
     /// The shared subscription (`$share/<group>/<filter>`) it came through, so that another
     /// member can take it when this session's client goes away.
     pub share: Option<Arc<str>>,
+    /// In a cluster: the message's position in the replication log, for a delivery the log
+    /// brought (see `SessionHandle::log_pending`); `Some(0)` for one recovered after a
+    /// restart, whose position is not known.
+    pub log_seq: Option<u64>,
 }
 
 impl Delivery {
@@ -186,6 +190,7 @@ impl Delivery {
             listed: false,
             own_entry: false,
             share: None,
+            log_seq: None,
         }
     }
 }

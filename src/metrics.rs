@@ -266,6 +266,7 @@ pub const CLUSTER_ERRORS_TOTAL: &str = "telemq_cluster_errors_total";
 pub const CLUSTER_REPLICATED_TOTAL: &str = "telemq_cluster_replicated_total";
 pub const CLUSTER_REPLICATION_SECONDS: &str = "telemq_cluster_replication_seconds";
 pub const CLUSTER_QUORUM: &str = "telemq_cluster_quorum";
+pub const CLUSTER_REPLAYED_TOTAL: &str = "telemq_cluster_replayed_total";
 
 /// Label values of cluster forwarding.
 pub const OUT: &str = "out";
@@ -322,6 +323,11 @@ fn describe_cluster() {
         Unit::Seconds,
         "Time from handing a message to the cluster to its replicas holding it (or its refusal)"
     );
+    describe_counter!(
+        CLUSTER_REPLAYED_TOTAL,
+        Unit::Count,
+        "Replication log entries read for sessions that moved to this node (what they were owed)"
+    );
     describe_gauge!(
         CLUSTER_QUORUM,
         Unit::Count,
@@ -355,6 +361,7 @@ pub fn cluster_init() {
         counter!(CLUSTER_REPLICATED_TOTAL, "result" => result).increment(0);
     }
     gauge!(CLUSTER_QUORUM).set(1.0);
+    counter!(CLUSTER_REPLAYED_TOTAL).increment(0);
     for reason in [
         "link_down",
         "queue_full",
@@ -376,6 +383,10 @@ pub fn cluster_init() {
         "retained_write",
         "retained_watch",
         "retained_queue_full",
+        "log_read",
+        "replay",
+        "replay_truncated",
+        "position",
     ] {
         counter!(CLUSTER_ERRORS_TOTAL, "operation" => operation).increment(0);
     }
@@ -432,6 +443,10 @@ pub fn cluster_replicated(stored: bool, seconds: f64) {
     }
     hot.replication.record(seconds);
     hot.quorum.set(if stored { 1.0 } else { 0.0 });
+}
+
+pub fn cluster_replayed(entries: usize) {
+    counter!(CLUSTER_REPLAYED_TOTAL).increment(entries as u64);
 }
 
 pub fn cluster_overlap_skipped() {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_nats::jetstream::{self, stream};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::{codec, subject, Cluster, ClusterError};
 use crate::clock;
 use crate::config::ClusterConfig;
+use crate::message::Message;
 use crate::metrics;
 use crate::protocol::QoS;
 use crate::publish::{Replicate, ReplicationError};
@@ -48,7 +50,7 @@ pub(super) async fn open(
     let created = jetstream
         .create_stream(stream::Config {
             name: name.clone(),
-            subjects: vec![format!("{}.{LOG_ROOT}.>", config.prefix)],
+            subjects: vec![log_root(&config.prefix)],
             num_replicas: replicas,
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
@@ -70,10 +72,40 @@ pub(super) async fn open(
     }
 }
 
+/// The subject every log entry is under.
+pub(super) fn log_root(base: &str) -> String {
+    format!("{base}.{LOG_ROOT}.>")
+}
+
 /// The log subject of `topic`.
-fn log_subject(base: &str, topic: &str) -> String {
+pub(super) fn log_subject(base: &str, topic: &str) -> String {
     let subject = subject::topic_subject(base, topic);
     format!("{base}.{LOG_ROOT}{}", &subject[base.len()..])
+}
+
+/// A log entry: the publishing node's name (its own messages reach only its persistent
+/// sessions through the log; the rest it delivered when they were published), then the message
+/// as nodes send it to each other.
+fn frame(node: &str, message: &Message) -> Bytes {
+    let encoded = codec::encode(message, clock::now());
+    let mut out = BytesMut::with_capacity(1 + node.len() + encoded.len());
+    // Node names are tokens, far shorter than 256 bytes (`config::cluster`).
+    out.put_u8(node.len().min(255) as u8);
+    out.put_slice(&node.as_bytes()[..node.len().min(255)]);
+    out.put_slice(&encoded);
+    out.freeze()
+}
+
+/// The publishing node and the message of a log entry.
+pub(super) fn unframe(data: &[u8]) -> Option<(&str, codec::Received)> {
+    let (&len, rest) = data.split_first()?;
+    let len = usize::from(len);
+    if rest.len() < len {
+        return None;
+    }
+    let (node, message) = rest.split_at(len);
+    let node = std::str::from_utf8(node).ok()?;
+    Some((node, codec::decode(message).ok()?))
 }
 
 /// Answers replication requests in order, each once JetStream (and, for a retained change,
@@ -118,7 +150,7 @@ impl Cluster {
         let logged = if message.qos == QoS::AtMostOnce {
             None
         } else {
-            let payload = codec::encode(&message, clock::now());
+            let payload = frame(&self.node, &message);
             let subject = log_subject(&self.base, &message.topic);
             match self.jetstream.publish(subject, payload).await {
                 Ok(ack) => Some(ack),
@@ -172,5 +204,24 @@ mod tests {
     fn log_subjects_sit_under_their_own_root_and_keep_the_dollar_split() {
         assert_eq!(log_subject("telemq", "a/b"), "telemq.log.t.a.b");
         assert_eq!(log_subject("telemq", "$x/y"), "telemq.log.d.=24x.y");
+    }
+
+    #[test]
+    fn an_entry_names_its_node_and_carries_the_message() {
+        let message = Message::new(
+            "a/b".into(),
+            Bytes::from_static(b"payload"),
+            QoS::ExactlyOnce,
+            true,
+            Default::default(),
+            Some("publisher".into()),
+        );
+        let entry = frame("node-1", &message);
+        let (node, received) = unframe(&entry).unwrap();
+        assert_eq!(node, "node-1");
+        assert_eq!(received.message.topic, message.topic);
+        assert_eq!(received.message.payload, message.payload);
+        assert_eq!(received.message.qos, QoS::ExactlyOnce);
+        assert!(unframe(&entry[..3]).is_none());
     }
 }

@@ -20,15 +20,17 @@
 //! keeps no interest set.
 
 mod codec;
+mod consume;
 mod log;
 mod ownership;
+mod positions;
 mod pressure;
 mod retained;
 mod routing;
 pub mod subject;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -46,6 +48,7 @@ use crate::router::trie::SubscriptionTrie;
 use crate::router::Router;
 use crate::session::SessionRegistry;
 
+pub use consume::LogHold;
 pub use ownership::{ClaimError, Claimed, Ownership};
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +72,14 @@ pub struct Cluster {
     base: String,
     client: async_nats::Client,
     jetstream: jetstream::Context,
+    /// The replication log (see `log`, `consume`).
+    log: jetstream::stream::Stream,
+    /// Every log entry up to this position has reached this node's sessions (`consume`).
+    log_applied: AtomicU64,
+    /// Held while a batch of the log is delivered, and while a moved session is replayed.
+    log_lock: tokio::sync::Mutex<()>,
+    /// Sessions' positions in the log (see `positions`).
+    positions: kv::Store,
     sessions: kv::Store,
     retained: kv::Store,
     router: Arc<Router>,
@@ -124,13 +135,24 @@ impl Cluster {
         info!(replicas, "cluster state is kept with this many replicas");
         let sessions = bucket(&jetstream, &format!("{}_sessions", config.prefix), replicas).await?;
         let retained = bucket(&jetstream, &format!("{}_retained", config.prefix), replicas).await?;
-        log::open(&jetstream, config, replicas).await?;
+        let log = log::open(&jetstream, config, replicas).await?;
+        let positions = bucket(
+            &jetstream,
+            &format!("{}_positions", config.prefix),
+            replicas,
+        )
+        .await?;
+        let (consumer, applied) = consume::open(&log, &node).await?;
         let (retained_writes, retained_rx) = mpsc::channel(RETAINED_QUEUE);
         let cluster = Arc::new(Self {
             node,
             base: config.prefix.clone(),
             client,
             jetstream,
+            log,
+            log_applied: AtomicU64::new(applied),
+            log_lock: tokio::sync::Mutex::new(()),
+            positions,
             sessions,
             retained,
             router: parts.router,
@@ -152,6 +174,8 @@ impl Cluster {
             retained_rx,
             shutdown.clone(),
         ));
+        tracker.spawn(consume::run(cluster.clone(), consumer, shutdown.clone()));
+        tracker.spawn(positions::record(cluster.clone(), shutdown.clone()));
         tracker.spawn(log::replicate(
             cluster.clone(),
             parts.replication,

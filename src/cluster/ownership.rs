@@ -156,6 +156,9 @@ pub struct Claimed {
     /// Whether another node held the session: what this node has of it is from an earlier
     /// visit and out of date.
     pub moved: bool,
+    /// The session's recorded position in the replication log, when it is resumed: what
+    /// comes after it is replayed if this node does not hold the session's queue.
+    pub position: Option<u64>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -306,6 +309,18 @@ impl Cluster {
         }
         self.claims_settled.notify_waiters();
         let revision = written?;
+        let position = match &carried {
+            Some(_) => self
+                .position_of(client_id)
+                .await
+                .map_err(|e| unavailable(&e))?,
+            None => None,
+        };
+        if position.is_none() && expiry_interval > 0 {
+            self.start_position(client_id)
+                .await
+                .map_err(|e| unavailable(&e))?;
+        }
         let from_elsewhere = previous.as_ref().filter(|p| *p.node != *self.node);
         if let Some(previous) = from_elsewhere {
             metrics::cluster_takeover("from");
@@ -320,6 +335,7 @@ impl Cluster {
             },
             subscriptions: carried,
             moved: from_elsewhere.is_some(),
+            position,
         })
     }
 
@@ -340,6 +356,8 @@ impl Cluster {
     /// queued stays, for the client to collect if it comes back to this node.
     pub async fn give_up_session(&self, client_id: &str, discard: bool) {
         if let Some((session, filters)) = self.registry.hand_to_other_node(client_id).await {
+            // Its position is the new owner's to write now.
+            session.set_owned_here(false);
             for filter in &filters {
                 self.router.unsubscribe_session(&session, filter);
             }

@@ -232,6 +232,11 @@ async fn receive(
                 continue;
             }
         };
+        // QoS 1/2 reaches plain subscriptions through the replication log, in log order
+        // (`cluster::consume`); the copy sent here is for shared groups.
+        if matches!(interest, Interest::Plain(_)) && received.message.qos != QoS::AtMostOnce {
+            continue;
+        }
         if let Ok(lag) = clock::now().duration_since(received.sent_at) {
             metrics::cluster_forward_lag(lag.as_secs_f64());
             cluster.pressure.observe(lag);

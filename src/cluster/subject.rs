@@ -148,6 +148,20 @@ pub fn pattern_matches(pattern: &str, subject: &str) -> bool {
     subject_tokens.next().is_none()
 }
 
+/// Whether some subject matches both NATS subject patterns.
+pub fn patterns_overlap(a: &str, b: &str) -> bool {
+    let mut a_tokens = a.split('.');
+    let mut b_tokens = b.split('.');
+    loop {
+        match (a_tokens.next(), b_tokens.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(x), Some(y)) if x == "*" || y == "*" || x == y => {}
+            _ => return false,
+        }
+    }
+}
+
 /// A key-value key for a string (a client id): the token, or a digest of it when the token
 /// would make an unwieldy subject. The value stored under it names the string in full.
 pub fn key(text: &str) -> String {
@@ -162,6 +176,21 @@ pub fn key(text: &str) -> String {
         let _ = write!(out, "{byte:02x}");
     }
     out
+}
+
+#[cfg(test)]
+mod overlap_tests {
+    use super::*;
+
+    #[test]
+    fn patterns_overlap_when_some_subject_matches_both() {
+        assert!(patterns_overlap("a.*", "a.>"));
+        assert!(patterns_overlap("a.*.c", "a.b.*"));
+        assert!(patterns_overlap("a.b", "a.b"));
+        assert!(!patterns_overlap("a", "a.>"));
+        assert!(!patterns_overlap("a.*", "a.b.c"));
+        assert!(!patterns_overlap("a.b", "a.c"));
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{handshake, keep_alive, Access, Close, Connection, Peer};
 use crate::clock;
@@ -18,7 +18,7 @@ use crate::metrics;
 use crate::protocol::encode::{self, AckKind, ConnAck, OutgoingPublish};
 use crate::protocol::{Connect, ProtocolVersion, ReasonCode, Will};
 use crate::session::inflight::Stage;
-use crate::session::NEVER_EXPIRES;
+use crate::session::{Attached, NEVER_EXPIRES};
 use crate::state::BrokerState;
 use crate::storage::ops;
 
@@ -147,7 +147,7 @@ where
     if let (Some(cluster), Some(claimed)) = (&state.cluster, &claimed) {
         cluster.settle_claim(&client_id, claimed.ownership.claimed_revision());
     }
-    let (ownership, resumed) = match claimed {
+    let (ownership, resumed, position) = match claimed {
         Some(claimed) => {
             // The cluster's record is the session when it comes from another node (what this
             // node still has of an earlier visit is out of date) or when this node has none
@@ -155,9 +155,16 @@ where
             let resumed = claimed
                 .subscriptions
                 .filter(|_| claimed.moved || !attached.session_present);
-            (Some(Box::new(claimed.ownership)), resumed)
+            (Some(Box::new(claimed.ownership)), resumed, claimed.position)
         }
-        None => (None, None),
+        None => (None, None, None),
+    };
+    // A resumed session is owed the replication log after its recorded position: the log's
+    // delivery stops while its subscriptions go in and the gap is replayed, so its queue is
+    // in log order with nothing missing or twice.
+    let log_hold = match (&state.cluster, &resumed, position) {
+        (Some(cluster), Some(_), Some(_)) => Some(cluster.hold_log().await),
+        _ => None,
     };
     let mut subscription_ops = Vec::new();
     if let Some(subscriptions) = resumed {
@@ -165,6 +172,9 @@ where
             state.router.unsubscribe_session(&attached.handle, filter);
         }
         attached.state.subscriptions = Default::default();
+        if attached.session_present {
+            discard_stale_queue(state, &mut attached).await;
+        }
         for (filter, options) in subscriptions {
             state
                 .router
@@ -175,6 +185,26 @@ where
             attached.state.subscriptions.insert(filter, options);
         }
         attached.session_present = true;
+    }
+    if let (Some(cluster), Some(hold), Some(position)) = (&state.cluster, &log_hold, position) {
+        let filters: Vec<String> = attached.state.subscriptions.keys().cloned().collect();
+        match cluster
+            .replay(hold, &attached.handle, &filters, position)
+            .await
+        {
+            Ok(replayed) => {
+                debug!(%client_id, position, replayed, "session replayed from the replication log")
+            }
+            Err(error) => {
+                metrics::cluster_error("replay");
+                tracing::error!(%client_id, %error, "session's missed messages not replayed");
+            }
+        }
+    }
+    drop(log_hold);
+    if state.cluster.is_some() {
+        // From now on this node records the session's log position.
+        attached.handle.set_owned_here(true);
     }
     // The session exists on disk before the client is told it does.
     let persisted_session = if session_expiry > 0 && state.publish.is_durable() {
@@ -342,4 +372,19 @@ pub(super) fn will_message(will: Will, client_id: &Arc<str>) -> Message {
         will.properties,
         Some(client_id.clone()),
     )
+}
+
+/// Empties what this node still held of a session the cluster recorded elsewhere since: its
+/// queue and in-flight messages are out of date, and the replication log brings what the
+/// session is owed.
+async fn discard_stale_queue(state: &BrokerState, attached: &mut Attached) {
+    let store_id = attached.handle.store_id;
+    let mut stale = attached.handle.mailbox.drain();
+    stale.extend(attached.state.inflight.drain().map(|entry| entry.delivery));
+    attached.handle.clear_log_pending();
+    let releases = stale
+        .iter()
+        .filter_map(|delivery| ops::release(store_id, delivery, true))
+        .collect();
+    state.publish.write_behind(releases).await;
 }

@@ -33,8 +33,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }) else {
                 break;
             };
-            if let Some(dropped) = self.send_delivery(delivery, now) {
-                expired.push(dropped);
+            let at_most_once = delivery.qos == QoS::AtMostOnce;
+            let log_seq = delivery.log_seq;
+            match self.send_delivery(delivery, now) {
+                Some(dropped) => {
+                    self.handle.log_done(&dropped);
+                    expired.push(dropped);
+                }
+                None if at_most_once && log_seq.is_some() => {
+                    self.handle.log_done_at(log_seq);
+                }
+                None => {}
             }
         }
         let store_id = self.handle.store_id;
@@ -150,11 +159,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         match self.session.inflight.on_pubrec(packet_id, reason >= 0x80) {
             (PubRecOutcome::Release, _) => {
                 let store_id = self.handle.store_id;
+                let handle = &self.handle;
                 let batch = self
                     .session
                     .inflight
                     .get_mut(packet_id)
-                    .map(|entry| publish::pubrec_ops(store_id, &mut entry.delivery))
+                    .map(|entry| {
+                        // The client has the message: a session moved from here need not
+                        // get it again.
+                        handle.log_done(&entry.delivery);
+                        entry.delivery.log_seq = None;
+                        publish::pubrec_ops(store_id, &mut entry.delivery)
+                    })
                     .unwrap_or_default();
                 self.ack_after(batch, AckKind::PubRel, packet_id, 0).await?;
             }
@@ -185,6 +201,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Releases the storage of a finished delivery (written behind: losing it after a crash
     /// means a redelivery, which QoS 1 allows and QoS 2's PUBREL state covers).
     async fn release(&self, delivery: &Delivery) {
+        self.handle.log_done(delivery);
         self.state
             .publish
             .release(self.handle.store_id, [delivery])

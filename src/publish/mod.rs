@@ -118,6 +118,57 @@ impl Pipeline {
         Some(replicated)
     }
 
+    /// Whether the cluster's replication log brings `message` to persistent sessions, this
+    /// node's included, so that publishing leaves them out: a replicated QoS 1/2 message. A
+    /// persistent session then gets every message it is owed in log order, through one path,
+    /// and its position in the log says what it still needs (see `cluster::log`).
+    fn is_logged(&self, message: &Message) -> bool {
+        self.replication.is_some()
+            && message.qos != QoS::AtMostOnce
+            && !message.topic.starts_with("$SYS/")
+    }
+
+    /// Delivers messages read from the cluster's replication log, in log order, each to the
+    /// subscriptions its `Reach` names: one durable write for the persistent subscribers of the
+    /// whole batch, then into the mailboxes. Each delivery carries its log position, and its
+    /// session counts it as pending until it is done (see `SessionHandle::log_pending_add`).
+    /// `replayed` deliveries (a session that moved here) go out with DUP: the client may have
+    /// had them from another node.
+    pub async fn deliver_logged(
+        &self,
+        batch: Vec<(Arc<Message>, Reach<'_>, u64)>,
+        replayed: bool,
+    ) -> Result<(), StorageError> {
+        let mut planned = Vec::with_capacity(batch.len());
+        let mut ops = Vec::new();
+        for (message, reach, log_seq) in batch {
+            let mut targets = self.router.plan_reaching(&message, reach);
+            targets.retain(|target| replayed || !target.session.had_log_entry(log_seq));
+            if targets.is_empty() {
+                continue;
+            }
+            for target in &mut targets {
+                target.delivery.log_seq = Some(log_seq);
+                target.delivery.dup = replayed;
+            }
+            if self.store.is_durable() {
+                ops.extend(durable_ops(&*self.store, &message, &mut targets, false));
+            }
+            planned.push((message, targets));
+        }
+        self.write(ops).await?;
+        for (message, targets) in planned {
+            for target in &targets {
+                if let Some(log_seq) = target.delivery.log_seq {
+                    target.session.log_pending_add(log_seq);
+                }
+            }
+            let dropped = self.router.deliver(&message, targets);
+            self.dropped(dropped).await;
+        }
+        Ok(())
+    }
+
     /// Undoes the local writes of a planned message that will not be acknowledged after all
     /// (the cluster did not store it): the persistent sessions' deliveries are released, so a
     /// restart does not deliver what the publisher was told was refused.
@@ -153,7 +204,12 @@ impl Pipeline {
     /// retained store change and, when persistent sessions take it at QoS 1 or 2, one message
     /// record listing those deliveries (which are marked as stored).
     pub fn plan(&self, message: Arc<Message>) -> Planned {
-        let mut targets = self.router.plan(&message);
+        let reach = if self.is_logged(&message) {
+            Reach::AllButPersistent
+        } else {
+            Reach::All
+        };
+        let mut targets = self.router.plan_reaching(&message, reach);
         let ops = if self.store.is_durable() {
             durable_ops(&*self.store, &message, &mut targets, true)
         } else {
@@ -303,6 +359,7 @@ impl Pipeline {
     /// delivery's message is on disk only and is counted, not dead-lettered; nor is what an
     /// ended session can no longer take.
     pub fn drop_one(&self, session: &SessionHandle, delivery: &Delivery, reason: &'static str) {
+        session.log_done(delivery);
         metrics::message_dropped(reason);
         if reason != metrics::DROP_SESSION_ENDED && !is_spilled(delivery) {
             self.dead_letter(&delivery.message, reason, Some(&session.client_id));

@@ -114,6 +114,10 @@ pub fn restore(router: &Router, sessions: &SessionRegistry, recovered: Recovered
             delivery.awaiting_pubcomp = queued.awaiting_pubcomp;
             delivery.listed = queued.listed;
             delivery.own_entry = queued.own_entry;
+            // Its position in a cluster's replication log is not stored: unknown, so the
+            // session's recorded position stays where it was until this is done.
+            delivery.log_seq = Some(0);
+            handle.log_pending_add(0);
             deliveries.push(delivery);
         }
         handle.mailbox.restore(deliveries);

@@ -76,9 +76,18 @@ pub struct Dropped {
 pub enum Reach<'a> {
     /// Plain subscriptions and every matching shared group: a message published on this node.
     All,
+    /// As `All`, but not persistent sessions' plain subscriptions: a message published on this
+    /// node that the cluster's replication log brings to those.
+    AllButPersistent,
     /// Plain subscriptions only: a message another node forwarded (shared groups get theirs
     /// through the cluster's own queue groups).
     Plain,
+    /// Persistent sessions' plain subscriptions only: a message published on this node, read
+    /// back from the replication log.
+    PlainPersistent,
+    /// The plain subscriptions of one client id: a message replayed from the replication log
+    /// into a session that moved here.
+    Session(&'a str),
     /// One member of one shared group (`$share/<group>/<filter>`), which the cluster picked
     /// this node for.
     Share(&'a str),
@@ -160,7 +169,7 @@ impl Router {
     pub fn plan_reaching(&self, message: &Arc<Message>, reach: Reach<'_>) -> Vec<Target> {
         let mut matches: Vec<Match> = Vec::new();
         // A message for one shared group reaches no plain subscription.
-        if matches!(reach, Reach::All | Reach::Plain) {
+        if !matches!(reach, Reach::Share(_)) {
             let trie = read(&self.subscriptions);
             trie.for_each_match(&message.topic, |client_id, subscriber| {
                 // [MQTT-3.8.3-3] No Local: not back to the publishing client.
@@ -168,7 +177,15 @@ impl Router {
                 {
                     return;
                 }
-                matches.push(Match::new(message, subscriber));
+                let reached = match reach {
+                    Reach::AllButPersistent => !subscriber.session.is_persistent(),
+                    Reach::PlainPersistent => subscriber.session.is_persistent(),
+                    Reach::Session(only) => **client_id == *only,
+                    _ => true,
+                };
+                if reached {
+                    matches.push(Match::new(message, subscriber));
+                }
             });
         }
         // A shared subscription is a subscription of its own: its member gets this copy
@@ -181,7 +198,7 @@ impl Router {
             }
         };
         match reach {
-            Reach::All
+            Reach::All | Reach::AllButPersistent
                 if self.shared_groups.load(Ordering::Acquire) > 0
                     && !self.shares_in_cluster.load(Ordering::Acquire) =>
             {

@@ -133,6 +133,19 @@ pub struct SessionHandle {
     /// The highest id of this session's connections that finished closing: a takeover waits
     /// for the connection it displaces to get here.
     finished: AtomicU64,
+    /// In a cluster: the log positions of this session's deliveries that came through the
+    /// replication log and are not yet done (acknowledged by the client, sent at QoS 0, or
+    /// dropped), with how many deliveries hold each (see [`SessionHandle::log_floor`]).
+    log_pending: Mutex<std::collections::BTreeMap<u64, u32>>,
+    /// In a cluster: whether a connection of this node claimed the session since the node
+    /// started, and no other node took it over since. Only then does this node speak for the
+    /// session's log position.
+    owned_here: AtomicBool,
+    /// The log position last recorded for the session (0: none yet).
+    position_recorded: AtomicU64,
+    /// Deliveries from the log at or below this position are not taken: the session had
+    /// them before it moved here.
+    log_skip_through: AtomicU64,
     inner: Mutex<SessionInner>,
 }
 
@@ -156,6 +169,10 @@ impl SessionHandle {
             next_seq: AtomicU64::new(first_seq),
             heard: AtomicU64::new(0),
             finished: AtomicU64::new(0),
+            log_pending: Mutex::new(std::collections::BTreeMap::new()),
+            owned_here: AtomicBool::new(false),
+            position_recorded: AtomicU64::new(0),
+            log_skip_through: AtomicU64::new(0),
             inner: Mutex::new(SessionInner {
                 state: None,
                 live: None,
@@ -169,6 +186,68 @@ impl SessionHandle {
 
     pub fn is_online(&self) -> bool {
         self.online.load(Ordering::Acquire)
+    }
+
+    /// A delivery that came through the replication log at position `log_seq` was queued.
+    /// Called before the log's watermark passes `log_seq`.
+    pub fn log_pending_add(&self, log_seq: u64) {
+        *lock(&self.log_pending).entry(log_seq).or_insert(0) += 1;
+    }
+
+    /// `delivery` is done with: acknowledged, sent at QoS 0, dropped or expired.
+    pub fn log_done(&self, delivery: &crate::message::Delivery) {
+        self.log_done_at(delivery.log_seq);
+    }
+
+    /// As [`SessionHandle::log_done`] for a delivery that is gone, by its position.
+    pub fn log_done_at(&self, log_seq: Option<u64>) {
+        let Some(seq) = log_seq else {
+            return;
+        };
+        let mut pending = lock(&self.log_pending);
+        if let std::collections::btree_map::Entry::Occupied(mut entry) = pending.entry(seq) {
+            *entry.get_mut() -= 1;
+            if *entry.get() == 0 {
+                entry.remove();
+            }
+        }
+    }
+
+    /// The lowest log position this session still has a delivery of: `Some(0)` while it holds
+    /// deliveries recovered after a restart (positions unknown), `None` when it holds none.
+    pub fn log_floor(&self) -> Option<u64> {
+        lock(&self.log_pending).keys().next().copied()
+    }
+
+    /// Forgets every pending log position: the queue was emptied (a session replaced by the
+    /// one the cluster recorded).
+    pub fn clear_log_pending(&self) {
+        lock(&self.log_pending).clear();
+    }
+
+    /// See `log_skip_through`.
+    pub fn skip_log_through(&self, position: u64) {
+        self.log_skip_through.store(position, Ordering::Release);
+    }
+
+    /// Whether a delivery at log position `log_seq` is one this session already had.
+    pub fn had_log_entry(&self, log_seq: u64) -> bool {
+        log_seq <= self.log_skip_through.load(Ordering::Acquire)
+    }
+
+    /// See `owned_here`.
+    pub fn set_owned_here(&self, owned: bool) {
+        self.owned_here.store(owned, Ordering::Release);
+    }
+
+    pub fn is_owned_here(&self) -> bool {
+        self.owned_here.load(Ordering::Acquire)
+    }
+
+    /// Records that `position` was written for this session; returns whether it differs from
+    /// what was written before.
+    pub fn note_position(&self, position: u64) -> bool {
+        self.position_recorded.swap(position, Ordering::AcqRel) != position
     }
 
     fn set_online(&self, online: bool) {

@@ -176,6 +176,15 @@ impl SessionRegistry {
             .collect()
     }
 
+    /// Every persistent session, connected or not.
+    pub fn persistent_sessions(&self) -> Vec<Arc<SessionHandle>> {
+        lock(&self.sessions)
+            .values()
+            .filter(|handle| handle.is_persistent())
+            .cloned()
+            .collect()
+    }
+
     /// Adds an offline session rebuilt from storage.
     pub fn restore(
         &self,

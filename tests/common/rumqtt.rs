@@ -450,6 +450,31 @@ pub mod v5 {
             Self::connect_with(options).await
         }
 
+        /// Publishes at QoS 1 and returns whether the broker accepted it (a PUBACK reason
+        /// below 0x80). A cluster without a replication quorum refuses; the caller retries.
+        pub async fn publish_accepted(&mut self, topic: &str, payload: impl Into<Vec<u8>>) -> bool {
+            let payload: Vec<u8> = payload.into();
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .expect("publish request");
+            let pkid = self
+                .expect_outgoing("outgoing PUBLISH", |outgoing| match outgoing {
+                    rumqttc::Outgoing::Publish(pkid) if *pkid != 0 => Some(*pkid),
+                    _ => None,
+                })
+                .await;
+            self.expect_incoming("PUBACK", |packet| match packet {
+                client_api::Packet::PubAck(ack) if ack.pkid == pkid => Some(matches!(
+                    ack.reason,
+                    client_api::PubAckReason::Success
+                        | client_api::PubAckReason::NoMatchingSubscribers
+                )),
+                _ => None,
+            })
+            .await
+        }
+
         /// Publishes with properties; waits like `publish`.
         pub async fn publish_with(
             &mut self,

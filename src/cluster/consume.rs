@@ -1,0 +1,337 @@
+//! Reading the replication log: how QoS 1/2 messages reach this node's plain subscriptions,
+//! and how a session that moved here gets what it is still owed.
+//!
+//! - **Delivery.** Each node reads the whole log through one durable JetStream consumer of its
+//!   own (`node-<name>`), in log order, and delivers each message through the router: to every
+//!   plain subscription here for a message published elsewhere, to persistent sessions only for
+//!   one published here (the rest it delivered when it was published). It acknowledges a batch
+//!   to JetStream once the batch is written for its persistent sessions and queued, so a
+//!   message between nodes is never lost: a node that stops reads on from where it
+//!   acknowledged. The number of consumers is the number of nodes, whatever the number of
+//!   sessions or subscriptions.
+//! - **The watermark.** The position of the last message the consumer delivered
+//!   (`log_applied`): every message up to it has reached this node's sessions. A session's log
+//!   position (see `positions`) is the watermark while it has nothing pending.
+//! - **Replay.** A persistent session that comes from another node (or that this node lost)
+//!   is owed the log's messages after its recorded position that match its subscriptions.
+//!   Under [`LogHold`] the consumer is stopped at the watermark; the session's subscriptions
+//!   go into the router, so the consumer delivers what comes after; and the log between the
+//!   position and the watermark is read into its queue first. The queue is in log order, with
+//!   no gap and no message twice.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::stream;
+use futures_util::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{log, subject, Cluster, ClusterError};
+use crate::metrics;
+use crate::router::Reach;
+use crate::session::SessionHandle;
+
+/// Messages delivered (and written for persistent sessions) in one batch at most.
+const BATCH: usize = 512;
+
+/// Messages the node's consumer may have delivered and not yet had acknowledged.
+const MAX_ACK_PENDING: i64 = 65_536;
+
+/// How long one pull request stays open, and how often an idle one is confirmed alive.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Pause before reading the log again after the consumer failed (NATS unreachable).
+const RETRY: Duration = Duration::from_secs(1);
+
+/// The consumer stopped at the watermark, while a moved session's subscriptions are put in
+/// place and its missed messages are replayed (see the module documentation).
+pub struct LogHold<'a> {
+    _held: tokio::sync::MutexGuard<'a, ()>,
+    applied: u64,
+}
+
+/// Opens (or creates) this node's consumer of the log and returns it with the position it has
+/// delivered up to.
+pub(super) async fn open(
+    log: &stream::Stream,
+    node: &str,
+) -> Result<(PullConsumer, u64), ClusterError> {
+    let name = format!("node-{}", subject::token(node));
+    let failed = |e: &dyn std::fmt::Display| ClusterError::Bucket {
+        bucket: format!("consumer {name}"),
+        reason: e.to_string(),
+    };
+    let consumer: PullConsumer = log
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                durable_name: Some(name.clone()),
+                // A new node starts at the end: it has no session yet that could be owed
+                // anything older.
+                deliver_policy: DeliverPolicy::New,
+                ack_policy: AckPolicy::All,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: MAX_ACK_PENDING,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| failed(&e))?;
+    let info = consumer.get_info().await.map_err(|e| failed(&e))?;
+    // Everything up to the acknowledged floor was delivered; a new consumer's floor is the
+    // log's end when it was created.
+    let applied = info.ack_floor.stream_sequence;
+    info!(consumer = %name, applied, "reading the replication log");
+    Ok((consumer, applied))
+}
+
+/// Delivers the log to this node's sessions, in order, batch by batch.
+pub(super) async fn run(
+    cluster: Arc<Cluster>,
+    consumer: PullConsumer,
+    shutdown: CancellationToken,
+) {
+    loop {
+        // Short pulls with frequent heartbeats: after a NATS server fails, the pull is renewed
+        // against the consumer's new leader within seconds.
+        let pulled = consumer
+            .stream()
+            .max_messages_per_batch(BATCH * 2)
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await;
+        let mut messages = match pulled {
+            Ok(messages) => messages,
+            Err(error) => {
+                metrics::cluster_error("log_read");
+                debug!(%error, "cannot read the replication log; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY) => continue,
+                }
+            }
+        };
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = messages.next() => next,
+            };
+            let Some(first) = first else { break };
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match messages.next().now_or_never() {
+                    Some(Some(next)) => batch.push(next),
+                    _ => break,
+                }
+            }
+            cluster.deliver_batch(batch).await;
+        }
+    }
+}
+
+impl Cluster {
+    async fn deliver_batch(
+        &self,
+        batch: Vec<Result<async_nats::jetstream::Message, pull::MessagesError>>,
+    ) {
+        let _held = self.log_lock.lock().await;
+        let applied = self.log_applied.load(Ordering::Acquire);
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut last = None;
+        for item in batch {
+            let message = match item {
+                Ok(message) => message,
+                Err(error) => {
+                    // Missed heartbeats and the like: the stream goes on or ends.
+                    debug!(%error, "replication log");
+                    continue;
+                }
+            };
+            let Ok(seq) = message.info().map(|info| info.stream_sequence) else {
+                continue;
+            };
+            // Delivered again (an acknowledgement lost): already here.
+            if seq <= applied {
+                last = Some((message, seq));
+                continue;
+            }
+            match log::unframe(&message.payload) {
+                Some((origin, received)) => {
+                    let reach = if origin == &*self.node {
+                        Reach::PlainPersistent
+                    } else {
+                        Reach::Plain
+                    };
+                    metrics::cluster_forwarded(metrics::IN);
+                    entries.push((Arc::new(received.message), reach, seq));
+                }
+                None => {
+                    metrics::cluster_forward_dropped("undecodable");
+                    warn!(seq, "replication log entry not understood");
+                }
+            }
+            last = Some((message, seq));
+        }
+        let Some((message, seq)) = last else {
+            return;
+        };
+        if let Err(error) = self.pipeline.deliver_logged(entries, false).await {
+            // Not acknowledged: JetStream delivers the batch again after its ack wait.
+            metrics::message_dropped(metrics::DROP_STORAGE_FAILED);
+            tracing::error!(%error, "messages from the replication log not delivered: storage failed");
+            return;
+        }
+        self.log_applied.fetch_max(seq, Ordering::AcqRel);
+        if let Err(error) = message.ack().await {
+            debug!(%error, "replication log acknowledgement not sent");
+        }
+    }
+
+    /// Stops the delivery of the log at the watermark until the hold is dropped.
+    pub async fn hold_log(&self) -> LogHold<'_> {
+        let held = self.log_lock.lock().await;
+        LogHold {
+            _held: held,
+            applied: self.log_applied.load(Ordering::Acquire),
+        }
+    }
+
+    /// Reads the log after `position` up to the hold's watermark into `session`'s queue: the
+    /// messages its subscriptions (already in the router) match. Returns how many entries were
+    /// read. A position older than the log's first entry (expired by `log_max_age` or
+    /// `log_max_bytes`) replays what is left, and is counted.
+    pub async fn replay(
+        &self,
+        hold: &LogHold<'_>,
+        session: &Arc<SessionHandle>,
+        filters: &[String],
+        position: u64,
+    ) -> Result<usize, ClusterError> {
+        // Whatever this node's consumer still brings up to `position`, the session had.
+        session.skip_log_through(position);
+        if position >= hold.applied || filters.is_empty() {
+            return Ok(0);
+        }
+        let failed = |e: &dyn std::fmt::Display| ClusterError::Bucket {
+            bucket: format!("replay of {}", session.client_id),
+            reason: e.to_string(),
+        };
+        let first = self
+            .log
+            .get_info()
+            .await
+            .map_err(|e| failed(&e))?
+            .state
+            .first_sequence;
+        if first > position + 1 {
+            metrics::cluster_error("replay_truncated");
+            warn!(client_id = %session.client_id, position, first, "part of the session's missed messages expired from the replication log");
+        }
+        let consumer: PullConsumer = self
+            .log
+            .create_consumer(pull::Config {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: position + 1,
+                },
+                ack_policy: AckPolicy::None,
+                filter_subjects: replay_subjects(&self.base, filters),
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed(&e))?;
+        let mut replayed = 0;
+        let pending = consumer
+            .get_info()
+            .await
+            .map_err(|e| failed(&e))?
+            .num_pending;
+        if pending > 0 {
+            let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
+            let mut batch = Vec::new();
+            loop {
+                let next = tokio::time::timeout(self.request_timeout, messages.next()).await;
+                let message = match next {
+                    Ok(Some(Ok(message))) => message,
+                    Ok(Some(Err(error))) => return Err(failed(&error)),
+                    Ok(None) | Err(_) => break,
+                };
+                let Ok(info) = message.info() else { continue };
+                let (seq, left) = (info.stream_sequence, info.pending);
+                if seq > hold.applied {
+                    break;
+                }
+                replayed += 1;
+                if let Some((_, received)) = log::unframe(&message.payload) {
+                    batch.push((
+                        Arc::new(received.message),
+                        Reach::Session(&session.client_id),
+                        seq,
+                    ));
+                }
+                if batch.len() >= BATCH {
+                    self.pipeline
+                        .deliver_logged(std::mem::take(&mut batch), true)
+                        .await
+                        .map_err(|e| failed(&e))?;
+                }
+                if left == 0 || seq == hold.applied {
+                    break;
+                }
+            }
+            self.pipeline
+                .deliver_logged(batch, true)
+                .await
+                .map_err(|e| failed(&e))?;
+        }
+        let name = consumer.cached_info().name.clone();
+        if let Err(error) = self.log.delete_consumer(&name).await {
+            debug!(%error, "replay consumer not deleted; it expires by itself");
+        }
+        metrics::cluster_replayed(replayed);
+        Ok(replayed)
+    }
+}
+
+/// The log subjects a replay of `filters` reads: theirs when no two overlap (a consumer's
+/// filters must not), otherwise the whole log, filtered here by the router.
+fn replay_subjects(base: &str, filters: &[String]) -> Vec<String> {
+    let subjects: Vec<String> = filters
+        .iter()
+        .filter(|filter| !filter.starts_with("$share/"))
+        .flat_map(|filter| subject::filter_subjects(base, filter))
+        .map(|pattern| format!("{base}.log{}", &pattern[base.len()..]))
+        .collect();
+    let overlapping = subjects.iter().enumerate().any(|(i, a)| {
+        subjects[i + 1..]
+            .iter()
+            .any(|b| subject::patterns_overlap(a, b))
+    });
+    if overlapping {
+        vec![log::log_root(base)]
+    } else {
+        subjects
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_reads_its_filters_subjects_unless_they_overlap() {
+        assert_eq!(
+            replay_subjects("t", &["a/+".into(), "b/#".into()]),
+            vec!["t.log.t.a.*", "t.log.t.b.>", "t.log.t.b"]
+        );
+        assert_eq!(
+            replay_subjects("t", &["a/+".into(), "a/#".into()]),
+            vec!["t.log.>"]
+        );
+    }
+}
