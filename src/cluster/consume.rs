@@ -30,9 +30,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{log, subject, Cluster, ClusterError};
+use crate::message::{Delivery, Message};
 use crate::metrics;
+use crate::protocol::QoS;
 use crate::router::Reach;
-use crate::session::SessionHandle;
+use crate::session::{Position, SessionHandle};
 
 /// Messages delivered (and written for persistent sessions) in one batch at most.
 const BATCH: usize = 512;
@@ -210,10 +212,13 @@ impl Cluster {
         hold: &LogHold<'_>,
         session: &Arc<SessionHandle>,
         filters: &[String],
-        position: u64,
+        recorded: &Position,
     ) -> Result<usize, ClusterError> {
-        // Whatever this node's consumer still brings up to `position`, the session had.
-        session.skip_log_through(position);
+        // Whatever this node's consumer still brings up to the floor, or completed, the
+        // session had.
+        session.log.skip(recorded);
+        let position = recorded.floor;
+        self.release_completed(session, recorded).await;
         if position >= hold.applied || filters.is_empty() {
             return Ok(0);
         }
@@ -267,7 +272,8 @@ impl Cluster {
                     break;
                 }
                 replayed += 1;
-                if let Some((_, received)) = log::unframe(&message.payload) {
+                let completed = recorded.completed.binary_search(&seq).is_ok();
+                if let Some((_, received)) = log::unframe(&message.payload).filter(|_| !completed) {
                     batch.push((
                         Arc::new(received.message),
                         Reach::Session(&session.client_id),
@@ -295,6 +301,39 @@ impl Cluster {
         }
         metrics::cluster_replayed(replayed);
         Ok(replayed)
+    }
+}
+
+impl Cluster {
+    /// The client may still hold the packet ids of QoS 2 deliveries it completed (PUBREC) on
+    /// the node the session came from, waiting for PUBREL [MQTT-4.4.0-1]: PUBREL is sent for
+    /// each, under the packet id every node gives that log entry. (A client that had them
+    /// released answers PUBCOMP all the same.)
+    async fn release_completed(&self, session: &Arc<SessionHandle>, recorded: &Position) {
+        let releases = recorded
+            .completed
+            .iter()
+            .map(|&log_seq| {
+                let placeholder = Arc::new(Message::new(
+                    "".into(),
+                    Default::default(),
+                    QoS::ExactlyOnce,
+                    false,
+                    Default::default(),
+                    None,
+                ));
+                let mut delivery = Delivery::new(
+                    placeholder,
+                    QoS::ExactlyOnce,
+                    false,
+                    Vec::new(),
+                    session.next_seq_for_log(log_seq),
+                );
+                delivery.awaiting_pubcomp = true;
+                delivery
+            })
+            .collect();
+        self.pipeline.enqueue(session, releases).await;
     }
 }
 

@@ -80,6 +80,8 @@ pub struct Cluster {
     log_lock: tokio::sync::Mutex<()>,
     /// Sessions' positions in the log (see `positions`).
     positions: kv::Store,
+    /// Where short tasks of the cluster (a position write) are spawned, so shutdown waits.
+    tracker: TaskTracker,
     sessions: kv::Store,
     retained: kv::Store,
     router: Arc<Router>,
@@ -153,6 +155,7 @@ impl Cluster {
             log_applied: AtomicU64::new(applied),
             log_lock: tokio::sync::Mutex::new(()),
             positions,
+            tracker: tracker.clone(),
             sessions,
             retained,
             router: parts.router,

@@ -158,7 +158,7 @@ pub struct Claimed {
     pub moved: bool,
     /// The session's recorded position in the replication log, when it is resumed: what
     /// comes after it is replayed if this node does not hold the session's queue.
-    pub position: Option<u64>,
+    pub position: Option<crate::session::Position>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -357,7 +357,7 @@ impl Cluster {
     pub async fn give_up_session(&self, client_id: &str, discard: bool) {
         if let Some((session, filters)) = self.registry.hand_to_other_node(client_id).await {
             // Its position is the new owner's to write now.
-            session.set_owned_here(false);
+            session.log.set_owned_here(false);
             for filter in &filters {
                 self.router.unsubscribe_session(&session, filter);
             }

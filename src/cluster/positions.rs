@@ -12,20 +12,28 @@
 //! have unknown positions keeps the position it had. Behind the truth only costs duplicates
 //! on a move (QoS 1 allows them, and the client was told with DUP).
 //!
-//! Cost: one key-value write per session whose position moved, per second; sessions that are
-//! idle cost nothing.
+//! QoS 2 needs more than a floor: once its client completed a delivery (PUBREC), the message
+//! must never reach it again as a new one. Such deliveries above the floor are recorded too,
+//! and PUBREL waits for that record, so a replay skips them (exactly once across a move).
+//!
+//! Cost: one key-value write per session whose position moved, per second (sessions that are
+//! idle cost nothing), and one per QoS 2 delivery.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{BufMut, Bytes};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{subject, Cluster};
 use crate::metrics;
+use crate::publish::{Replicated, ReplicationError};
+use crate::session::{Position, SessionHandle};
 
 /// How often moved positions are written.
 const INTERVAL: Duration = Duration::from_secs(1);
@@ -33,17 +41,34 @@ const INTERVAL: Duration = Duration::from_secs(1);
 /// Writes waiting for their answers at once.
 const IN_FLIGHT: usize = 256;
 
-fn encode(position: u64) -> bytes::Bytes {
-    bytes::Bytes::copy_from_slice(&position.to_be_bytes())
+fn encode(position: &Position) -> Bytes {
+    let mut out = Vec::with_capacity(12 + 8 * position.completed.len());
+    out.put_u64(position.floor);
+    out.put_u32(position.completed.len() as u32);
+    for seq in &position.completed {
+        out.put_u64(*seq);
+    }
+    out.into()
 }
 
-fn decode(value: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(value.try_into().ok()?))
+fn decode(value: &[u8]) -> Option<Position> {
+    let (floor, rest) = value.split_first_chunk::<8>()?;
+    let (count, mut rest) = rest.split_first_chunk::<4>()?;
+    let mut completed = Vec::with_capacity(u32::from_be_bytes(*count).min(1024) as usize);
+    for _ in 0..u32::from_be_bytes(*count) {
+        let (seq, tail) = rest.split_first_chunk::<8>()?;
+        completed.push(u64::from_be_bytes(*seq));
+        rest = tail;
+    }
+    rest.is_empty().then_some(Position {
+        floor: u64::from_be_bytes(*floor),
+        completed,
+    })
 }
 
 impl Cluster {
     /// The recorded position of `client_id`'s session, if any.
-    pub(super) async fn position_of(&self, client_id: &str) -> Result<Option<u64>, String> {
+    pub(super) async fn position_of(&self, client_id: &str) -> Result<Option<Position>, String> {
         let entry = self
             .positions
             .entry(subject::key(client_id))
@@ -55,12 +80,57 @@ impl Cluster {
     /// A new session starts where this node's delivery of the log is: nothing before it is
     /// owed to it.
     pub(super) async fn start_position(&self, client_id: &str) -> Result<(), String> {
-        let position = self.log_applied.load(Ordering::Acquire);
+        let position = Position {
+            floor: self.log_applied.load(Ordering::Acquire),
+            completed: Vec::new(),
+        };
         self.positions
-            .put(subject::key(client_id), encode(position))
+            .put(subject::key(client_id), encode(&position))
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    /// Writes `session`'s position now (its client completed a QoS 2 delivery); the answer
+    /// says when it is recorded.
+    pub fn record_position(self: &Arc<Self>, session: &Arc<SessionHandle>) -> Replicated {
+        let (done, recorded) = oneshot::channel();
+        let cluster = self.clone();
+        let session = session.clone();
+        self.tracker.spawn(async move {
+            let written = cluster.write_position(&session, true).await;
+            let _ = done.send(written.map_err(|e| ReplicationError(e.into())));
+        });
+        recorded
+    }
+
+    /// Writes `session`'s position if this node speaks for it and (unless `always`) it moved.
+    /// One write at a time per session, so an older position never lands last.
+    async fn write_position(&self, session: &SessionHandle, always: bool) -> Result<(), String> {
+        let _one_at_a_time = session.log.writing.lock().await;
+        if !session.log.is_owned_here() || !session.is_persistent() {
+            return Ok(());
+        }
+        // Read before the session: a delivery the watermark passed is already pending in it.
+        let applied = self.log_applied.load(Ordering::Acquire);
+        let Some(position) = session.log.position(applied) else {
+            // Recovered deliveries of unknown position: the recorded one still holds.
+            return Ok(());
+        };
+        if !session.log.note_recorded(position.floor) && !always {
+            return Ok(());
+        }
+        let written = self
+            .positions
+            .put(subject::key(&session.client_id), encode(&position))
+            .await;
+        if let Err(error) = written {
+            // Written again next time.
+            session.log.note_recorded(0);
+            metrics::cluster_error("position");
+            return Err(error.to_string());
+        }
+        Ok(())
     }
 }
 
@@ -74,33 +144,13 @@ pub(super) async fn record(cluster: Arc<Cluster>, shutdown: CancellationToken) {
         if !cluster.is_linked() {
             continue;
         }
-        // Read before the sessions: a delivery the watermark passed is already pending in
-        // its session.
-        let applied = cluster.log_applied.load(Ordering::Acquire);
         let mut writes = FuturesUnordered::new();
         for session in cluster.registry.persistent_sessions() {
-            if !session.is_owned_here() || !session.is_persistent() {
+            if !session.log.is_owned_here() {
                 continue;
             }
-            let position = match session.log_floor() {
-                // Recovered deliveries of unknown position: the recorded one still holds.
-                Some(0) => continue,
-                Some(floor) => floor - 1,
-                None => applied,
-            };
-            if !session.note_position(position) {
-                continue;
-            }
-            let key = subject::key(&session.client_id);
-            let positions = cluster.positions.clone();
-            writes.push(async move {
-                let written = positions.put(key, encode(position)).await;
-                if written.is_err() {
-                    // Written again next time.
-                    session.note_position(0);
-                }
-                written
-            });
+            let cluster = &cluster;
+            writes.push(async move { cluster.write_position(&session, false).await });
             if writes.len() >= IN_FLIGHT {
                 finish_one(&mut writes).await;
             }
@@ -111,12 +161,11 @@ pub(super) async fn record(cluster: Arc<Cluster>, shutdown: CancellationToken) {
     }
 }
 
-async fn finish_one<F, T, E: std::fmt::Display>(writes: &mut FuturesUnordered<F>)
+async fn finish_one<F>(writes: &mut FuturesUnordered<F>)
 where
-    F: std::future::Future<Output = Result<T, E>>,
+    F: std::future::Future<Output = Result<(), String>>,
 {
     if let Some(Err(error)) = writes.next().await {
-        metrics::cluster_error("position");
         debug!(%error, "session position not written");
     }
 }
@@ -127,8 +176,16 @@ mod tests {
 
     #[test]
     fn a_position_round_trips() {
-        assert_eq!(decode(&encode(0)), Some(0));
-        assert_eq!(decode(&encode(u64::MAX - 1)), Some(u64::MAX - 1));
-        assert_eq!(decode(b"short"), None);
+        for position in [
+            Position::default(),
+            Position {
+                floor: u64::MAX - 1,
+                completed: vec![u64::MAX, 3],
+            },
+        ] {
+            assert_eq!(decode(&encode(&position)), Some(position.clone()));
+            let encoded = encode(&position);
+            assert_eq!(decode(&encoded[..encoded.len() - 1]), None);
+        }
     }
 }

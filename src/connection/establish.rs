@@ -162,7 +162,7 @@ where
     // A resumed session is owed the replication log after its recorded position: the log's
     // delivery stops while its subscriptions go in and the gap is replayed, so its queue is
     // in log order with nothing missing or twice.
-    let log_hold = match (&state.cluster, &resumed, position) {
+    let log_hold = match (&state.cluster, &resumed, &position) {
         (Some(cluster), Some(_), Some(_)) => Some(cluster.hold_log().await),
         _ => None,
     };
@@ -186,14 +186,14 @@ where
         }
         attached.session_present = true;
     }
-    if let (Some(cluster), Some(hold), Some(position)) = (&state.cluster, &log_hold, position) {
+    if let (Some(cluster), Some(hold), Some(position)) = (&state.cluster, &log_hold, &position) {
         let filters: Vec<String> = attached.state.subscriptions.keys().cloned().collect();
         match cluster
             .replay(hold, &attached.handle, &filters, position)
             .await
         {
             Ok(replayed) => {
-                debug!(%client_id, position, replayed, "session replayed from the replication log")
+                debug!(%client_id, position = position.floor, replayed, "session replayed from the replication log")
             }
             Err(error) => {
                 metrics::cluster_error("replay");
@@ -204,7 +204,7 @@ where
     drop(log_hold);
     if state.cluster.is_some() {
         // From now on this node records the session's log position.
-        attached.handle.set_owned_here(true);
+        attached.handle.log.set_owned_here(true);
     }
     // The session exists on disk before the client is told it does.
     let persisted_session = if session_expiry > 0 && state.publish.is_durable() {
@@ -381,7 +381,7 @@ async fn discard_stale_queue(state: &BrokerState, attached: &mut Attached) {
     let store_id = attached.handle.store_id;
     let mut stale = attached.handle.mailbox.drain();
     stale.extend(attached.state.inflight.drain().map(|entry| entry.delivery));
-    attached.handle.clear_log_pending();
+    attached.handle.log.clear();
     let releases = stale
         .iter()
         .filter_map(|delivery| ops::release(store_id, delivery, true))

@@ -37,11 +37,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let log_seq = delivery.log_seq;
             match self.send_delivery(delivery, now) {
                 Some(dropped) => {
-                    self.handle.log_done(&dropped);
+                    self.handle.log.done(&dropped);
                     expired.push(dropped);
                 }
-                None if at_most_once && log_seq.is_some() => {
-                    self.handle.log_done_at(log_seq);
+                None if at_most_once => {
+                    if let Some(seq) = log_seq {
+                        self.handle.log.done_at(seq);
+                    }
                 }
                 None => {}
             }
@@ -160,19 +162,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             (PubRecOutcome::Release, _) => {
                 let store_id = self.handle.store_id;
                 let handle = &self.handle;
+                let mut completed = None;
                 let batch = self
                     .session
                     .inflight
                     .get_mut(packet_id)
                     .map(|entry| {
-                        // The client has the message: a session moved from here need not
-                        // get it again.
-                        handle.log_done(&entry.delivery);
-                        entry.delivery.log_seq = None;
+                        match entry.delivery.log_seq.take() {
+                            // The client has the message: wherever the session goes, the
+                            // log's copy must not reach it again as a new message.
+                            Some(seq) if seq > 0 => {
+                                handle.log.complete(seq);
+                                completed = Some(seq);
+                            }
+                            Some(seq) => handle.log.done_at(seq),
+                            None => {}
+                        }
                         publish::pubrec_ops(store_id, &mut entry.delivery)
                     })
                     .unwrap_or_default();
-                self.ack_after(batch, AckKind::PubRel, packet_id, 0).await?;
+                // In a cluster, PUBREL (after which the client forgets the packet id) waits
+                // until the session's recorded position says the message is done.
+                let recorded = match (&self.state.cluster, completed) {
+                    (Some(cluster), Some(_)) => Some(cluster.record_position(&self.handle)),
+                    _ => None,
+                };
+                self.ack_after_recorded(batch, recorded, AckKind::PubRel, packet_id)
+                    .await?;
             }
             (PubRecOutcome::Refused, entry) => {
                 if let Some(entry) = entry {
@@ -201,7 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Releases the storage of a finished delivery (written behind: losing it after a crash
     /// means a redelivery, which QoS 1 allows and QoS 2's PUBREL state covers).
     async fn release(&self, delivery: &Delivery) {
-        self.handle.log_done(delivery);
+        self.handle.log.done(delivery);
         self.state
             .publish
             .release(self.handle.store_id, [delivery])

@@ -140,6 +140,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         .await
     }
 
+    /// Sends the acknowledgement `kind` once `ops` are durable and `recorded` (the cluster's
+    /// record of the session's log position) answered, whatever it answered: a failed record
+    /// only risks a duplicate should the session move.
+    pub(super) async fn ack_after_recorded(
+        &mut self,
+        ops: Vec<Op>,
+        recorded: Option<Replicated>,
+        kind: AckKind,
+        packet_id: u16,
+    ) -> Result<(), Close> {
+        let mut bytes = BytesMut::new();
+        encode::ack(self.version, kind, packet_id, 0, &mut bytes);
+        self.submit_replicated(
+            ops,
+            recorded,
+            Action::Reply {
+                bytes,
+                deliveries: Vec::new(),
+            },
+        )
+        .await
+    }
+
     /// The front of the queue finished: run it and everything behind it that is ready.
     pub(super) async fn complete_pending(
         &mut self,

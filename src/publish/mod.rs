@@ -131,7 +131,7 @@ impl Pipeline {
     /// Delivers messages read from the cluster's replication log, in log order, each to the
     /// subscriptions its `Reach` names: one durable write for the persistent subscribers of the
     /// whole batch, then into the mailboxes. Each delivery carries its log position, and its
-    /// session counts it as pending until it is done (see `SessionHandle::log_pending_add`).
+    /// session counts it as pending until it is done (see `session::LogPosition`).
     /// `replayed` deliveries (a session that moved here) go out with DUP: the client may have
     /// had them from another node.
     pub async fn deliver_logged(
@@ -143,12 +143,13 @@ impl Pipeline {
         let mut ops = Vec::new();
         for (message, reach, log_seq) in batch {
             let mut targets = self.router.plan_reaching(&message, reach);
-            targets.retain(|target| replayed || !target.session.had_log_entry(log_seq));
+            targets.retain(|target| replayed || !target.session.log.had(log_seq));
             if targets.is_empty() {
                 continue;
             }
             for target in &mut targets {
                 target.delivery.log_seq = Some(log_seq);
+                target.delivery.seq = target.session.next_seq_for_log(log_seq);
                 target.delivery.dup = replayed;
             }
             if self.store.is_durable() {
@@ -160,7 +161,7 @@ impl Pipeline {
         for (message, targets) in planned {
             for target in &targets {
                 if let Some(log_seq) = target.delivery.log_seq {
-                    target.session.log_pending_add(log_seq);
+                    target.session.log.add(log_seq);
                 }
             }
             let dropped = self.router.deliver(&message, targets);
@@ -359,7 +360,7 @@ impl Pipeline {
     /// delivery's message is on disk only and is counted, not dead-lettered; nor is what an
     /// ended session can no longer take.
     pub fn drop_one(&self, session: &SessionHandle, delivery: &Delivery, reason: &'static str) {
-        session.log_done(delivery);
+        session.log.done(delivery);
         metrics::message_dropped(reason);
         if reason != metrics::DROP_SESSION_ENDED && !is_spilled(delivery) {
             self.dead_letter(&delivery.message, reason, Some(&session.client_id));

@@ -7,6 +7,7 @@
 //! connected, the handle while it is not. Both are plain data so that storage can persist them.
 
 pub mod inflight;
+pub mod log_position;
 pub mod mailbox;
 mod registry;
 
@@ -21,6 +22,7 @@ use crate::small_map::SmallMap;
 use crate::sync::lock;
 
 pub use inflight::Inflight;
+pub use log_position::{LogPosition, Position};
 pub use mailbox::{Mailbox, Pushed, QueueLimits};
 pub use registry::{
     Attached, Detached, DueWill, EndedSession, QueueStats, SessionRegistry, Swept, WillWithDelay,
@@ -133,19 +135,8 @@ pub struct SessionHandle {
     /// The highest id of this session's connections that finished closing: a takeover waits
     /// for the connection it displaces to get here.
     finished: AtomicU64,
-    /// In a cluster: the log positions of this session's deliveries that came through the
-    /// replication log and are not yet done (acknowledged by the client, sent at QoS 0, or
-    /// dropped), with how many deliveries hold each (see [`SessionHandle::log_floor`]).
-    log_pending: Mutex<std::collections::BTreeMap<u64, u32>>,
-    /// In a cluster: whether a connection of this node claimed the session since the node
-    /// started, and no other node took it over since. Only then does this node speak for the
-    /// session's log position.
-    owned_here: AtomicBool,
-    /// The log position last recorded for the session (0: none yet).
-    position_recorded: AtomicU64,
-    /// Deliveries from the log at or below this position are not taken: the session had
-    /// them before it moved here.
-    log_skip_through: AtomicU64,
+    /// In a cluster: the session's place in the replication log.
+    pub log: LogPosition,
     inner: Mutex<SessionInner>,
 }
 
@@ -169,10 +160,7 @@ impl SessionHandle {
             next_seq: AtomicU64::new(first_seq),
             heard: AtomicU64::new(0),
             finished: AtomicU64::new(0),
-            log_pending: Mutex::new(std::collections::BTreeMap::new()),
-            owned_here: AtomicBool::new(false),
-            position_recorded: AtomicU64::new(0),
-            log_skip_through: AtomicU64::new(0),
+            log: LogPosition::default(),
             inner: Mutex::new(SessionInner {
                 state: None,
                 live: None,
@@ -186,68 +174,6 @@ impl SessionHandle {
 
     pub fn is_online(&self) -> bool {
         self.online.load(Ordering::Acquire)
-    }
-
-    /// A delivery that came through the replication log at position `log_seq` was queued.
-    /// Called before the log's watermark passes `log_seq`.
-    pub fn log_pending_add(&self, log_seq: u64) {
-        *lock(&self.log_pending).entry(log_seq).or_insert(0) += 1;
-    }
-
-    /// `delivery` is done with: acknowledged, sent at QoS 0, dropped or expired.
-    pub fn log_done(&self, delivery: &crate::message::Delivery) {
-        self.log_done_at(delivery.log_seq);
-    }
-
-    /// As [`SessionHandle::log_done`] for a delivery that is gone, by its position.
-    pub fn log_done_at(&self, log_seq: Option<u64>) {
-        let Some(seq) = log_seq else {
-            return;
-        };
-        let mut pending = lock(&self.log_pending);
-        if let std::collections::btree_map::Entry::Occupied(mut entry) = pending.entry(seq) {
-            *entry.get_mut() -= 1;
-            if *entry.get() == 0 {
-                entry.remove();
-            }
-        }
-    }
-
-    /// The lowest log position this session still has a delivery of: `Some(0)` while it holds
-    /// deliveries recovered after a restart (positions unknown), `None` when it holds none.
-    pub fn log_floor(&self) -> Option<u64> {
-        lock(&self.log_pending).keys().next().copied()
-    }
-
-    /// Forgets every pending log position: the queue was emptied (a session replaced by the
-    /// one the cluster recorded).
-    pub fn clear_log_pending(&self) {
-        lock(&self.log_pending).clear();
-    }
-
-    /// See `log_skip_through`.
-    pub fn skip_log_through(&self, position: u64) {
-        self.log_skip_through.store(position, Ordering::Release);
-    }
-
-    /// Whether a delivery at log position `log_seq` is one this session already had.
-    pub fn had_log_entry(&self, log_seq: u64) -> bool {
-        log_seq <= self.log_skip_through.load(Ordering::Acquire)
-    }
-
-    /// See `owned_here`.
-    pub fn set_owned_here(&self, owned: bool) {
-        self.owned_here.store(owned, Ordering::Release);
-    }
-
-    pub fn is_owned_here(&self) -> bool {
-        self.owned_here.load(Ordering::Acquire)
-    }
-
-    /// Records that `position` was written for this session; returns whether it differs from
-    /// what was written before.
-    pub fn note_position(&self, position: u64) -> bool {
-        self.position_recorded.swap(position, Ordering::AcqRel) != position
     }
 
     fn set_online(&self, online: bool) {
@@ -332,6 +258,29 @@ impl SessionHandle {
         self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The next queue sequence number whose packet identifier is the one a delivery at log
+    /// position `log_seq` gets on every node ([`inflight::packet_id_for`] of both agree): a
+    /// session replayed on another node re-sends a message it had in flight with the packet
+    /// identifier the client knows it by, so a QoS 2 message is not taken twice
+    /// [MQTT-4.3.3-9]. Sequence numbers stay increasing; they skip ahead.
+    pub fn next_seq_for_log(&self, log_seq: u64) -> u64 {
+        let modulus = u64::from(u16::MAX);
+        let mut current = self.next_seq.load(Ordering::Relaxed);
+        loop {
+            let ahead = (log_seq % modulus + modulus - current % modulus) % modulus;
+            let seq = current + ahead;
+            match self.next_seq.compare_exchange_weak(
+                current,
+                seq + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return seq,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
     fn peek_next_seq(&self) -> u64 {
         self.next_seq.load(Ordering::Relaxed)
     }
@@ -353,6 +302,30 @@ mod tests {
         });
         let guard = Arc::new(MemoryGuard::new(usize::MAX, usize::MAX - 1));
         SessionHandle::new("c".into(), 1, limits, guard, 0)
+    }
+
+    proptest::proptest! {
+        /// Whatever the session's counter, a log delivery gets the packet identifier its log
+        /// position names, and sequence numbers only increase.
+        #[test]
+        fn a_log_delivery_has_the_same_packet_id_on_every_node(
+            start in 0u64..1_000_000,
+            log_seqs in proptest::collection::vec(1u64..10_000_000, 1..20),
+        ) {
+            let handle = handle();
+            handle.next_seq.store(start, Ordering::Relaxed);
+            let mut last = None;
+            for log_seq in log_seqs {
+                let seq = handle.next_seq_for_log(log_seq);
+                proptest::prop_assert_eq!(
+                    inflight::packet_id_for(seq),
+                    inflight::packet_id_for(log_seq)
+                );
+                proptest::prop_assert!(last.is_none_or(|last| seq > last));
+                proptest::prop_assert!(seq >= start);
+                last = Some(seq);
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,199 @@
+//! A session's place in a cluster's replication log: which deliveries that came through the
+//! log it still holds, which QoS 2 ones its client completed ahead of those, and whether this
+//! node speaks for it. From these the cluster records the session's position, and the node a
+//! session moves to replays the log after it (see `cluster::positions`, `cluster::consume`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::message::Delivery;
+use crate::sync::lock;
+
+/// QoS 2 completions remembered above the position; past it the oldest are forgotten (a
+/// replay may then send one again, with DUP).
+const COMPLETED_KEPT: usize = 1024;
+
+/// What the cluster records for a session: every log entry at or before `floor` is done with
+/// or not for it, and so are the entries in `completed`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Position {
+    pub floor: u64,
+    pub completed: Vec<u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct LogPosition {
+    state: Mutex<State>,
+    /// Whether a connection of this node claimed the session since the node started, and no
+    /// other node took it over since. Only then does this node record the session's position.
+    owned_here: AtomicBool,
+    /// The floor last recorded (0: none yet).
+    recorded: AtomicU64,
+    /// Serialises this session's position writes, so an older one never lands last.
+    pub writing: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Log positions of deliveries this session holds (queued or in flight), with how many
+    /// deliveries hold each; 0 stands for deliveries recovered after a restart, whose
+    /// positions are not known.
+    pending: BTreeMap<u64, u32>,
+    /// QoS 2 deliveries the client acknowledged (PUBREC) above the lowest pending one.
+    completed: BTreeSet<u64>,
+    /// Deliveries from the log at or below this position, or in `skipped`, are not taken: the
+    /// session had them before it moved here.
+    skip_through: u64,
+    skipped: BTreeSet<u64>,
+}
+
+impl LogPosition {
+    /// A delivery at `log_seq` was queued. Called before the log's watermark passes it.
+    pub fn add(&self, log_seq: u64) {
+        *lock(&self.state).pending.entry(log_seq).or_insert(0) += 1;
+    }
+
+    /// `delivery` is done with: acknowledged, sent at QoS 0, dropped or expired.
+    pub fn done(&self, delivery: &Delivery) {
+        if let Some(seq) = delivery.log_seq {
+            remove_one(&mut lock(&self.state).pending, seq);
+        }
+    }
+
+    /// As [`LogPosition::done`], by position.
+    pub fn done_at(&self, log_seq: u64) {
+        remove_one(&mut lock(&self.state).pending, log_seq);
+    }
+
+    /// The client acknowledged (PUBREC) the QoS 2 delivery at `log_seq`: it must never be
+    /// sent to it again as a new message, wherever the session goes.
+    pub fn complete(&self, log_seq: u64) {
+        let mut state = lock(&self.state);
+        remove_one(&mut state.pending, log_seq);
+        state.completed.insert(log_seq);
+        while state.completed.len() > COMPLETED_KEPT {
+            state.completed.pop_first();
+        }
+    }
+
+    /// The session's queue was emptied (replaced by the one the cluster recorded).
+    pub fn clear(&self) {
+        let mut state = lock(&self.state);
+        state.pending.clear();
+        state.completed.clear();
+    }
+
+    /// The position to record with the node's watermark at `applied`; `None` while deliveries
+    /// recovered after a restart (positions unknown) are held: the recorded one still stands.
+    pub fn position(&self, applied: u64) -> Option<Position> {
+        let mut state = lock(&self.state);
+        let floor = match state.pending.keys().next() {
+            Some(0) => return None,
+            Some(&lowest) => lowest - 1,
+            None => applied,
+        };
+        state.completed.retain(|&seq| seq > floor);
+        Some(Position {
+            floor,
+            completed: state.completed.iter().copied().collect(),
+        })
+    }
+
+    /// The session moved here from `position`: what the log brings up to it, or completed,
+    /// the client had.
+    pub fn skip(&self, position: &Position) {
+        let mut state = lock(&self.state);
+        state.skip_through = position.floor;
+        state.skipped = position.completed.iter().copied().collect();
+    }
+
+    /// Whether the delivery at `log_seq` is one this session had before it moved here.
+    pub fn had(&self, log_seq: u64) -> bool {
+        let state = lock(&self.state);
+        log_seq <= state.skip_through || state.skipped.contains(&log_seq)
+    }
+
+    pub fn set_owned_here(&self, owned: bool) {
+        self.owned_here.store(owned, Ordering::Release);
+    }
+
+    pub fn is_owned_here(&self) -> bool {
+        self.owned_here.load(Ordering::Acquire)
+    }
+
+    /// Notes that `floor` is being recorded; whether it differs from the last one.
+    pub fn note_recorded(&self, floor: u64) -> bool {
+        self.recorded.swap(floor, Ordering::AcqRel) != floor
+    }
+}
+
+fn remove_one(pending: &mut BTreeMap<u64, u32>, seq: u64) {
+    if let std::collections::btree_map::Entry::Occupied(mut entry) = pending.entry(seq) {
+        *entry.get_mut() -= 1;
+        if *entry.get() == 0 {
+            entry.remove();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_is_below_the_lowest_held_delivery_or_the_watermark() {
+        let log = LogPosition::default();
+        assert_eq!(log.position(40).map(|p| p.floor), Some(40));
+        log.add(7);
+        log.add(7);
+        log.add(9);
+        assert_eq!(log.position(40).map(|p| p.floor), Some(6));
+        log.done_at(7);
+        assert_eq!(
+            log.position(40).map(|p| p.floor),
+            Some(6),
+            "one delivery at 7 left"
+        );
+        log.done_at(7);
+        assert_eq!(log.position(40).map(|p| p.floor), Some(8));
+        log.done_at(3);
+        log.add(0);
+        assert_eq!(
+            log.position(40),
+            None,
+            "a restored delivery holds the floor"
+        );
+        log.done_at(0);
+        log.done_at(9);
+        assert_eq!(log.position(40).map(|p| p.floor), Some(40));
+    }
+
+    #[test]
+    fn completed_qos2_deliveries_above_the_floor_are_recorded_until_it_passes_them() {
+        let log = LogPosition::default();
+        log.add(5);
+        log.add(6);
+        log.complete(6);
+        assert_eq!(
+            log.position(10),
+            Some(Position {
+                floor: 4,
+                completed: vec![6]
+            })
+        );
+        log.done_at(5);
+        assert_eq!(
+            log.position(10),
+            Some(Position {
+                floor: 10,
+                completed: vec![]
+            })
+        );
+        log.skip(&Position {
+            floor: 4,
+            completed: vec![6],
+        });
+        assert!(log.had(4) && log.had(6) && !log.had(5) && !log.had(7));
+    }
+}
