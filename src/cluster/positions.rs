@@ -48,6 +48,10 @@ fn encode(position: &Position) -> Bytes {
     for seq in &position.completed {
         out.put_u64(*seq);
     }
+    out.put_u16(position.inbound.len() as u16);
+    for packet_id in &position.inbound {
+        out.put_u16(*packet_id);
+    }
     out.into()
 }
 
@@ -60,9 +64,17 @@ fn decode(value: &[u8]) -> Option<Position> {
         completed.push(u64::from_be_bytes(*seq));
         rest = tail;
     }
+    let (count, mut rest) = rest.split_first_chunk::<2>()?;
+    let mut inbound = Vec::with_capacity(usize::from(u16::from_be_bytes(*count)));
+    for _ in 0..u16::from_be_bytes(*count) {
+        let (packet_id, tail) = rest.split_first_chunk::<2>()?;
+        inbound.push(u16::from_be_bytes(*packet_id));
+        rest = tail;
+    }
     rest.is_empty().then_some(Position {
         floor: u64::from_be_bytes(*floor),
         completed,
+        inbound,
     })
 }
 
@@ -82,7 +94,7 @@ impl Cluster {
     pub(super) async fn start_position(&self, client_id: &str) -> Result<(), String> {
         let position = Position {
             floor: self.log_applied.load(Ordering::Acquire),
-            completed: Vec::new(),
+            ..Position::default()
         };
         self.positions
             .put(subject::key(client_id), encode(&position))
@@ -91,15 +103,29 @@ impl Cluster {
             .map_err(|e| e.to_string())
     }
 
-    /// Writes `session`'s position now (its client completed a QoS 2 delivery); the answer
-    /// says when it is recorded.
-    pub fn record_position(self: &Arc<Self>, session: &Arc<SessionHandle>) -> Replicated {
+    /// Writes `session`'s position now (its client completed a QoS 2 delivery, or published
+    /// or released a QoS 2 packet id); the answer says when it is recorded, and, given `also`
+    /// (the message's replication), when that is done too.
+    pub fn record_position(
+        self: &Arc<Self>,
+        session: &Arc<SessionHandle>,
+        also: Option<Replicated>,
+    ) -> Replicated {
         let (done, recorded) = oneshot::channel();
         let cluster = self.clone();
         let session = session.clone();
         self.tracker.spawn(async move {
-            let written = cluster.write_position(&session, true).await;
-            let _ = done.send(written.map_err(|e| ReplicationError(e.into())));
+            let written = cluster
+                .write_position(&session, true)
+                .await
+                .map_err(|e| ReplicationError(e.into()));
+            let replicated = match also {
+                Some(also) => also
+                    .await
+                    .unwrap_or_else(|_| Err(ReplicationError("the cluster link closed".into()))),
+                None => Ok(()),
+            };
+            let _ = done.send(replicated.and(written));
         });
         recorded
     }
@@ -181,6 +207,7 @@ mod tests {
             Position {
                 floor: u64::MAX - 1,
                 completed: vec![u64::MAX, 3],
+                inbound: vec![1, 65535],
             },
         ] {
             assert_eq!(decode(&encode(&position)), Some(position.clone()));

@@ -144,12 +144,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         // In a cluster a QoS 1/2 publish is acknowledged once stored with its replicas. A QoS 0
         // retained change is replicated too, but nothing waits for it.
-        let replicated = self
+        let mut replicated = self
             .state
             .publish
             .replicate(&planned.message)
             .await
             .filter(|_| ack.is_some());
+        if let (Some(cluster), Some(_)) = (&self.state.cluster, qos2_packet_id) {
+            if self.handle.is_persistent() {
+                // The packet id is on record cluster-wide before PUBREC: a retransmission on
+                // another node, should this one fail, is known as one.
+                replicated = Some(cluster.record_position(&self.handle, replicated));
+            }
+        }
         self.submit_replicated(
             batch,
             replicated,
@@ -249,6 +256,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         } else {
             Vec::new()
         };
+        if let (Some(cluster), true) = (&self.state.cluster, known && self.handle.is_persistent()) {
+            // Released cluster-wide before PUBCOMP: after it the client may reuse the id for
+            // a new message, which no node may take for a retransmission.
+            self.handle.log.inbound_remove(packet_id);
+            let recorded = Some(cluster.record_position(&self.handle, None));
+            return self
+                .ack_after_recorded(batch, recorded, AckKind::PubComp, packet_id)
+                .await;
+        }
         self.ack_after(batch, AckKind::PubComp, packet_id, reason)
             .await
     }
@@ -257,6 +273,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// the client's retransmission is taken as the new message it is.
     pub(super) async fn forget_qos2(&mut self, packet_id: u16) {
         self.session.inbound_qos2.remove(&packet_id);
+        self.handle.log.inbound_remove(packet_id);
         if self.handle.is_persistent() {
             let delete = vec![ops::inbound_delete(&self.client_id, packet_id)];
             self.state.publish.write_behind(delete).await;
@@ -269,6 +286,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.session.inbound_qos2.insert(packet_id, ());
         if self.handle.is_persistent() {
             batch.push(ops::inbound_put(&self.client_id, packet_id));
+            self.handle.log.inbound_add(packet_id);
         }
     }
 }

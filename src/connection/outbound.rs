@@ -184,7 +184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 // In a cluster, PUBREL (after which the client forgets the packet id) waits
                 // until the session's recorded position says the message is done.
                 let recorded = match (&self.state.cluster, completed) {
-                    (Some(cluster), Some(_)) => Some(cluster.record_position(&self.handle)),
+                    (Some(cluster), Some(_)) => Some(cluster.record_position(&self.handle, None)),
                     _ => None,
                 };
                 self.ack_after_recorded(batch, recorded, AckKind::PubRel, packet_id)

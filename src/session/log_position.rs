@@ -15,11 +15,14 @@ use crate::sync::lock;
 const COMPLETED_KEPT: usize = 1024;
 
 /// What the cluster records for a session: every log entry at or before `floor` is done with
-/// or not for it, and so are the entries in `completed`.
+/// or not for it, and so are the entries in `completed`; `inbound` are the QoS 2 packet ids
+/// its client published and has not released yet, so that a retransmission on another node is
+/// not taken as a new message [MQTT-4.3.3-9].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Position {
     pub floor: u64,
     pub completed: Vec<u64>,
+    pub inbound: Vec<u16>,
 }
 
 #[derive(Debug, Default)]
@@ -46,6 +49,8 @@ struct State {
     /// session had them before it moved here.
     skip_through: u64,
     skipped: BTreeSet<u64>,
+    /// QoS 2 packet ids received from the client and not yet released.
+    inbound: BTreeSet<u16>,
 }
 
 impl LogPosition {
@@ -97,6 +102,7 @@ impl LogPosition {
         Some(Position {
             floor,
             completed: state.completed.iter().copied().collect(),
+            inbound: state.inbound.iter().copied().collect(),
         })
     }
 
@@ -112,6 +118,17 @@ impl LogPosition {
     pub fn had(&self, log_seq: u64) -> bool {
         let state = lock(&self.state);
         log_seq <= state.skip_through || state.skipped.contains(&log_seq)
+    }
+
+    /// The client published a QoS 2 message with `packet_id` (PUBREC follows), or resumed
+    /// here with it unreleased.
+    pub fn inbound_add(&self, packet_id: u16) {
+        lock(&self.state).inbound.insert(packet_id);
+    }
+
+    /// The client released `packet_id` (PUBREL), or its PUBLISH was refused.
+    pub fn inbound_remove(&self, packet_id: u16) {
+        lock(&self.state).inbound.remove(&packet_id);
     }
 
     pub fn set_owned_here(&self, owned: bool) {
@@ -179,7 +196,8 @@ mod tests {
             log.position(10),
             Some(Position {
                 floor: 4,
-                completed: vec![6]
+                completed: vec![6],
+                inbound: vec![],
             })
         );
         log.done_at(5);
@@ -187,13 +205,19 @@ mod tests {
             log.position(10),
             Some(Position {
                 floor: 10,
-                completed: vec![]
+                completed: vec![],
+                inbound: vec![],
             })
         );
         log.skip(&Position {
             floor: 4,
             completed: vec![6],
+            inbound: vec![],
         });
+        log.inbound_add(9);
+        log.inbound_add(3);
+        log.inbound_remove(9);
+        assert_eq!(log.position(10).map(|p| p.inbound), Some(vec![3]));
         assert!(log.had(4) && log.had(6) && !log.had(5) && !log.had(7));
     }
 }
