@@ -163,13 +163,17 @@ impl Broker {
             let (outbox, forwarded) = tokio::sync::mpsc::channel(config.cluster.forward_queue);
             let (replication, to_replicate) =
                 tokio::sync::mpsc::channel(config.cluster.forward_queue);
-            pipeline = pipeline.with_outbox(outbox).with_replication(replication);
+            pipeline = pipeline
+                .with_outbox(outbox)
+                .with_replication(replication.clone());
             let parts = cluster::Parts {
                 router: router.clone(),
                 pipeline: pipeline.clone(),
                 registry: sessions.clone(),
                 outbox: forwarded,
                 replication: to_replicate,
+                replication_sender: replication.clone(),
+                log_applied: recovered.as_ref().map_or(0, |r| r.log_applied),
             };
             Some(Cluster::start(&config.cluster, parts, shutdown.clone(), tracker.clone()).await?)
         } else {

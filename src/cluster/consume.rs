@@ -61,6 +61,7 @@ pub struct LogHold<'a> {
 pub(super) async fn open(
     log: &stream::Stream,
     node: &str,
+    stored_applied: u64,
 ) -> Result<(PullConsumer, u64), ClusterError> {
     let name = format!("node-{}", subject::token(node));
     let failed = |e: &dyn std::fmt::Display| ClusterError::Bucket {
@@ -86,7 +87,8 @@ pub(super) async fn open(
     let info = consumer.get_info().await.map_err(|e| failed(&e))?;
     // Everything up to the acknowledged floor was delivered; a new consumer's floor is the
     // log's end when it was created.
-    let applied = info.ack_floor.stream_sequence;
+    // The node's own record may be ahead: delivered and written, acknowledgement lost.
+    let applied = info.ack_floor.stream_sequence.max(stored_applied);
     info!(consumer = %name, applied, "reading the replication log");
     Ok((consumer, applied))
 }
@@ -182,7 +184,11 @@ impl Cluster {
         let Some((message, seq)) = last else {
             return;
         };
-        if let Err(error) = self.pipeline.deliver_logged(entries, false).await {
+        if let Err(error) = self
+            .pipeline
+            .deliver_logged(entries, false, Some(seq))
+            .await
+        {
             // Not acknowledged: JetStream delivers the batch again after its ack wait.
             metrics::message_dropped(metrics::DROP_STORAGE_FAILED);
             tracing::error!(%error, "messages from the replication log not delivered: storage failed");
@@ -282,7 +288,7 @@ impl Cluster {
                 }
                 if batch.len() >= BATCH {
                     self.pipeline
-                        .deliver_logged(std::mem::take(&mut batch), true)
+                        .deliver_logged(std::mem::take(&mut batch), true, None)
                         .await
                         .map_err(|e| failed(&e))?;
                 }
@@ -291,7 +297,7 @@ impl Cluster {
                 }
             }
             self.pipeline
-                .deliver_logged(batch, true)
+                .deliver_logged(batch, true, None)
                 .await
                 .map_err(|e| failed(&e))?;
         }

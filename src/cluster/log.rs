@@ -27,11 +27,14 @@ use crate::config::ClusterConfig;
 use crate::message::Message;
 use crate::metrics;
 use crate::protocol::QoS;
-use crate::publish::{Replicate, ReplicationError};
+use crate::publish::{Replicate, ReplicationError, Stored};
 
 /// Publishes waiting for JetStream's answer at once. Past it, requests wait in the link's
 /// queue, and publishers' acknowledgements with them.
 const IN_FLIGHT: usize = 4096;
+
+/// How long the log remembers the id of a QoS 2 message (see `cluster::positions`).
+const DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The stream's subjects are `<prefix>.log.` and the topic's subject without its prefix.
 const LOG_ROOT: &str = "log";
@@ -57,6 +60,9 @@ pub(super) async fn open(
             discard: stream::DiscardPolicy::Old,
             max_age: config.log_max_age,
             max_bytes: i64::try_from(config.log_max_bytes).unwrap_or(i64::MAX),
+            // A QoS 2 publisher whose node failed before PUBREC sends the message again to
+            // another node, usually within seconds; within this window the log keeps one copy.
+            duplicate_window: DUPLICATE_WINDOW,
             ..Default::default()
         })
         .await;
@@ -135,7 +141,11 @@ impl Cluster {
     /// Sends the writes of one request, in arrival order, and returns the future that answers
     /// it once they are stored.
     async fn start_replication(&self, request: Replicate) -> BoxFuture<'static, ()> {
-        let Replicate { message, done } = request;
+        let Replicate {
+            message,
+            once,
+            done,
+        } = request;
         let started = Instant::now();
         if !self.is_linked() {
             return answer(done, started, Err(unavailable("no link to NATS"))).boxed();
@@ -152,7 +162,11 @@ impl Cluster {
         } else {
             let payload = frame(&self.node, &message);
             let subject = log_subject(&self.base, &message.topic);
-            match self.jetstream.publish(subject, payload).await {
+            let mut publish = jetstream::message::PublishMessage::build().payload(payload);
+            if let Some(id) = once {
+                publish = publish.message_id(id);
+            }
+            match self.jetstream.send_publish(subject, publish).await {
                 Ok(ack) => Some(ack),
                 Err(error) => {
                     return answer(done, started, Err(unavailable(&error.to_string()))).boxed();
@@ -160,17 +174,19 @@ impl Cluster {
             }
         };
         async move {
-            let mut outcome = Ok(());
+            let mut outcome = Ok(Stored::New);
             if let Some(ack) = logged {
-                if let Err(error) = ack.await {
-                    outcome = Err(unavailable(&error.to_string()));
+                match ack.await {
+                    Ok(ack) if ack.duplicate => outcome = Ok(Stored::Again),
+                    Ok(_) => {}
+                    Err(error) => outcome = Err(unavailable(&error.to_string())),
                 }
             }
             if let Some(stored) = retained {
                 let written = stored
                     .await
                     .unwrap_or_else(|_| Err("the retained writer stopped".into()));
-                if let (Ok(()), Err(error)) = (&outcome, written) {
+                if let (Ok(_), Err(error)) = (&outcome, written) {
                     outcome = Err(unavailable(&error));
                 }
             }
@@ -185,9 +201,9 @@ fn unavailable(reason: &str) -> ReplicationError {
 }
 
 async fn answer(
-    done: oneshot::Sender<Result<(), ReplicationError>>,
+    done: oneshot::Sender<Result<Stored, ReplicationError>>,
     started: Instant,
-    outcome: Result<(), ReplicationError>,
+    outcome: Result<Stored, ReplicationError>,
 ) {
     metrics::cluster_replicated(outcome.is_ok(), started.elapsed().as_secs_f64());
     if let Err(error) = &outcome {

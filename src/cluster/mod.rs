@@ -82,6 +82,11 @@ pub struct Cluster {
     positions: kv::Store,
     /// Where short tasks of the cluster (a position write) are spawned, so shutdown waits.
     tracker: TaskTracker,
+    /// Messages to replicate, for QoS 2 ones this module sends itself (see `positions`).
+    replication: mpsc::Sender<Replicate>,
+    /// Ids a QoS 2 message is stored under in the log: from a random start, so that nodes do
+    /// not hand out the same ones.
+    fresh_ids: AtomicU64,
     sessions: kv::Store,
     retained: kv::Store,
     router: Arc<Router>,
@@ -112,6 +117,10 @@ pub struct Parts {
     pub outbox: mpsc::Receiver<Arc<Message>>,
     /// Messages to store with their replicas before they are acknowledged.
     pub replication: mpsc::Receiver<Replicate>,
+    /// The sending end of `replication`.
+    pub replication_sender: mpsc::Sender<Replicate>,
+    /// The replication log position this node's storage says it delivered up to.
+    pub log_applied: u64,
 }
 
 /// Retained changes waiting to be written to the bucket.
@@ -144,7 +153,7 @@ impl Cluster {
             replicas,
         )
         .await?;
-        let (consumer, applied) = consume::open(&log, &node).await?;
+        let (consumer, applied) = consume::open(&log, &node, parts.log_applied).await?;
         let (retained_writes, retained_rx) = mpsc::channel(RETAINED_QUEUE);
         let cluster = Arc::new(Self {
             node,
@@ -156,6 +165,8 @@ impl Cluster {
             log_lock: tokio::sync::Mutex::new(()),
             positions,
             tracker: tracker.clone(),
+            replication: parts.replication_sender,
+            fresh_ids: AtomicU64::new(random_start()),
             sessions,
             retained,
             router: parts.router,
@@ -342,6 +353,16 @@ async fn connect(
     router.set_shares_in_cluster(up);
     metrics::cluster_link(up);
     Ok(client)
+}
+
+/// A random 64-bit number (the start of this node's log ids).
+fn random_start() -> u64 {
+    let mut bytes = [0u8; 8];
+    // Without randomness (never on Linux) the clock still tells nodes apart.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        return crate::clock::unix_ms(crate::clock::now()) << 16;
+    }
+    u64::from_be_bytes(bytes)
 }
 
 /// How many copies the buckets and the log keep: `cluster.replicas`, or with 0 (the default)

@@ -309,6 +309,13 @@ impl Cluster {
         }
         self.claims_settled.notify_waiters();
         let revision = written?;
+        let from_elsewhere = previous.as_ref().filter(|p| *p.node != *self.node);
+        if let Some(previous) = from_elsewhere {
+            metrics::cluster_takeover("from");
+            self.tell_previous_owner(&previous.node, client_id, revision, clean_start)
+                .await;
+        }
+        // Read once the previous owner has let go: its last write of the position is in.
         let position = match &carried {
             Some(_) => self
                 .position_of(client_id)
@@ -320,12 +327,6 @@ impl Cluster {
             self.start_position(client_id)
                 .await
                 .map_err(|e| unavailable(&e))?;
-        }
-        let from_elsewhere = previous.as_ref().filter(|p| *p.node != *self.node);
-        if let Some(previous) = from_elsewhere {
-            metrics::cluster_takeover("from");
-            self.tell_previous_owner(&previous.node, client_id, revision, clean_start)
-                .await;
         }
         Ok(Claimed {
             ownership: Ownership {
@@ -356,7 +357,11 @@ impl Cluster {
     /// queued stays, for the client to collect if it comes back to this node.
     pub async fn give_up_session(&self, client_id: &str, discard: bool) {
         if let Some((session, filters)) = self.registry.hand_to_other_node(client_id).await {
-            // Its position is the new owner's to write now.
+            // Its connection is closed: a last write of its position, which the new owner
+            // reads once this returns, and from then on the position is the new owner's.
+            if let Err(error) = self.write_position(&session, true).await {
+                debug!(%error, %client_id, "last position not written");
+            }
             session.log.set_owned_here(false);
             for filter in &filters {
                 self.router.unsubscribe_session(&session, filter);

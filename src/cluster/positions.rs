@@ -31,8 +31,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{subject, Cluster};
+use crate::message::Message;
 use crate::metrics;
-use crate::publish::{Replicated, ReplicationError};
+use crate::publish::{Replicate, Replicated, ReplicationError, Stored};
 use crate::session::{Position, SessionHandle};
 
 /// How often moved positions are written.
@@ -49,8 +50,9 @@ fn encode(position: &Position) -> Bytes {
         out.put_u64(*seq);
     }
     out.put_u16(position.inbound.len() as u16);
-    for packet_id in &position.inbound {
+    for (packet_id, id) in &position.inbound {
         out.put_u16(*packet_id);
+        out.put_u64(*id);
     }
     out.into()
 }
@@ -68,7 +70,8 @@ fn decode(value: &[u8]) -> Option<Position> {
     let mut inbound = Vec::with_capacity(usize::from(u16::from_be_bytes(*count)));
     for _ in 0..u16::from_be_bytes(*count) {
         let (packet_id, tail) = rest.split_first_chunk::<2>()?;
-        inbound.push(u16::from_be_bytes(*packet_id));
+        let (id, tail) = tail.split_first_chunk::<8>()?;
+        inbound.push((u16::from_be_bytes(*packet_id), u64::from_be_bytes(*id)));
         rest = tail;
     }
     rest.is_empty().then_some(Position {
@@ -123,17 +126,81 @@ impl Cluster {
                 Some(also) => also
                     .await
                     .unwrap_or_else(|_| Err(ReplicationError("the cluster link closed".into()))),
-                None => Ok(()),
+                None => Ok(Stored::New),
             };
-            let _ = done.send(replicated.and(written));
+            let _ = done.send(written.and(replicated));
         });
         recorded
     }
 
+    /// Replicates a QoS 2 message a persistent session's client published with `packet_id`,
+    /// exactly once however often the client sends it, to whichever nodes: the id the log
+    /// stores it under is recorded with the session's position first, then the message is
+    /// stored under that id. If this node fails before PUBREC, the client sends it again to
+    /// another node, which finds the id in the position it resumes, and the log keeps the first
+    /// copy ([`Stored::Again`]) within its duplicate window.
+    pub fn replicate_qos2(
+        self: &Arc<Self>,
+        session: &Arc<SessionHandle>,
+        message: &Arc<Message>,
+        packet_id: u16,
+    ) -> Replicated {
+        let (done, replicated) = oneshot::channel();
+        let cluster = self.clone();
+        let session = session.clone();
+        let message = message.clone();
+        let (before, queued) = session.log.queue_in_order();
+        self.tracker.spawn(async move {
+            if let Some(before) = before {
+                // Dropped unsent (that one failed) counts as done too.
+                let _ = before.await;
+            }
+            let id = session.log.inbound_id(packet_id, || {
+                cluster.fresh_ids.fetch_add(1, Ordering::Relaxed)
+            });
+            let (stored, answer) = oneshot::channel();
+            {
+                // Held until the message is queued for the log: this session's QoS 2 messages
+                // reach the log in the order they were received.
+                let _one_at_a_time = session.log.writing.lock().await;
+                if let Err(error) = cluster.write_position_locked(&session, true).await {
+                    let _ = done.send(Err(ReplicationError(error.into())));
+                    return;
+                }
+                let request = Replicate {
+                    message,
+                    once: Some(format!("{}-{id:x}", subject::key(&session.client_id))),
+                    done: stored,
+                };
+                // A closed link drops the request, which answers "not stored".
+                let _ = cluster.replication.send(request).await;
+                let _ = queued.send(());
+            }
+            let outcome = answer
+                .await
+                .unwrap_or_else(|_| Err(ReplicationError("the cluster link closed".into())));
+            let _ = done.send(outcome);
+        });
+        replicated
+    }
+
     /// Writes `session`'s position if this node speaks for it and (unless `always`) it moved.
     /// One write at a time per session, so an older position never lands last.
-    async fn write_position(&self, session: &SessionHandle, always: bool) -> Result<(), String> {
+    pub(super) async fn write_position(
+        &self,
+        session: &SessionHandle,
+        always: bool,
+    ) -> Result<(), String> {
         let _one_at_a_time = session.log.writing.lock().await;
+        self.write_position_locked(session, always).await
+    }
+
+    /// [`Cluster::write_position`] for a caller holding the session's `writing` lock.
+    async fn write_position_locked(
+        &self,
+        session: &SessionHandle,
+        always: bool,
+    ) -> Result<(), String> {
         if !session.log.is_owned_here() || !session.is_persistent() {
             return Ok(());
         }
@@ -207,7 +274,7 @@ mod tests {
             Position {
                 floor: u64::MAX - 1,
                 completed: vec![u64::MAX, 3],
-                inbound: vec![1, 65535],
+                inbound: vec![(1, 7), (65535, u64::MAX)],
             },
         ] {
             assert_eq!(decode(&encode(&position)), Some(position.clone()));

@@ -188,13 +188,10 @@ where
     }
     if let (Some(_), Some(position)) = (&log_hold, &position) {
         // QoS 2 packet ids the client published on the node the session came from and has not
-        // released: a retransmission is recognised here too.
-        for &packet_id in &position.inbound {
-            attached.state.inbound_qos2.insert(packet_id, ());
-            attached.handle.log.inbound_add(packet_id);
-            if session_expiry > 0 {
-                subscription_ops.push(ops::inbound_put(&client_id, packet_id));
-            }
+        // released: a retransmission is stored under the same id, which the log keeps once
+        // (`Cluster::replicate_qos2`).
+        for &(packet_id, id) in &position.inbound {
+            attached.handle.log.inbound_restore(packet_id, id);
         }
     }
     if let (Some(cluster), Some(hold), Some(position)) = (&state.cluster, &log_hold, &position) {

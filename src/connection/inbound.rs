@@ -144,19 +144,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         // In a cluster a QoS 1/2 publish is acknowledged once stored with its replicas. A QoS 0
         // retained change is replicated too, but nothing waits for it.
-        let mut replicated = self
-            .state
-            .publish
-            .replicate(&planned.message)
-            .await
-            .filter(|_| ack.is_some());
-        if let (Some(cluster), Some(_)) = (&self.state.cluster, qos2_packet_id) {
-            if self.handle.is_persistent() {
-                // The packet id is on record cluster-wide before PUBREC: a retransmission on
-                // another node, should this one fail, is known as one.
-                replicated = Some(cluster.record_position(&self.handle, replicated));
+        let replicated = match (&self.state.cluster, qos2_packet_id) {
+            // Stored once however often the client sends it, to whichever node.
+            (Some(cluster), Some(packet_id)) if self.handle.is_persistent() => {
+                Some(cluster.replicate_qos2(&self.handle, &planned.message, packet_id))
             }
-        }
+            _ => self
+                .state
+                .publish
+                .replicate(&planned.message)
+                .await
+                .filter(|_| ack.is_some()),
+        };
         self.submit_replicated(
             batch,
             replicated,
@@ -246,6 +245,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// release is durable before PUBCOMP tells the client so [MQTT-4.3.3-11].
     pub(super) async fn handle_pubrel(&mut self, packet_id: u16) -> Result<(), Close> {
         let known = self.session.inbound_qos2.remove(&packet_id).is_some();
+        // In a cluster, also one the client published on the node its session came from.
+        let on_record = self.handle.log.inbound_remove(packet_id);
+        let known = known || on_record;
         let reason = if known {
             0
         } else {
@@ -259,7 +261,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if let (Some(cluster), true) = (&self.state.cluster, known && self.handle.is_persistent()) {
             // Released cluster-wide before PUBCOMP: after it the client may reuse the id for
             // a new message, which no node may take for a retransmission.
-            self.handle.log.inbound_remove(packet_id);
             let recorded = Some(cluster.record_position(&self.handle, None));
             return self
                 .ack_after_recorded(batch, recorded, AckKind::PubComp, packet_id)
@@ -286,7 +287,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.session.inbound_qos2.insert(packet_id, ());
         if self.handle.is_persistent() {
             batch.push(ops::inbound_put(&self.client_id, packet_id));
-            self.handle.log.inbound_add(packet_id);
         }
     }
 }

@@ -231,7 +231,7 @@ enum Event {
     Wrote(std::io::Result<Option<usize>>),
     MailboxReady,
     MemoryGuardChanged,
-    Stored(Result<(), Failure>),
+    Stored(Result<crate::publish::Stored, Failure>),
 }
 
 struct Connection<S> {

@@ -17,7 +17,7 @@ use crate::message::Delivery;
 use crate::metrics;
 use crate::protocol::encode::{self, AckKind};
 use crate::protocol::{ProtocolVersion, ReasonCode};
-use crate::publish::{Planned, Replicated, ReplicationError};
+use crate::publish::{Planned, Replicated, ReplicationError, Stored};
 use crate::storage::{Completion, Op, StorageError};
 
 /// Something to finish once its storage write (and, in a cluster, its replication) completes.
@@ -36,7 +36,7 @@ impl Pending {
     }
 
     /// Ready once the write and the replication both finished, or either failed.
-    fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+    fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<Result<Stored, Failure>> {
         if let Some(completion) = self.completion.as_mut() {
             let written = std::task::ready!(Pin::new(completion).poll(cx))
                 .unwrap_or(Err(StorageError::Closed));
@@ -47,13 +47,13 @@ impl Pending {
             let stored = std::task::ready!(Pin::new(replicated).poll(cx))
                 .unwrap_or_else(|_| Err(ReplicationError("the cluster link closed".into())));
             self.replicated = None;
-            stored.map_err(Failure::Replication)?;
+            return Poll::Ready(stored.map_err(Failure::Replication));
         }
-        Poll::Ready(Ok(()))
+        Poll::Ready(Ok(Stored::New))
     }
 
     /// The outcome if it is known now, without waiting.
-    fn try_outcome(&mut self) -> Option<Result<(), Failure>> {
+    fn try_outcome(&mut self) -> Option<Result<Stored, Failure>> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match self.poll_outcome(&mut cx) {
             Poll::Ready(outcome) => Some(outcome),
@@ -98,7 +98,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     ) -> Result<(), Close> {
         let completion = self.state.publish.submit(ops).await;
         if completion.is_none() && replicated.is_none() && self.pending.is_empty() {
-            return self.apply(action, Ok(())).await;
+            return self.apply(action, Ok(Stored::New)).await;
         }
         self.pending.push_back(Pending {
             completion,
@@ -166,7 +166,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// The front of the queue finished: run it and everything behind it that is ready.
     pub(super) async fn complete_pending(
         &mut self,
-        first: Result<(), Failure>,
+        first: Result<Stored, Failure>,
     ) -> Result<(), Close> {
         let mut result = Some(first);
         while let Some(front) = self.pending.front_mut() {
@@ -194,7 +194,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    async fn apply(&mut self, action: Action, outcome: Result<(), Failure>) -> Result<(), Close> {
+    async fn apply(
+        &mut self,
+        action: Action,
+        outcome: Result<Stored, Failure>,
+    ) -> Result<(), Close> {
         match action {
             Action::Publish {
                 planned,
@@ -222,7 +226,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.ack(kind, packet_id, ReasonCode::UnspecifiedError as u8);
                     return Ok(());
                 }
-                self.state.publish.apply(planned).await;
+                // Stored before by an attempt whose acknowledgement was lost with its node: it
+                // was routed then.
+                if outcome.is_ok_and(|stored| stored == Stored::New) {
+                    self.state.publish.apply(planned).await;
+                }
                 if let Some((kind, packet_id, reason)) = ack {
                     self.ack(kind, packet_id, reason);
                 }
@@ -280,7 +288,7 @@ const NOT_REPLICATED: &str = "the cluster cannot store messages with their repli
 /// The outcome of the oldest pending entry; never resolves when it waits for nothing.
 pub(super) fn first_completion(
     pending: &mut VecDeque<Pending>,
-) -> impl Future<Output = Result<(), Failure>> + '_ {
+) -> impl Future<Output = Result<Stored, Failure>> + '_ {
     std::future::poll_fn(move |cx| match pending.front_mut() {
         Some(front) if front.is_waiting() => front.poll_outcome(cx),
         _ => Poll::Pending,

@@ -54,16 +54,28 @@ pub struct Pipeline {
 }
 
 /// A message for the cluster to store with its replicas; `done` answers once it is stored, or
-/// why not.
+/// why not. With `once`, an id the cluster stores the message under at most once (a QoS 2
+/// message its publisher may send again to another node).
 #[derive(Debug)]
 pub struct Replicate {
     pub message: Arc<Message>,
-    pub done: oneshot::Sender<Result<(), ReplicationError>>,
+    pub once: Option<String>,
+    pub done: oneshot::Sender<Result<Stored, ReplicationError>>,
+}
+
+/// How a replicated message was stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// Stored now: it is to be routed.
+    New,
+    /// Stored before under the same id, from an earlier attempt of its publisher that was not
+    /// acknowledged: it was routed then, and is only acknowledged now.
+    Again,
 }
 
 /// Resolves once a message handed to [`Pipeline::replicate`] is stored with its replicas.
 /// A dropped sender (the link shutting down) counts as not stored.
-pub type Replicated = oneshot::Receiver<Result<(), ReplicationError>>;
+pub type Replicated = oneshot::Receiver<Result<Stored, ReplicationError>>;
 
 /// Why the cluster did not store a message with its replicas: the message must not be
 /// acknowledged.
@@ -111,6 +123,7 @@ impl Pipeline {
         let (done, replicated) = oneshot::channel();
         let request = Replicate {
             message: message.clone(),
+            once: None,
             done,
         };
         // A closed link drops the request, and with it `done`: the message is not stored.
@@ -134,10 +147,14 @@ impl Pipeline {
     /// session counts it as pending until it is done (see `session::LogPosition`).
     /// `replayed` deliveries (a session that moved here) go out with DUP: the client may have
     /// had them from another node.
+    ///
+    /// `applied` (the node's consumer, not a replay) is the last position of the batch: written
+    /// with the deliveries, so that after a restart the node does not deliver them again.
     pub async fn deliver_logged(
         &self,
         batch: Vec<(Arc<Message>, Reach<'_>, u64)>,
         replayed: bool,
+        applied: Option<u64>,
     ) -> Result<(), StorageError> {
         let mut planned = Vec::with_capacity(batch.len());
         let mut ops = Vec::new();
@@ -156,6 +173,13 @@ impl Pipeline {
                 ops.extend(durable_ops(&*self.store, &message, &mut targets, false));
             }
             planned.push((message, targets));
+        }
+        match applied {
+            // Nothing persistent in the batch: losing the mark only means entries that went
+            // to sessions a crash ends anyway are read again.
+            Some(seq) if ops.is_empty() => self.write_behind(vec![ops::log_applied(seq)]).await,
+            Some(seq) => ops.push(ops::log_applied(seq)),
+            None => {}
         }
         self.write(ops).await?;
         for (message, targets) in planned {

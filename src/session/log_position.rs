@@ -22,7 +22,8 @@ const COMPLETED_KEPT: usize = 1024;
 pub struct Position {
     pub floor: u64,
     pub completed: Vec<u64>,
-    pub inbound: Vec<u16>,
+    /// With the id each message is stored under in the log, which a retransmission reuses.
+    pub inbound: Vec<(u16, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -35,6 +36,9 @@ pub struct LogPosition {
     recorded: AtomicU64,
     /// Serialises this session's position writes, so an older one never lands last.
     pub writing: tokio::sync::Mutex<()>,
+    /// Resolves once the QoS 2 message received last was queued for the log: the next one
+    /// waits for it, so they reach the log in the order received.
+    last_queued: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 #[derive(Debug, Default)]
@@ -49,8 +53,9 @@ struct State {
     /// session had them before it moved here.
     skip_through: u64,
     skipped: BTreeSet<u64>,
-    /// QoS 2 packet ids received from the client and not yet released.
-    inbound: BTreeSet<u16>,
+    /// QoS 2 packet ids received from the client and not yet released, with the id each
+    /// message is stored under in the log.
+    inbound: BTreeMap<u16, u64>,
 }
 
 impl LogPosition {
@@ -102,7 +107,7 @@ impl LogPosition {
         Some(Position {
             floor,
             completed: state.completed.iter().copied().collect(),
-            inbound: state.inbound.iter().copied().collect(),
+            inbound: state.inbound.iter().map(|(&k, &v)| (k, v)).collect(),
         })
     }
 
@@ -120,15 +125,38 @@ impl LogPosition {
         log_seq <= state.skip_through || state.skipped.contains(&log_seq)
     }
 
-    /// The client published a QoS 2 message with `packet_id` (PUBREC follows), or resumed
-    /// here with it unreleased.
-    pub fn inbound_add(&self, packet_id: u16) {
-        lock(&self.state).inbound.insert(packet_id);
+    /// The client published a QoS 2 message with `packet_id`: the id the log stores it under,
+    /// the one an earlier attempt (on another node, resumed here) used if there was one, or
+    /// `fresh`.
+    pub fn inbound_id(&self, packet_id: u16, fresh: impl FnOnce() -> u64) -> u64 {
+        *lock(&self.state)
+            .inbound
+            .entry(packet_id)
+            .or_insert_with(fresh)
     }
 
-    /// The client released `packet_id` (PUBREL), or its PUBLISH was refused.
-    pub fn inbound_remove(&self, packet_id: u16) {
-        lock(&self.state).inbound.remove(&packet_id);
+    /// The session resumed here with `packet_id` unreleased, stored under `id`.
+    pub fn inbound_restore(&self, packet_id: u16, id: u64) {
+        lock(&self.state).inbound.insert(packet_id, id);
+    }
+
+    /// The client released `packet_id` (PUBREL), or its PUBLISH was refused; whether it was
+    /// known.
+    pub fn inbound_remove(&self, packet_id: u16) -> bool {
+        lock(&self.state).inbound.remove(&packet_id).is_some()
+    }
+
+    /// Takes a place in the order of this session's QoS 2 messages: returns what to wait for
+    /// before queueing one for the log, and what to signal once it is queued.
+    pub fn queue_in_order(
+        &self,
+    ) -> (
+        Option<tokio::sync::oneshot::Receiver<()>>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (queued, next) = tokio::sync::oneshot::channel();
+        let before = lock(&self.last_queued).replace(next);
+        (before, queued)
     }
 
     pub fn set_owned_here(&self, owned: bool) {
@@ -214,10 +242,16 @@ mod tests {
             completed: vec![6],
             inbound: vec![],
         });
-        log.inbound_add(9);
-        log.inbound_add(3);
-        log.inbound_remove(9);
-        assert_eq!(log.position(10).map(|p| p.inbound), Some(vec![3]));
+        assert_eq!(log.inbound_id(9, || 90), 90);
+        assert_eq!(
+            log.inbound_id(9, || 91),
+            90,
+            "a retransmission keeps its id"
+        );
+        log.inbound_restore(3, 30);
+        assert!(log.inbound_remove(9));
+        assert!(!log.inbound_remove(9));
+        assert_eq!(log.position(10).map(|p| p.inbound), Some(vec![(3, 30)]));
         assert!(log.had(4) && log.had(6) && !log.had(5) && !log.had(7));
     }
 }

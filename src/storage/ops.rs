@@ -102,6 +102,19 @@ pub fn release_reference(stored: &Arc<StoredMessage>, store_id: u64, seq: u64) -
     })
 }
 
+/// In a cluster: every entry of the replication log up to `seq` has reached this node's
+/// sessions (written with the deliveries it covers, so a restart does not deliver them twice).
+pub fn log_applied(seq: u64) -> Op {
+    Op::Put(
+        Cf::Meta,
+        LOG_APPLIED_KEY.to_vec(),
+        seq.to_be_bytes().to_vec(),
+    )
+}
+
+/// The `meta` key of [`log_applied`].
+pub const LOG_APPLIED_KEY: &[u8] = b"cluster_log_applied";
+
 /// A QoS 2 packet id received and awaiting PUBREL [MQTT-4.3.3-9].
 pub fn inbound_put(client_id: &str, packet_id: u16) -> Op {
     Op::Put(Cf::Inbound, keys::inbound(client_id, packet_id), Vec::new())

@@ -53,6 +53,8 @@ pub struct Recovered {
     /// Delayed messages: (due, in milliseconds since the Unix epoch, id, message), in due order.
     pub delayed: Vec<(u64, u64, Message)>,
     pub next_message_id: u64,
+    /// In a cluster: the replication log position this node had delivered up to.
+    pub log_applied: u64,
     /// Above every session store id storage mentions.
     pub next_store_id: u64,
 }
@@ -91,6 +93,22 @@ fn client_key(key: &[u8], cf: Cf) -> Result<(&str, &[u8]), StorageError> {
         .ok_or_else(|| StorageError::Corrupt(format!("malformed key in {}", cf.name())))
 }
 
+/// See [`super::ops::log_applied`]; 0 when absent or unreadable (a node that delivered
+/// nothing yet, or a value sealed with a key no longer configured), which only means that the
+/// cluster may deliver some entries again.
+fn load_log_applied(db: &DB, keys: &KeyRing) -> u64 {
+    let Some(handle) = db.cf_handle(Cf::Meta.name()) else {
+        return 0;
+    };
+    let Ok(Some(value)) = db.get_cf(handle, super::ops::LOG_APPLIED_KEY) else {
+        return 0;
+    };
+    keys.open(Cf::Meta, super::ops::LOG_APPLIED_KEY, &value)
+        .ok()
+        .and_then(|plain| plain.as_ref().try_into().ok().map(u64::from_be_bytes))
+        .unwrap_or(0)
+}
+
 pub fn load(db: &DB, keys: &KeyRing) -> Result<Recovered, StorageError> {
     let mut recovered = Recovered::default();
 
@@ -123,6 +141,7 @@ pub fn load(db: &DB, keys: &KeyRing) -> Result<Recovered, StorageError> {
     })?;
     // Delayed messages draw their ids from the same sequence.
     recovered.next_message_id = max_id + 1;
+    recovered.log_applied = load_log_applied(db, keys);
 
     let mut sessions: BTreeMap<String, RecoveredSession> = BTreeMap::new();
     scan(db, keys, Cf::Sessions, |key, value| {

@@ -1,0 +1,525 @@
+//! Crash loop across a cluster: three NATS servers, three telemq processes. A publisher
+//! streams QoS 1 and QoS 2 messages into one node while a persistent subscriber reads on
+//! another; in every cycle a random node is killed with SIGKILL (sometimes its data directory
+//! is deleted before it restarts, sometimes it stays down for a cycle, and the last one is not
+//! restarted at all). The clients reconnect to a node that is up, as a client behind a load
+//! balancer does. Then the audit: every message the broker acknowledged (PUBACK, PUBREC) was
+//! delivered, QoS 2 exactly once, and the messages of each topic that were sent once arrived
+//! in the order they were sent.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::nats::NatsServer;
+use common::packets::{self, parse_publish};
+use common::process::BrokerProcess;
+use common::{RawClient, WAIT};
+use tokio::net::TcpStream;
+
+const NODES: usize = 3;
+const CYCLES: usize = 20;
+/// Messages acknowledged to the publisher between two kills.
+const PER_CYCLE: usize = 120;
+const WINDOW: usize = 24;
+
+/// One message as the subscriber took it (a QoS 2 retransmission it already held is not one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Taken {
+    seq: u32,
+    qos: u8,
+}
+
+/// Every acknowledged message taken at least once, QoS 2 exactly once; per topic (one per
+/// QoS), the messages sent only once taken in the order sent.
+fn audit(
+    accepted: &[(u32, u8)],
+    retransmitted: &HashSet<u32>,
+    taken: &[Taken],
+) -> Result<(), String> {
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    for t in taken {
+        *counts.entry(t.seq).or_default() += 1;
+    }
+    for &(seq, qos) in accepted {
+        match (counts.get(&seq).copied().unwrap_or(0), qos) {
+            (0, _) => return Err(format!("acknowledged QoS {qos} message {seq} was lost")),
+            (1, _) | (_, 1) => {}
+            (n, _) => return Err(format!("QoS 2 message {seq} taken {n} times")),
+        }
+    }
+    let mut seen = HashSet::new();
+    let mut last: HashMap<u8, u32> = HashMap::new();
+    for t in taken {
+        if !seen.insert(t.seq) || retransmitted.contains(&t.seq) {
+            continue;
+        }
+        if let Some(&before) = last.get(&t.qos) {
+            if t.seq < before {
+                return Err(format!(
+                    "QoS {} topic out of order: {} after {before}",
+                    t.qos, t.seq
+                ));
+            }
+        }
+        last.insert(t.qos, t.seq);
+    }
+    Ok(())
+}
+
+#[test]
+fn the_audit_fails_on_a_loss_a_qos2_duplicate_and_a_reordering() {
+    let accepted = [(1, 1), (2, 2), (3, 1), (4, 2)];
+    let none = HashSet::new();
+    let take = |seqs: &[(u32, u8)]| -> Vec<Taken> {
+        seqs.iter().map(|&(seq, qos)| Taken { seq, qos }).collect()
+    };
+    assert_eq!(
+        audit(&accepted, &none, &take(&[(1, 1), (2, 2), (3, 1), (4, 2)])),
+        Ok(())
+    );
+    // QoS 1 may come twice, and a duplicate out of place says nothing of order.
+    assert_eq!(
+        audit(
+            &accepted,
+            &none,
+            &take(&[(1, 1), (2, 2), (3, 1), (1, 1), (4, 2)])
+        ),
+        Ok(())
+    );
+    assert!(audit(&accepted, &none, &take(&[(1, 1), (2, 2), (4, 2)]))
+        .unwrap_err()
+        .contains("lost"));
+    assert!(audit(
+        &accepted,
+        &none,
+        &take(&[(1, 1), (2, 2), (3, 1), (4, 2), (2, 2)])
+    )
+    .unwrap_err()
+    .contains("taken 2 times"));
+    assert!(
+        audit(&accepted, &none, &take(&[(3, 1), (1, 1), (2, 2), (4, 2)]))
+            .unwrap_err()
+            .contains("out of order")
+    );
+    // A message the publisher had to send again may overtake or be overtaken.
+    let retransmitted: HashSet<u32> = [1].into();
+    assert_eq!(
+        audit(
+            &accepted,
+            &retransmitted,
+            &take(&[(3, 1), (1, 1), (2, 2), (4, 2)])
+        ),
+        Ok(())
+    );
+}
+
+/// The nodes, and the address of each that is up, shared with the clients.
+struct Nodes {
+    dir: tempfile::TempDir,
+    processes: Vec<Option<BrokerProcess>>,
+    up: Arc<Mutex<Vec<Option<SocketAddr>>>>,
+}
+
+impl Nodes {
+    fn start(nats: &[NatsServer]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for i in 0..NODES {
+            // Node i prefers NATS server i, so the nodes spread over the servers.
+            let urls: Vec<String> = (0..nats.len())
+                .map(|k| format!("\"{}\"", nats[(i + k) % nats.len()].url()))
+                .collect();
+            std::fs::write(
+                dir.path().join(format!("node-{i}.toml")),
+                format!(
+                    "[listener]\nbind = \"127.0.0.1:0\"\n[websocket]\nenabled = false\n\
+                     [metrics]\nenabled = false\n[storage]\ndata_dir = \"{}\"\n\
+                     [cluster]\nenabled = true\nnode_id = \"cc-{i}\"\nnats_urls = [{}]\n\
+                     request_timeout = \"2s\"\n",
+                    dir.path().join(format!("data-{i}")).display(),
+                    urls.join(", ")
+                ),
+            )
+            .expect("config written");
+        }
+        let mut nodes = Self {
+            dir,
+            processes: (0..NODES).map(|_| None).collect(),
+            up: Arc::new(Mutex::new(vec![None; NODES])),
+        };
+        for i in 0..NODES {
+            nodes.restart(i, false);
+        }
+        nodes
+    }
+
+    fn restart(&mut self, i: usize, wipe: bool) {
+        if wipe {
+            let _ = std::fs::remove_dir_all(self.dir.path().join(format!("data-{i}")));
+        }
+        let process = BrokerProcess::start(&self.dir.path().join(format!("node-{i}.toml")));
+        self.up.lock().unwrap()[i] = Some(process.addr);
+        self.processes[i] = Some(process);
+    }
+
+    fn kill(&mut self, i: usize) {
+        self.up.lock().unwrap()[i] = None;
+        if let Some(process) = self.processes[i].take() {
+            process.kill();
+        }
+    }
+
+    fn down(&self) -> Option<usize> {
+        self.processes.iter().position(Option::is_none)
+    }
+}
+
+/// Connects (clean session off) to a node that is up, trying them from `prefer` on, until one
+/// takes the client (a node just killed refuses, a claim may meet its dying owner).
+async fn connect_anywhere(
+    up: &Mutex<Vec<Option<SocketAddr>>>,
+    prefer: usize,
+    client_id: &str,
+) -> (RawClient, usize) {
+    let deadline = tokio::time::Instant::now() + WAIT * 12;
+    let mut attempt = 0;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{client_id}: no node took the client"
+        );
+        let index = (prefer + attempt) % NODES;
+        attempt += 1;
+        let addr = up.lock().unwrap()[index];
+        if let Some(addr) = addr {
+            if let Ok(Ok(stream)) = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await {
+                let _ = stream.set_nodelay(true);
+                let mut client = RawClient::over(stream);
+                client
+                    .send_lenient(&packets::connect_v4(client_id, false, 30))
+                    .await;
+                if let Ok(Some(connack)) = client.recv_within(WAIT).await {
+                    if connack.packet_type() == 2 && connack.body.get(1) == Some(&0) {
+                        return (client, index);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Sent,
+    Released,
+}
+
+fn qos_of(seq: u32) -> u8 {
+    if seq.is_multiple_of(2) {
+        1
+    } else {
+        2
+    }
+}
+
+fn packet_id_of(seq: u32) -> u16 {
+    (seq % 60_000) as u16 + 1
+}
+
+fn publish_bytes(seq: u32, dup: bool) -> Vec<u8> {
+    let qos = qos_of(seq);
+    packets::publish(
+        &format!("cc/q{qos}"),
+        qos,
+        packet_id_of(seq),
+        false,
+        dup,
+        None,
+        &seq.to_be_bytes(),
+    )
+}
+
+/// A publisher with a persistent session that, after a reconnect, re-sends what was not
+/// acknowledged with DUP and the same packet id, and PUBREL for what is past PUBREC
+/// [MQTT-4.4.0-1].
+#[derive(Default)]
+struct Publisher {
+    client: Option<RawClient>,
+    node: usize,
+    outstanding: BTreeMap<u16, (u32, Stage)>,
+    next_seq: u32,
+    accepted: Vec<(u32, u8)>,
+    retransmitted: HashSet<u32>,
+}
+
+impl Publisher {
+    async fn ensure_connected(&mut self, up: &Mutex<Vec<Option<SocketAddr>>>) {
+        if self.client.is_some() {
+            return;
+        }
+        let (mut client, node) = connect_anywhere(up, self.node, "cc-pub").await;
+        for (&packet_id, &(seq, stage)) in &self.outstanding {
+            match stage {
+                Stage::Sent => {
+                    self.retransmitted.insert(seq);
+                    client.send_lenient(&publish_bytes(seq, true)).await;
+                }
+                Stage::Released => client.send_lenient(&packets::pubrel(packet_id)).await,
+            }
+        }
+        self.client = Some(client);
+        self.node = node;
+    }
+
+    /// Publishes until `target` messages were acknowledged (with `drain`, until nothing is
+    /// outstanding either), reconnecting as needed.
+    async fn pump(&mut self, target: usize, drain: bool, up: &Mutex<Vec<Option<SocketAddr>>>) {
+        loop {
+            if self.accepted.len() >= target && (!drain || self.outstanding.is_empty()) {
+                return;
+            }
+            self.ensure_connected(up).await;
+            let Some(client) = self.client.as_mut() else {
+                continue;
+            };
+            // Ahead of the target between kills, so that a kill meets publishes in flight.
+            let limit = if drain { target } else { target + WINDOW } as u32;
+            while self.outstanding.len() < WINDOW && self.next_seq < limit {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.outstanding
+                    .insert(packet_id_of(seq), (seq, Stage::Sent));
+                client.send_lenient(&publish_bytes(seq, false)).await;
+            }
+            let packet = match client.recv_within(WAIT * 2).await {
+                Ok(Some(packet)) => packet,
+                // Closed (its node died, or a 3.1.1 publish the cluster could not replicate)
+                // or silent: reconnect elsewhere.
+                _ => {
+                    self.client = None;
+                    self.node += 1;
+                    continue;
+                }
+            };
+            let packet_id = u16::from_be_bytes([packet.body[0], packet.body[1]]);
+            match packet.packet_type() {
+                4 => {
+                    if let Some((seq, _)) = self.outstanding.remove(&packet_id) {
+                        self.accepted.push((seq, 1));
+                    }
+                }
+                5 => {
+                    if let Some((seq, stage)) = self.outstanding.get_mut(&packet_id) {
+                        if *stage == Stage::Sent {
+                            *stage = Stage::Released;
+                            self.accepted.push((*seq, 2));
+                        }
+                    }
+                    client.send_lenient(&packets::pubrel(packet_id)).await;
+                }
+                7 => {
+                    if matches!(self.outstanding.get(&packet_id), Some((_, Stage::Released))) {
+                        self.outstanding.remove(&packet_id);
+                    }
+                }
+                other => panic!("publisher got packet type {other}"),
+            }
+        }
+    }
+}
+
+/// What the subscriber took, in order, and the QoS 2 packet ids it holds until PUBREL.
+#[derive(Default)]
+struct Subscriber {
+    taken: Vec<Taken>,
+    /// Connections after the first: each one a move of the session to another node.
+    reconnects: usize,
+    held_qos2: HashMap<u16, u32>,
+    completed_qos2: HashSet<u32>,
+}
+
+async fn subscribe(
+    up: Arc<Mutex<Vec<Option<SocketAddr>>>>,
+    state: Arc<Mutex<Subscriber>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut node = 1;
+    let mut subscribed = false;
+    loop {
+        let (mut client, at) = tokio::select! {
+            _ = stop.cancelled() => return,
+            connected = connect_anywhere(&up, node, "cc-sub") => connected,
+        };
+        node = at;
+        if subscribed {
+            state.lock().unwrap().reconnects += 1;
+        }
+        if !subscribed {
+            client
+                .send_lenient(&packets::subscribe(1, "cc/#", 2, None))
+                .await;
+            subscribed = true;
+        }
+        loop {
+            let packet = tokio::select! {
+                _ = stop.cancelled() => return,
+                packet = client.recv_within(WAIT * 2) => packet,
+            };
+            let Ok(Some(packet)) = packet else {
+                node += 1;
+                break;
+            };
+            match packet.packet_type() {
+                3 => {
+                    let publish = parse_publish(&packet, false);
+                    let seq = u32::from_be_bytes(publish.payload[..4].try_into().unwrap());
+                    let reply = {
+                        let mut state = state.lock().unwrap();
+                        if publish.qos == 1 {
+                            state.taken.push(Taken { seq, qos: 1 });
+                            packets::puback(publish.packet_id)
+                        } else {
+                            // Method B: a PUBLISH whose packet id is held is a retransmission.
+                            if let std::collections::hash_map::Entry::Vacant(slot) =
+                                state.held_qos2.entry(publish.packet_id)
+                            {
+                                slot.insert(seq);
+                                state.taken.push(Taken { seq, qos: 2 });
+                            }
+                            packets::pubrec(publish.packet_id)
+                        }
+                    };
+                    client.send_lenient(&reply).await;
+                }
+                6 => {
+                    let packet_id = u16::from_be_bytes([packet.body[0], packet.body[1]]);
+                    {
+                        let mut state = state.lock().unwrap();
+                        if let Some(seq) = state.held_qos2.remove(&packet_id) {
+                            state.completed_qos2.insert(seq);
+                        }
+                    }
+                    client.send_lenient(&packets::pubcomp(packet_id)).await;
+                }
+                // SUBACK, PINGRESP.
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A small deterministic generator, so a failing run can be repeated.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_killing_random_nodes_of_a_cluster() {
+    let nats = NatsServer::cluster(3);
+    let mut nodes = Nodes::start(&nats);
+    let seed = 0x5eed_c1a5_7e12_u64 ^ std::process::id() as u64;
+    println!("crash loop seed {seed:#x}");
+    let mut rng = Rng(seed | 1);
+
+    let state = Arc::new(Mutex::new(Subscriber::default()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    // The subscriber's session exists before anything is published.
+    {
+        let (mut client, _) = connect_anywhere(&nodes.up, 1, "cc-sub").await;
+        client
+            .send_lenient(&packets::subscribe(1, "cc/#", 2, None))
+            .await;
+        assert_eq!(client.recv_type(9).await.body, vec![0, 1, 2]);
+        client.send_lenient(&packets::DISCONNECT).await;
+    }
+    let reader = tokio::spawn(subscribe(nodes.up.clone(), state.clone(), stop.clone()));
+
+    let mut publisher = Publisher::default();
+    let mut wiped = 0;
+    let mut left_down = 0;
+    for cycle in 0..CYCLES {
+        if let Some(down) = nodes.down() {
+            let wipe = rng.next().is_multiple_of(2);
+            wiped += usize::from(wipe);
+            nodes.restart(down, wipe);
+        }
+        publisher
+            .pump(PER_CYCLE * (cycle + 1), false, &nodes.up)
+            .await;
+        let victim = (rng.next() % NODES as u64) as usize;
+        nodes.kill(victim);
+        match rng.next() % 4 {
+            0 => {}
+            1 => {
+                nodes.restart(victim, true);
+                wiped += 1;
+            }
+            _ if cycle + 1 == CYCLES => {}
+            2 => left_down += 1,
+            _ => nodes.restart(victim, false),
+        }
+    }
+    // The last victim stays down for good.
+    let total = PER_CYCLE * (CYCLES + 1);
+    publisher.pump(total, true, &nodes.up).await;
+    println!(
+        "{} acknowledged, {} sent again, {wiped} data directories deleted, {left_down} nodes left down for a cycle",
+        publisher.accepted.len(),
+        publisher.retransmitted.len()
+    );
+
+    // Wait for the subscriber to have every acknowledged message, then a little longer: a
+    // duplicate would come now.
+    let deadline = tokio::time::Instant::now() + WAIT * 12;
+    loop {
+        let complete = {
+            let state = state.lock().unwrap();
+            let taken: HashSet<u32> = state.taken.iter().map(|t| t.seq).collect();
+            publisher
+                .accepted
+                .iter()
+                .all(|(seq, _)| taken.contains(seq))
+        };
+        if complete {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    reader.await.expect("subscriber task");
+    let state = state.lock().unwrap();
+    println!(
+        "the subscriber took {} messages over {} reconnections",
+        state.taken.len(),
+        state.reconnects
+    );
+    assert!(
+        state.reconnects > 0,
+        "the subscriber's node was never killed"
+    );
+    if let Err(failure) = audit(&publisher.accepted, &publisher.retransmitted, &state.taken) {
+        let sent_again: Vec<u32> = {
+            let mut v: Vec<u32> = publisher.retransmitted.iter().copied().collect();
+            v.sort_unstable();
+            v
+        };
+        panic!("seed {seed:#x}: {failure} (sent again: {sent_again:?})");
+    }
+    assert!(publisher.accepted.len() >= total);
+    drop(nodes);
+}
