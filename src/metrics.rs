@@ -384,6 +384,7 @@ pub fn cluster_init() {
         "retained_watch",
         "retained_queue_full",
         "log_read",
+        "log_gap",
         "replay",
         "replay_truncated",
         "position",

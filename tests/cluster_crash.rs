@@ -185,12 +185,24 @@ async fn connect_anywhere(
     client_id: &str,
 ) -> (RawClient, usize) {
     let deadline = tokio::time::Instant::now() + WAIT * 12;
+    match connect_before(up, prefer, client_id, deadline).await {
+        Some(connected) => connected,
+        None => panic!("{client_id}: no node took the client"),
+    }
+}
+
+/// [`connect_anywhere`], giving up at `deadline`.
+async fn connect_before(
+    up: &Mutex<Vec<Option<SocketAddr>>>,
+    prefer: usize,
+    client_id: &str,
+    deadline: tokio::time::Instant,
+) -> Option<(RawClient, usize)> {
     let mut attempt = 0;
     loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{client_id}: no node took the client"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
         let index = (prefer + attempt) % NODES;
         attempt += 1;
         let addr = up.lock().unwrap()[index];
@@ -203,7 +215,7 @@ async fn connect_anywhere(
                     .await;
                 if let Ok(Some(connack)) = client.recv_within(WAIT).await {
                     if connack.packet_type() == 2 && connack.body.get(1) == Some(&0) {
-                        return (client, index);
+                        return Some((client, index));
                     }
                 }
             }
@@ -257,11 +269,18 @@ struct Publisher {
 }
 
 impl Publisher {
-    async fn ensure_connected(&mut self, up: &Mutex<Vec<Option<SocketAddr>>>) {
+    async fn ensure_connected(
+        &mut self,
+        up: &Mutex<Vec<Option<SocketAddr>>>,
+        deadline: tokio::time::Instant,
+    ) {
         if self.client.is_some() {
             return;
         }
-        let (mut client, node) = connect_anywhere(up, self.node, "cc-pub").await;
+        let Some((mut client, node)) = connect_before(up, self.node, "cc-pub", deadline).await
+        else {
+            return;
+        };
         for (&packet_id, &(seq, stage)) in &self.outstanding {
             match stage {
                 Stage::Sent => {
@@ -278,11 +297,30 @@ impl Publisher {
     /// Publishes until `target` messages were acknowledged (with `drain`, until nothing is
     /// outstanding either), reconnecting as needed.
     async fn pump(&mut self, target: usize, drain: bool, up: &Mutex<Vec<Option<SocketAddr>>>) {
+        let deadline = tokio::time::Instant::now() + WAIT * 24;
+        assert!(
+            self.pump_until(target, drain, up, deadline).await,
+            "publisher stuck at {} acknowledged",
+            self.accepted.len()
+        );
+    }
+
+    /// [`Publisher::pump`] until `deadline`; whether `target` was reached.
+    async fn pump_until(
+        &mut self,
+        target: usize,
+        drain: bool,
+        up: &Mutex<Vec<Option<SocketAddr>>>,
+        deadline: tokio::time::Instant,
+    ) -> bool {
         loop {
             if self.accepted.len() >= target && (!drain || self.outstanding.is_empty()) {
-                return;
+                return true;
             }
-            self.ensure_connected(up).await;
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            self.ensure_connected(up, deadline).await;
             let Some(client) = self.client.as_mut() else {
                 continue;
             };
@@ -295,7 +333,7 @@ impl Publisher {
                     .insert(packet_id_of(seq), (seq, Stage::Sent));
                 client.send_lenient(&publish_bytes(seq, false)).await;
             }
-            let packet = match client.recv_within(WAIT * 2).await {
+            let packet = match client.recv_within(WAIT).await {
                 Ok(Some(packet)) => packet,
                 // Closed (its node died, or a 3.1.1 publish the cluster could not replicate)
                 // or silent: reconnect elsewhere.
@@ -338,6 +376,8 @@ struct Subscriber {
     taken: Vec<Taken>,
     /// Connections after the first: each one a move of the session to another node.
     reconnects: usize,
+    /// Every PUBLISH and PUBREL as it came (seq or 0, packet id, DUP, node), for a report.
+    trace: Vec<(u32, u16, bool, usize)>,
     held_qos2: HashMap<u16, u32>,
     completed_qos2: HashSet<u32>,
 }
@@ -379,6 +419,9 @@ async fn subscribe(
                     let seq = u32::from_be_bytes(publish.payload[..4].try_into().unwrap());
                     let reply = {
                         let mut state = state.lock().unwrap();
+                        state
+                            .trace
+                            .push((seq, publish.packet_id, publish.dup, node));
                         if publish.qos == 1 {
                             state.taken.push(Taken { seq, qos: 1 });
                             packets::puback(publish.packet_id)
@@ -399,6 +442,7 @@ async fn subscribe(
                     let packet_id = u16::from_be_bytes([packet.body[0], packet.body[1]]);
                     {
                         let mut state = state.lock().unwrap();
+                        state.trace.push((0, packet_id, false, node));
                         if let Some(seq) = state.held_qos2.remove(&packet_id) {
                             state.completed_qos2.insert(seq);
                         }
@@ -424,6 +468,87 @@ impl Rng {
     }
 }
 
+/// The persistent subscriber, reading in a task of its own.
+struct Reader {
+    state: Arc<Mutex<Subscriber>>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reader {
+    /// Creates the subscriber's session (before anything is published) and starts reading.
+    async fn start(up: &Arc<Mutex<Vec<Option<SocketAddr>>>>) -> Self {
+        {
+            let (mut client, _) = connect_anywhere(up, 1, "cc-sub").await;
+            client
+                .send_lenient(&packets::subscribe(1, "cc/#", 2, None))
+                .await;
+            assert_eq!(client.recv_type(9).await.body, vec![0, 1, 2]);
+            client.send_lenient(&packets::DISCONNECT).await;
+        }
+        let state = Arc::new(Mutex::new(Subscriber::default()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(subscribe(up.clone(), state.clone(), stop.clone()));
+        Self { state, stop, task }
+    }
+
+    /// Waits for every acknowledged message (then a little longer: a duplicate would come
+    /// now), stops, and audits; returns the subscriber's record.
+    async fn finish(self, publisher: &Publisher, label: &str) -> Subscriber {
+        let deadline = tokio::time::Instant::now() + WAIT * 12;
+        loop {
+            let complete = {
+                let state = self.state.lock().unwrap();
+                let taken: HashSet<u32> = state.taken.iter().map(|t| t.seq).collect();
+                publisher
+                    .accepted
+                    .iter()
+                    .all(|(seq, _)| taken.contains(seq))
+            };
+            if complete || tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        self.stop.cancel();
+        self.task.await.expect("subscriber task");
+        let state = std::mem::take(&mut *self.state.lock().unwrap());
+        println!(
+            "{label}: {} acknowledged ({} sent again); the subscriber took {} over {} reconnections",
+            publisher.accepted.len(),
+            publisher.retransmitted.len(),
+            state.taken.len(),
+            state.reconnects
+        );
+        if let Err(failure) = audit(&publisher.accepted, &publisher.retransmitted, &state.taken) {
+            // What the subscriber saw around the message, and what became of its packet id.
+            let seq: Option<u32> = failure
+                .split_once("message ")
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .and_then(|word| word.parse().ok());
+            let near = |s: u32| seq.is_some_and(|seq| s != 0 && s.abs_diff(seq) <= 2);
+            let packet_ids: HashSet<u16> = state
+                .trace
+                .iter()
+                .filter(|(s, ..)| near(*s))
+                .map(|(_, packet_id, ..)| *packet_id)
+                .collect();
+            let around: Vec<_> = state
+                .trace
+                .iter()
+                .enumerate()
+                .filter(|(_, (s, packet_id, ..))| {
+                    near(*s) || (*s == 0 && packet_ids.contains(packet_id))
+                })
+                .map(|(i, entry)| (i, *entry))
+                .collect();
+            panic!("{label}: {failure}; subscriber saw {around:?}");
+        }
+        state
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_survive_killing_random_nodes_of_a_cluster() {
     let nats = NatsServer::cluster(3);
@@ -431,19 +556,7 @@ async fn acknowledged_messages_survive_killing_random_nodes_of_a_cluster() {
     let seed = 0x5eed_c1a5_7e12_u64 ^ std::process::id() as u64;
     println!("crash loop seed {seed:#x}");
     let mut rng = Rng(seed | 1);
-
-    let state = Arc::new(Mutex::new(Subscriber::default()));
-    let stop = tokio_util::sync::CancellationToken::new();
-    // The subscriber's session exists before anything is published.
-    {
-        let (mut client, _) = connect_anywhere(&nodes.up, 1, "cc-sub").await;
-        client
-            .send_lenient(&packets::subscribe(1, "cc/#", 2, None))
-            .await;
-        assert_eq!(client.recv_type(9).await.body, vec![0, 1, 2]);
-        client.send_lenient(&packets::DISCONNECT).await;
-    }
-    let reader = tokio::spawn(subscribe(nodes.up.clone(), state.clone(), stop.clone()));
+    let reader = Reader::start(&nodes.up).await;
 
     let mut publisher = Publisher::default();
     let mut wiped = 0;
@@ -473,53 +586,56 @@ async fn acknowledged_messages_survive_killing_random_nodes_of_a_cluster() {
     // The last victim stays down for good.
     let total = PER_CYCLE * (CYCLES + 1);
     publisher.pump(total, true, &nodes.up).await;
-    println!(
-        "{} acknowledged, {} sent again, {wiped} data directories deleted, {left_down} nodes left down for a cycle",
-        publisher.accepted.len(),
-        publisher.retransmitted.len()
-    );
-
-    // Wait for the subscriber to have every acknowledged message, then a little longer: a
-    // duplicate would come now.
-    let deadline = tokio::time::Instant::now() + WAIT * 12;
-    loop {
-        let complete = {
-            let state = state.lock().unwrap();
-            let taken: HashSet<u32> = state.taken.iter().map(|t| t.seq).collect();
-            publisher
-                .accepted
-                .iter()
-                .all(|(seq, _)| taken.contains(seq))
-        };
-        if complete {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.cancel();
-    reader.await.expect("subscriber task");
-    let state = state.lock().unwrap();
-    println!(
-        "the subscriber took {} messages over {} reconnections",
-        state.taken.len(),
-        state.reconnects
-    );
+    println!("{wiped} data directories deleted, {left_down} nodes left down for a cycle");
+    let taken = reader
+        .finish(&publisher, &format!("crash loop, seed {seed:#x}"))
+        .await;
     assert!(
-        state.reconnects > 0,
+        taken.reconnects > 0,
         "the subscriber's node was never killed"
     );
-    if let Err(failure) = audit(&publisher.accepted, &publisher.retransmitted, &state.taken) {
-        let sent_again: Vec<u32> = {
-            let mut v: Vec<u32> = publisher.retransmitted.iter().copied().collect();
-            v.sort_unstable();
-            v
-        };
-        panic!("seed {seed:#x}: {failure} (sent again: {sent_again:?})");
-    }
     assert!(publisher.accepted.len() >= total);
+    drop(nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_acknowledged_is_lost_when_one_nats_server_of_three_dies_under_load() {
+    let mut nats = NatsServer::cluster(3);
+    let nodes = Nodes::start(&nats);
+    let reader = Reader::start(&nodes.up).await;
+    let mut publisher = Publisher::default();
+    publisher.pump(400, false, &nodes.up).await;
+    // Node 0 (the publisher's) prefers server 0.
+    nats[0].kill();
+    publisher.pump(1200, true, &nodes.up).await;
+    reader.finish(&publisher, "one NATS server killed").await;
+    drop(nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_nats_majority_publishes_are_refused_and_service_resumes_with_it() {
+    let mut nats = NatsServer::cluster(3);
+    let nodes = Nodes::start(&nats);
+    let reader = Reader::start(&nodes.up).await;
+    let mut publisher = Publisher::default();
+    publisher.pump(400, false, &nodes.up).await;
+    nats[1].kill();
+    nats[2].kill();
+    // The log and the buckets have no majority: nothing more is acknowledged (beyond what
+    // was in flight and stored before the servers died).
+    let before = publisher.accepted.len();
+    let outage = tokio::time::Instant::now() + WAIT * 2;
+    assert!(
+        !publisher
+            .pump_until(before + 200, false, &nodes.up, outage)
+            .await
+    );
+    let during = publisher.accepted.len() - before;
+    assert!(during <= WINDOW, "{during} acknowledged without a majority");
+    nats[1].restart();
+    nats[2].restart();
+    publisher.pump(1200, true, &nodes.up).await;
+    println!("{during} acknowledged as the majority went");
+    reader.finish(&publisher, "two NATS servers killed").await;
     drop(nodes);
 }

@@ -63,25 +63,14 @@ pub(super) async fn open(
     node: &str,
     stored_applied: u64,
 ) -> Result<(PullConsumer, u64), ClusterError> {
-    let name = format!("node-{}", subject::token(node));
+    let name = consumer_name(node);
     let failed = |e: &dyn std::fmt::Display| ClusterError::Bucket {
         bucket: format!("consumer {name}"),
         reason: e.to_string(),
     };
+    // A new node starts at the end: it has no session yet that could be owed anything older.
     let consumer: PullConsumer = log
-        .get_or_create_consumer(
-            &name,
-            pull::Config {
-                durable_name: Some(name.clone()),
-                // A new node starts at the end: it has no session yet that could be owed
-                // anything older.
-                deliver_policy: DeliverPolicy::New,
-                ack_policy: AckPolicy::All,
-                ack_wait: Duration::from_secs(30),
-                max_ack_pending: MAX_ACK_PENDING,
-                ..Default::default()
-            },
-        )
+        .get_or_create_consumer(&name, config(&name, DeliverPolicy::New))
         .await
         .map_err(|e| failed(&e))?;
     let info = consumer.get_info().await.map_err(|e| failed(&e))?;
@@ -93,10 +82,39 @@ pub(super) async fn open(
     Ok((consumer, applied))
 }
 
+/// Makes this node's consumer start again at `from`: it is deleted and created anew.
+async fn rewind(log: &stream::Stream, node: &str, from: u64) -> Result<PullConsumer, String> {
+    let name = consumer_name(node);
+    let _ = log.delete_consumer(&name).await;
+    log.create_consumer(config(
+        &name,
+        DeliverPolicy::ByStartSequence {
+            start_sequence: from,
+        },
+    ))
+    .await
+    .map_err(|e| e.to_string())
+}
+
+fn consumer_name(node: &str) -> String {
+    format!("node-{}", subject::token(node))
+}
+
+fn config(name: &str, deliver_policy: DeliverPolicy) -> pull::Config {
+    pull::Config {
+        durable_name: Some(name.to_string()),
+        deliver_policy,
+        ack_policy: AckPolicy::All,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: MAX_ACK_PENDING,
+        ..Default::default()
+    }
+}
+
 /// Delivers the log to this node's sessions, in order, batch by batch.
 pub(super) async fn run(
     cluster: Arc<Cluster>,
-    consumer: PullConsumer,
+    mut consumer: PullConsumer,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -133,18 +151,46 @@ pub(super) async fn run(
                     _ => break,
                 }
             }
-            cluster.deliver_batch(batch).await;
+            if let Some(from) = cluster.deliver_batch(batch).await {
+                warn!(
+                    from,
+                    "replication log entries missing: reading again from the first"
+                );
+                metrics::cluster_error("log_read");
+                loop {
+                    match rewind(&cluster.log, &cluster.node, from).await {
+                        Ok(rewound) => {
+                            consumer = rewound;
+                            break;
+                        }
+                        Err(error) => {
+                            debug!(%error, "cannot rewind the log consumer; retrying");
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = tokio::time::sleep(RETRY) => {}
+                            }
+                        }
+                    }
+                }
+                break;
+            }
         }
     }
 }
 
 impl Cluster {
+    /// Delivers a batch in log order. Returns the position to read from again when an entry
+    /// is missing: acknowledging past it (acknowledgements are cumulative) would lose it. A
+    /// consumer's new leader, after a NATS server failed, may count as delivered what never
+    /// arrived here.
     async fn deliver_batch(
         &self,
         batch: Vec<Result<async_nats::jetstream::Message, pull::MessagesError>>,
-    ) {
+    ) -> Option<u64> {
         let _held = self.log_lock.lock().await;
         let applied = self.log_applied.load(Ordering::Acquire);
+        let mut expected = applied + 1;
+        let mut gap = None;
         let mut entries = Vec::with_capacity(batch.len());
         let mut last = None;
         for item in batch {
@@ -164,6 +210,25 @@ impl Cluster {
                 last = Some((message, seq));
                 continue;
             }
+            if seq > expected {
+                let first = match self.log.get_info().await {
+                    Ok(info) => info.state.first_sequence,
+                    Err(_) => seq,
+                };
+                if first <= expected {
+                    // Still in the log: read again from it.
+                    gap = Some(expected);
+                    break;
+                }
+                // Expired from the log (`log_max_age`, `log_max_bytes`) before this node read it.
+                metrics::cluster_error("log_gap");
+                warn!(
+                    from = expected,
+                    to = seq - 1,
+                    "replication log entries expired before this node read them"
+                );
+            }
+            expected = seq + 1;
             match log::unframe(&message.payload) {
                 Some((origin, received)) => {
                     let reach = if origin == &*self.node {
@@ -182,7 +247,7 @@ impl Cluster {
             last = Some((message, seq));
         }
         let Some((message, seq)) = last else {
-            return;
+            return gap;
         };
         if let Err(error) = self
             .pipeline
@@ -192,12 +257,13 @@ impl Cluster {
             // Not acknowledged: JetStream delivers the batch again after its ack wait.
             metrics::message_dropped(metrics::DROP_STORAGE_FAILED);
             tracing::error!(%error, "messages from the replication log not delivered: storage failed");
-            return;
+            return gap;
         }
         self.log_applied.fetch_max(seq, Ordering::AcqRel);
         if let Err(error) = message.ack().await {
             debug!(%error, "replication log acknowledgement not sent");
         }
+        gap
     }
 
     /// Stops the delivery of the log at the watermark until the hold is dropped.

@@ -177,6 +177,11 @@ impl Cluster {
             let mut outcome = Ok(Stored::New);
             if let Some(ack) = logged {
                 match ack.await {
+                    // A duplicate whose copy has no position is still being proposed by a
+                    // stream leader that may lose it: not known to be stored.
+                    Ok(ack) if ack.duplicate && ack.sequence == 0 => {
+                        outcome = Err(unavailable("an earlier copy is not yet stored"));
+                    }
                     Ok(ack) if ack.duplicate => outcome = Ok(Stored::Again),
                     Ok(_) => {}
                     Err(error) => outcome = Err(unavailable(&error.to_string())),

@@ -274,7 +274,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// the client's retransmission is taken as the new message it is.
     pub(super) async fn forget_qos2(&mut self, packet_id: u16) {
         self.session.inbound_qos2.remove(&packet_id);
-        self.handle.log.inbound_remove(packet_id);
+        // A refusal that timed out may have been stored after all. A 3.1.1 client sends the
+        // message again with the same packet id [MQTT-4.4.0-1], and it keeps the id the log
+        // knows it by, so the log keeps one copy. An MQTT 5 refusal ends the exchange: the id
+        // is free for a new message.
+        if self.version.is_v5() {
+            self.handle.log.inbound_remove(packet_id);
+        }
         if self.handle.is_persistent() {
             let delete = vec![ops::inbound_delete(&self.client_id, packet_id)];
             self.state.publish.write_behind(delete).await;

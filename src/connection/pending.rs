@@ -141,8 +141,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Sends the acknowledgement `kind` once `ops` are durable and `recorded` (the cluster's
-    /// record of the session's log position) answered, whatever it answered: a failed record
-    /// only risks a duplicate should the session move.
+    /// record of the session's log position) succeeded; if it failed, the connection closes
+    /// instead, and the client repeats the exchange on its next connection.
     pub(super) async fn ack_after_recorded(
         &mut self,
         ops: Vec<Op>,
@@ -240,6 +240,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 if let Err(Failure::Storage(error)) = outcome {
                     tracing::error!(client_id = %self.client_id, %error, "request not completed: storage failed");
                     return Err(Close::StorageFailure);
+                }
+                if let Err(Failure::Replication(error)) = outcome {
+                    // A PUBREL or PUBCOMP whose record in the cluster failed: not sent. The
+                    // client retries the exchange on its next connection.
+                    tracing::warn!(client_id = %self.client_id, %error, "acknowledgement held back: not recorded in the cluster");
+                    return Err(Close::NotReplicated);
                 }
                 self.write_buf.extend_from_slice(&bytes);
                 self.state.publish.enqueue(&self.handle, deliveries).await;

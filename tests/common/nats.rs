@@ -16,6 +16,8 @@ const START_ATTEMPTS: usize = 5;
 
 pub struct NatsServer {
     child: Option<Child>,
+    /// Its place in a cluster (index, route port, routes), kept for a restart.
+    cluster: Option<(usize, u16, String)>,
     pub client_port: u16,
     monitor_port: u16,
     /// JetStream's files, kept across a restart of the same server.
@@ -80,6 +82,7 @@ impl NatsServer {
             .map(|(i, route_port)| {
                 let mut server = Self {
                     child: None,
+                    cluster: None,
                     client_port: free_port(),
                     monitor_port: free_port(),
                     _store: tempfile::tempdir().expect("temp dir"),
@@ -96,6 +99,7 @@ impl NatsServer {
     }
 
     fn spawn(&mut self, cluster: Option<(usize, u16, String)>) {
+        self.cluster = cluster.clone();
         let mut command = Command::new(binary());
         command
             .args(["-a", "127.0.0.1", "-p"])
@@ -212,14 +216,15 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.client_port)
     }
 
-    /// Starts a killed single server again on the same ports and JetStream files.
+    /// Starts a killed server again on the same ports and JetStream files (and in its
+    /// cluster, for a member of one).
     /// The ports may be briefly taken by another test's connection; the server then exits
     /// and is started again.
     pub fn restart(&mut self) {
         let mut failures = Vec::new();
         for _ in 0..START_ATTEMPTS {
             self.kill();
-            self.spawn(None);
+            self.spawn(self.cluster.clone());
             match self.wait_ready() {
                 Ok(()) => return,
                 Err(failure) => failures.push(failure),
