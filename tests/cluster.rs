@@ -18,6 +18,9 @@ struct Cluster {
     nats: Vec<NatsServer>,
 }
 
+/// The replication log's byte limit in tests.
+const TEST_LOG_BYTES: u64 = 64 << 20;
+
 async fn node(name: &str, urls: Vec<String>) -> TestBroker {
     let name = name.to_string();
     TestBroker::start_with(move |config| {
@@ -29,6 +32,8 @@ async fn node(name: &str, urls: Vec<String>) -> TestBroker {
         config.cluster.forward_queue = 64;
         config.cluster.nats_urls = urls;
         config.cluster.request_timeout = Duration::from_secs(2);
+        // JetStream reserves a stream's byte limit on disk up front: small on a test machine.
+        config.cluster.log_max_bytes = TEST_LOG_BYTES;
     })
     .await
 }
@@ -574,7 +579,7 @@ async fn clients_of_a_killed_node_resume_on_another_with_what_they_missed() {
         format!(
             "[listener]\nbind = \"127.0.0.1:0\"\n[websocket]\nenabled = false\n[metrics]\nenabled = false\n\
              [storage]\ndata_dir = \"{}\"\n[cluster]\nenabled = true\nnode_id = \"victim\"\n\
-             nats_urls = [\"{}\"]\nrequest_timeout = \"2s\"\n",
+             nats_urls = [\"{}\"]\nrequest_timeout = \"2s\"\nlog_max_bytes = {TEST_LOG_BYTES}\n",
             dir.path().join("data").display(),
             cluster.nats[0].url()
         ),

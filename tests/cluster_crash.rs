@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::crash_load::{packet_id_of, publish_bytes};
 use common::nats::NatsServer;
 use common::packets::{self, parse_publish};
 use common::process::BrokerProcess;
@@ -138,7 +139,7 @@ impl Nodes {
                     "[listener]\nbind = \"127.0.0.1:0\"\n[websocket]\nenabled = false\n\
                      [metrics]\nenabled = false\n[storage]\ndata_dir = \"{}\"\n\
                      [cluster]\nenabled = true\nnode_id = \"cc-{i}\"\nnats_urls = [{}]\n\
-                     request_timeout = \"2s\"\n",
+                     request_timeout = \"2s\"\nlog_max_bytes = 67108864\n",
                     dir.path().join(format!("data-{i}")).display(),
                     urls.join(", ")
                 ),
@@ -230,31 +231,6 @@ enum Stage {
     Released,
 }
 
-fn qos_of(seq: u32) -> u8 {
-    if seq.is_multiple_of(2) {
-        1
-    } else {
-        2
-    }
-}
-
-fn packet_id_of(seq: u32) -> u16 {
-    (seq % 60_000) as u16 + 1
-}
-
-fn publish_bytes(seq: u32, dup: bool) -> Vec<u8> {
-    let qos = qos_of(seq);
-    packets::publish(
-        &format!("cc/q{qos}"),
-        qos,
-        packet_id_of(seq),
-        false,
-        dup,
-        None,
-        &seq.to_be_bytes(),
-    )
-}
-
 /// A publisher with a persistent session that, after a reconnect, re-sends what was not
 /// acknowledged with DUP and the same packet id, and PUBREL for what is past PUBREC
 /// [MQTT-4.4.0-1].
@@ -285,7 +261,7 @@ impl Publisher {
             match stage {
                 Stage::Sent => {
                     self.retransmitted.insert(seq);
-                    client.send_lenient(&publish_bytes(seq, true)).await;
+                    client.send_lenient(&publish_bytes("cc", seq, true)).await;
                 }
                 Stage::Released => client.send_lenient(&packets::pubrel(packet_id)).await,
             }
@@ -331,7 +307,7 @@ impl Publisher {
                 self.next_seq += 1;
                 self.outstanding
                     .insert(packet_id_of(seq), (seq, Stage::Sent));
-                client.send_lenient(&publish_bytes(seq, false)).await;
+                client.send_lenient(&publish_bytes("cc", seq, false)).await;
             }
             let packet = match client.recv_within(WAIT).await {
                 Ok(Some(packet)) => packet,

@@ -8,6 +8,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
+use common::crash_load::{packet_id_of, publish_bytes, qos_of};
 use common::packets::{self, parse_publish};
 use common::process::BrokerProcess;
 use common::RawClient;
@@ -40,38 +41,13 @@ struct Publisher {
 
 const WINDOW: usize = 32;
 
-fn qos_of(seq: u32) -> u8 {
-    if seq.is_multiple_of(2) {
-        1
-    } else {
-        2
-    }
-}
-
-fn packet_id_of(seq: u32) -> u16 {
-    (seq % 60_000) as u16 + 1
-}
-
-fn publish_bytes(seq: u32, dup: bool) -> Vec<u8> {
-    let qos = qos_of(seq);
-    packets::publish(
-        &format!("crash/q{qos}"),
-        qos,
-        packet_id_of(seq),
-        false,
-        dup,
-        None,
-        &seq.to_be_bytes(),
-    )
-}
-
 impl Publisher {
     async fn connect(&mut self, addr: SocketAddr) {
         let (mut client, _) =
             RawClient::handshake(addr, &packets::connect_v4("crash-pub", false, 60)).await;
         for (&packet_id, out) in &self.outstanding {
             match out.stage {
-                Stage::Sent => client.send(&publish_bytes(out.seq, true)).await,
+                Stage::Sent => client.send(&publish_bytes("crash", out.seq, true)).await,
                 Stage::Released => client.send(&packets::pubrel(packet_id)).await,
             }
         }
@@ -102,7 +78,9 @@ impl Publisher {
                         stage: Stage::Sent,
                     },
                 );
-                client.send_lenient(&publish_bytes(seq, false)).await;
+                client
+                    .send_lenient(&publish_bytes("crash", seq, false))
+                    .await;
             }
             let Some(packet) = client.recv().await else {
                 self.client = None;

@@ -234,6 +234,7 @@ async fn every_cluster_dashboard_query_and_alert_metric_has_data() {
             config.cluster.enabled = true;
             config.cluster.node_id = name.into();
             config.cluster.nats_urls = vec![url];
+            config.cluster.log_max_bytes = 64 << 20;
         })
     };
     let (first, second) = (node("m-0").await, node("m-1").await);

@@ -288,7 +288,7 @@ impl Cluster {
     ) -> Result<usize, ClusterError> {
         // Whatever this node's consumer still brings up to the floor, or completed, the
         // session had.
-        session.log.skip(recorded);
+        session.log().skip(recorded);
         let position = recorded.floor;
         self.release_completed(session, recorded).await;
         if position >= hold.applied || filters.is_empty() {

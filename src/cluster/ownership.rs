@@ -32,6 +32,9 @@ const RECORD_VERSION: u8 = 1;
 /// Reads and compare-and-sets a claim tries before a CONNECT is refused as a conflict.
 const CLAIM_ATTEMPTS: u32 = 3;
 
+/// A claim that failed faster than this is tried again (see [`Cluster::claim`]).
+const QUICK_FAILURE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// A session as the cluster knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct SessionRecord {
@@ -213,11 +216,22 @@ impl Cluster {
         let mut attempts = 0;
         loop {
             attempts += 1;
+            let started = tokio::time::Instant::now();
             match self
                 .claim_once(client_id, clean_start, expiry_interval)
                 .await
             {
                 Err(ClaimError::Conflict) if attempts < CLAIM_ATTEMPTS => continue,
+                // A quick error is often a passing one (a stream leader changing, an answer
+                // crossed with the previous connection's last write); one that took long is
+                // an outage, which the client is told of at once.
+                Err(ClaimError::Unavailable(error))
+                    if attempts < CLAIM_ATTEMPTS && started.elapsed() < QUICK_FAILURE =>
+                {
+                    debug!(%client_id, %error, "claim failed quickly; trying again");
+                    tokio::time::sleep(QUICK_FAILURE / 10 * attempts).await;
+                    continue;
+                }
                 Err(ClaimError::Conflict) => {
                     metrics::cluster_ownership_conflict();
                     return Err(ClaimError::Conflict);
@@ -362,7 +376,7 @@ impl Cluster {
             if let Err(error) = self.write_position(&session, true).await {
                 debug!(%error, %client_id, "last position not written");
             }
-            session.log.set_owned_here(false);
+            session.log().set_owned_here(false);
             for filter in &filters {
                 self.router.unsubscribe_session(&session, filter);
             }

@@ -149,20 +149,20 @@ impl Cluster {
         let cluster = self.clone();
         let session = session.clone();
         let message = message.clone();
-        let (before, queued) = session.log.queue_in_order();
+        let (before, queued) = session.log().queue_in_order();
         self.tracker.spawn(async move {
             if let Some(before) = before {
                 // Dropped unsent (that one failed) counts as done too.
                 let _ = before.await;
             }
-            let id = session.log.inbound_id(packet_id, || {
+            let id = session.log().inbound_id(packet_id, || {
                 cluster.fresh_ids.fetch_add(1, Ordering::Relaxed)
             });
             let (stored, answer) = oneshot::channel();
             {
                 // Held until the message is queued for the log: this session's QoS 2 messages
                 // reach the log in the order they were received.
-                let _one_at_a_time = session.log.writing.lock().await;
+                let _one_at_a_time = session.log().writing.lock().await;
                 if let Err(error) = cluster.write_position_locked(&session, true).await {
                     let _ = done.send(Err(ReplicationError(error.into())));
                     return;
@@ -191,7 +191,7 @@ impl Cluster {
         session: &SessionHandle,
         always: bool,
     ) -> Result<(), String> {
-        let _one_at_a_time = session.log.writing.lock().await;
+        let _one_at_a_time = session.log().writing.lock().await;
         self.write_position_locked(session, always).await
     }
 
@@ -201,16 +201,16 @@ impl Cluster {
         session: &SessionHandle,
         always: bool,
     ) -> Result<(), String> {
-        if !session.log.is_owned_here() || !session.is_persistent() {
+        if !session.log().is_owned_here() || !session.is_persistent() {
             return Ok(());
         }
         // Read before the session: a delivery the watermark passed is already pending in it.
         let applied = self.log_applied.load(Ordering::Acquire);
-        let Some(position) = session.log.position(applied) else {
+        let Some(position) = session.log().position(applied) else {
             // Recovered deliveries of unknown position: the recorded one still holds.
             return Ok(());
         };
-        if !session.log.note_recorded(position.floor) && !always {
+        if !session.log().note_recorded(position.floor) && !always {
             return Ok(());
         }
         let written = self
@@ -219,7 +219,7 @@ impl Cluster {
             .await;
         if let Err(error) = written {
             // Written again next time.
-            session.log.note_recorded(0);
+            session.log().note_recorded(0);
             metrics::cluster_error("position");
             return Err(error.to_string());
         }
@@ -239,7 +239,7 @@ pub(super) async fn record(cluster: Arc<Cluster>, shutdown: CancellationToken) {
         }
         let mut writes = FuturesUnordered::new();
         for session in cluster.registry.persistent_sessions() {
-            if !session.log.is_owned_here() {
+            if !session.log().is_owned_here() {
                 continue;
             }
             let cluster = &cluster;

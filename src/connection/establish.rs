@@ -191,7 +191,7 @@ where
         // released: a retransmission is stored under the same id, which the log keeps once
         // (`Cluster::replicate_qos2`).
         for &(packet_id, id) in &position.inbound {
-            attached.handle.log.inbound_restore(packet_id, id);
+            attached.handle.log().inbound_restore(packet_id, id);
         }
     }
     if let (Some(cluster), Some(hold), Some(position)) = (&state.cluster, &log_hold, &position) {
@@ -212,7 +212,7 @@ where
     drop(log_hold);
     if state.cluster.is_some() {
         // From now on this node records the session's log position.
-        attached.handle.log.set_owned_here(true);
+        attached.handle.log().set_owned_here(true);
     }
     // The session exists on disk before the client is told it does.
     let persisted_session = if session_expiry > 0 && state.publish.is_durable() {
@@ -389,7 +389,7 @@ async fn discard_stale_queue(state: &BrokerState, attached: &mut Attached) {
     let store_id = attached.handle.store_id;
     let mut stale = attached.handle.mailbox.drain();
     stale.extend(attached.state.inflight.drain().map(|entry| entry.delivery));
-    attached.handle.log.clear();
+    attached.handle.log().clear();
     let releases = stale
         .iter()
         .filter_map(|delivery| ops::release(store_id, delivery, true))

@@ -246,7 +246,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub(super) async fn handle_pubrel(&mut self, packet_id: u16) -> Result<(), Close> {
         let known = self.session.inbound_qos2.remove(&packet_id).is_some();
         // In a cluster, also one the client published on the node its session came from.
-        let on_record = self.handle.log.inbound_remove(packet_id);
+        let on_record = self
+            .handle
+            .log_if_any()
+            .is_some_and(|log| log.inbound_remove(packet_id));
         let known = known || on_record;
         let reason = if known {
             0
@@ -279,7 +282,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // knows it by, so the log keeps one copy. An MQTT 5 refusal ends the exchange: the id
         // is free for a new message.
         if self.version.is_v5() {
-            self.handle.log.inbound_remove(packet_id);
+            if let Some(log) = self.handle.log_if_any() {
+                log.inbound_remove(packet_id);
+            }
         }
         if self.handle.is_persistent() {
             let delete = vec![ops::inbound_delete(&self.client_id, packet_id)];

@@ -37,12 +37,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let log_seq = delivery.log_seq;
             match self.send_delivery(delivery, now) {
                 Some(dropped) => {
-                    self.handle.log.done(&dropped);
+                    self.handle.log_done(&dropped);
                     expired.push(dropped);
                 }
                 None if at_most_once => {
                     if let Some(seq) = log_seq {
-                        self.handle.log.done_at(seq);
+                        self.handle.log().done_at(seq);
                     }
                 }
                 None => {}
@@ -172,10 +172,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                             // The client has the message: wherever the session goes, the
                             // log's copy must not reach it again as a new message.
                             Some(seq) if seq > 0 => {
-                                handle.log.complete(seq);
+                                handle.log().complete(seq);
                                 completed = Some(seq);
                             }
-                            Some(seq) => handle.log.done_at(seq),
+                            Some(seq) => handle.log().done_at(seq),
                             None => {}
                         }
                         publish::pubrec_ops(store_id, &mut entry.delivery)
@@ -217,7 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Releases the storage of a finished delivery (written behind: losing it after a crash
     /// means a redelivery, which QoS 1 allows and QoS 2's PUBREL state covers).
     async fn release(&self, delivery: &Delivery) {
-        self.handle.log.done(delivery);
+        self.handle.log_done(delivery);
         self.state
             .publish
             .release(self.handle.store_id, [delivery])

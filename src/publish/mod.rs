@@ -160,7 +160,7 @@ impl Pipeline {
         let mut ops = Vec::new();
         for (message, reach, log_seq) in batch {
             let mut targets = self.router.plan_reaching(&message, reach);
-            targets.retain(|target| replayed || !target.session.log.had(log_seq));
+            targets.retain(|target| replayed || !target.session.log().had(log_seq));
             if targets.is_empty() {
                 continue;
             }
@@ -185,7 +185,7 @@ impl Pipeline {
         for (message, targets) in planned {
             for target in &targets {
                 if let Some(log_seq) = target.delivery.log_seq {
-                    target.session.log.add(log_seq);
+                    target.session.log().add(log_seq);
                 }
             }
             let dropped = self.router.deliver(&message, targets);
@@ -384,7 +384,7 @@ impl Pipeline {
     /// delivery's message is on disk only and is counted, not dead-lettered; nor is what an
     /// ended session can no longer take.
     pub fn drop_one(&self, session: &SessionHandle, delivery: &Delivery, reason: &'static str) {
-        session.log.done(delivery);
+        session.log_done(delivery);
         metrics::message_dropped(reason);
         if reason != metrics::DROP_SESSION_ENDED && !is_spilled(delivery) {
             self.dead_letter(&delivery.message, reason, Some(&session.client_id));

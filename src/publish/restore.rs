@@ -117,7 +117,7 @@ pub fn restore(router: &Router, sessions: &SessionRegistry, recovered: Recovered
             // Its position in a cluster's replication log is not stored: unknown, so the
             // session's recorded position stays where it was until this is done.
             delivery.log_seq = Some(0);
-            handle.log.add(0);
+            handle.log().add(0);
             deliveries.push(delivery);
         }
         handle.mailbox.restore(deliveries);

@@ -135,8 +135,9 @@ pub struct SessionHandle {
     /// The highest id of this session's connections that finished closing: a takeover waits
     /// for the connection it displaces to get here.
     finished: AtomicU64,
-    /// In a cluster: the session's place in the replication log.
-    pub log: LogPosition,
+    /// In a cluster: the session's place in the replication log. Allocated on first use, so a
+    /// single node's sessions do not carry it.
+    log: std::sync::OnceLock<Box<LogPosition>>,
     inner: Mutex<SessionInner>,
 }
 
@@ -160,7 +161,7 @@ impl SessionHandle {
             next_seq: AtomicU64::new(first_seq),
             heard: AtomicU64::new(0),
             finished: AtomicU64::new(0),
-            log: LogPosition::default(),
+            log: std::sync::OnceLock::new(),
             inner: Mutex::new(SessionInner {
                 state: None,
                 live: None,
@@ -169,6 +170,24 @@ impl SessionHandle {
                 pending_will: None,
                 protocol_level: 0,
             }),
+        }
+    }
+
+    /// The session's place in a cluster's replication log.
+    pub fn log(&self) -> &LogPosition {
+        self.log.get_or_init(Box::default)
+    }
+
+    /// [`SessionHandle::log`] if it was ever used.
+    pub fn log_if_any(&self) -> Option<&LogPosition> {
+        self.log.get().map(|log| &**log)
+    }
+
+    /// `delivery` is done with (see [`LogPosition::done`]); nothing to do for one that did
+    /// not come through the log.
+    pub fn log_done(&self, delivery: &crate::message::Delivery) {
+        if let Some(seq) = delivery.log_seq {
+            self.log().done_at(seq);
         }
     }
 

@@ -2,6 +2,7 @@
 //! client library hides (malformed input, exact packet bytes, timing of the broker's own packets).
 #![allow(dead_code)]
 
+pub mod crash_load;
 pub mod nats;
 pub mod packets;
 pub mod pki;
