@@ -211,9 +211,10 @@ impl Cluster {
                 continue;
             }
             if seq > expected {
+                // Without an answer (NATS failing over), the entries are taken to be there.
                 let first = match self.log.get_info().await {
                     Ok(info) => info.state.first_sequence,
-                    Err(_) => seq,
+                    Err(_) => expected,
                 };
                 if first <= expected {
                     // Still in the log: read again from it.

@@ -163,8 +163,8 @@ impl Cluster {
             let payload = frame(&self.node, &message);
             let subject = log_subject(&self.base, &message.topic);
             let mut publish = jetstream::message::PublishMessage::build().payload(payload);
-            if let Some(id) = once {
-                publish = publish.message_id(id);
+            if let Some(id) = &once {
+                publish = publish.message_id(id.clone());
             }
             match self.jetstream.send_publish(subject, publish).await {
                 Ok(ack) => Some(ack),
@@ -173,16 +173,26 @@ impl Cluster {
                 }
             }
         };
+        let log = self.log.clone();
         async move {
             let mut outcome = Ok(Stored::New);
             if let Some(ack) = logged {
                 match ack.await {
-                    // A duplicate whose copy has no position is still being proposed by a
-                    // stream leader that may lose it: not known to be stored.
-                    Ok(ack) if ack.duplicate && ack.sequence == 0 => {
-                        outcome = Err(unavailable("an earlier copy is not yet stored"));
+                    // A duplicate is taken as stored only once the log shows the earlier copy
+                    // at the position it names: one still being proposed (no position yet), or
+                    // proposed by a leader that lost it, is not stored.
+                    Ok(ack) if ack.duplicate => {
+                        let stored = ack.sequence > 0
+                            && log.get_raw_message(ack.sequence).await.is_ok_and(|copy| {
+                                copy.headers.get("Nats-Msg-Id").map(|id| id.as_str())
+                                    == once.as_deref()
+                            });
+                        outcome = if stored {
+                            Ok(Stored::Again)
+                        } else {
+                            Err(unavailable("an earlier copy is not known to be stored"))
+                        };
                     }
-                    Ok(ack) if ack.duplicate => outcome = Ok(Stored::Again),
                     Ok(_) => {}
                     Err(error) => outcome = Err(unavailable(&error.to_string())),
                 }

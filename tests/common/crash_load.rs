@@ -18,7 +18,11 @@ pub fn packet_id_of(seq: u32) -> u16 {
 
 /// The 3.1.1 PUBLISH of message `seq` on `<prefix>/q<QoS>`.
 pub fn publish_bytes(prefix: &str, seq: u32, dup: bool) -> Vec<u8> {
-    let qos = qos_of(seq);
+    publish_bytes_at(prefix, seq, qos_of(seq), dup)
+}
+
+/// [`publish_bytes`] at a chosen QoS.
+pub fn publish_bytes_at(prefix: &str, seq: u32, qos: u8, dup: bool) -> Vec<u8> {
     packets::publish(
         &format!("{prefix}/q{qos}"),
         qos,
