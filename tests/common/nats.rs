@@ -100,15 +100,8 @@ impl NatsServer {
 
     fn spawn(&mut self, cluster: Option<(usize, u16, String)>) {
         self.cluster = cluster.clone();
-        // Every JetStream write is synced to disk before it counts: without it a write held in
-        // a server's buffers is lost with the process, and two servers killed at once can
-        // lose what a majority acknowledged (see docs/cluster.md, "Requirements").
-        let config = self._store.path().join("nats.conf");
-        std::fs::write(&config, "jetstream { sync_interval: always }\n").expect("nats.conf");
         let mut command = Command::new(binary());
         command
-            .arg("-c")
-            .arg(&config)
             .args(["-a", "127.0.0.1", "-p"])
             .arg(self.client_port.to_string())
             .arg("-m")
