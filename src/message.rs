@@ -156,7 +156,7 @@ pub struct Delivery {
     /// member can take it when this session's client goes away.
     pub share: Option<Arc<str>>,
     /// In a cluster: the message's position in the replication log, for a delivery the log
-    /// brought (see `SessionHandle::log_pending`); `Some(0)` for one recovered after a
+    /// brought (see `session::LogPosition`); `Some(0)` for one recovered after a
     /// restart, whose position is not known.
     pub log_seq: Option<u64>,
 }

@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::message::Delivery;
 use crate::sync::lock;
 
 /// QoS 2 completions remembered above the position; past it the oldest are forgotten (a
@@ -64,14 +63,8 @@ impl LogPosition {
         *lock(&self.state).pending.entry(log_seq).or_insert(0) += 1;
     }
 
-    /// `delivery` is done with: acknowledged, sent at QoS 0, dropped or expired.
-    pub fn done(&self, delivery: &Delivery) {
-        if let Some(seq) = delivery.log_seq {
-            remove_one(&mut lock(&self.state).pending, seq);
-        }
-    }
-
-    /// As [`LogPosition::done`], by position.
+    /// The delivery at `log_seq` is done with: acknowledged, sent at QoS 0, dropped or
+    /// expired.
     pub fn done_at(&self, log_seq: u64) {
         remove_one(&mut lock(&self.state).pending, log_seq);
     }

@@ -183,7 +183,7 @@ impl SessionHandle {
         self.log.get().map(|log| &**log)
     }
 
-    /// `delivery` is done with (see [`LogPosition::done`]); nothing to do for one that did
+    /// `delivery` is done with (see [`LogPosition::done_at`]); nothing to do for one that did
     /// not come through the log.
     pub fn log_done(&self, delivery: &crate::message::Delivery) {
         if let Some(seq) = delivery.log_seq {
