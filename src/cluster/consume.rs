@@ -334,10 +334,13 @@ impl Cluster {
             let mut batch = Vec::new();
             loop {
                 let next = tokio::time::timeout(self.request_timeout, messages.next()).await;
+                // Short of the watermark, or of the last matching entry, the replay has not
+                // brought everything: the session would be recorded as having what it lacks.
                 let message = match next {
                     Ok(Some(Ok(message))) => message,
                     Ok(Some(Err(error))) => return Err(failed(&error)),
-                    Ok(None) | Err(_) => break,
+                    Ok(None) => return Err(failed(&"the log's reader stopped")),
+                    Err(_) => return Err(failed(&"the log did not answer in time")),
                 };
                 let Ok(info) = message.info() else { continue };
                 let (seq, left) = (info.stream_sequence, info.pending);

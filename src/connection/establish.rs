@@ -152,9 +152,10 @@ where
             // The cluster's record is the session when it comes from another node (what this
             // node still has of an earlier visit is out of date) or when this node has none
             // (it lost it: a restart without storage).
-            let resumed = claimed
-                .subscriptions
-                .filter(|_| claimed.moved || !attached.session_present);
+            // So is a session whose replay failed on an earlier attempt here.
+            let resumed = claimed.subscriptions.filter(|_| {
+                claimed.moved || !attached.session_present || attached.handle.log().replay_owed()
+            });
             (Some(Box::new(claimed.ownership)), resumed, claimed.position)
         }
         None => (None, None, None),
@@ -194,6 +195,7 @@ where
             attached.handle.log().inbound_restore(packet_id, id);
         }
     }
+    let mut replay_failed = false;
     if let (Some(cluster), Some(hold), Some(position)) = (&state.cluster, &log_hold, &position) {
         let filters: Vec<String> = attached.state.subscriptions.keys().cloned().collect();
         match cluster
@@ -204,15 +206,20 @@ where
                 debug!(%client_id, position = position.floor, replayed, "session replayed from the replication log")
             }
             Err(error) => {
+                // Refused below: were the client served, this node would record the session
+                // as having had what the replay did not bring, and those messages would be
+                // lost. The next attempt, here or elsewhere, replays from the same position.
                 metrics::cluster_error("replay");
-                tracing::error!(%client_id, %error, "session's missed messages not replayed");
+                tracing::warn!(%client_id, %error, "session's missed messages not replayed; CONNECT refused");
+                replay_failed = true;
             }
         }
     }
     drop(log_hold);
     if state.cluster.is_some() {
+        attached.handle.log().set_replay_owed(replay_failed);
         // From now on this node records the session's log position.
-        attached.handle.log().set_owned_here(true);
+        attached.handle.log().set_owned_here(!replay_failed);
     }
     // The session exists on disk before the client is told it does.
     let persisted_session = if session_expiry > 0 && state.publish.is_durable() {
@@ -281,6 +288,13 @@ where
         }),
         ownership,
     };
+    if replay_failed {
+        // The client was never connected: its will is not due.
+        connection.will = None;
+        let reason = ReasonCode::ServerUnavailable;
+        handshake::refuse(&mut connection.stream, version, reason).await;
+        return Err(Box::pin(connection.finish(Close::Refused(reason), shutdown)).await);
+    }
     if let Err(error) = persisted_session {
         tracing::error!(client_id = %connection.client_id, %error, "cannot persist the session");
         return Err(Box::pin(connection.finish(Close::StorageFailure, shutdown)).await);

@@ -31,6 +31,9 @@ pub struct LogPosition {
     /// Whether a connection of this node claimed the session since the node started, and no
     /// other node took it over since. Only then does this node record the session's position.
     owned_here: AtomicBool,
+    /// The replay of the log into this session failed (its CONNECT was refused): the next
+    /// connection replays it from the recorded position, as if it came from another node.
+    replay_owed: AtomicBool,
     /// The floor last recorded (0: none yet).
     recorded: AtomicU64,
     /// Serialises this session's position writes, so an older one never lands last.
@@ -158,6 +161,14 @@ impl LogPosition {
 
     pub fn is_owned_here(&self) -> bool {
         self.owned_here.load(Ordering::Acquire)
+    }
+
+    pub fn set_replay_owed(&self, owed: bool) {
+        self.replay_owed.store(owed, Ordering::Release);
+    }
+
+    pub fn replay_owed(&self) -> bool {
+        self.replay_owed.load(Ordering::Acquire)
     }
 
     /// Notes that `floor` is being recorded; whether it differs from the last one.

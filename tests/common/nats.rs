@@ -93,7 +93,7 @@ impl NatsServer {
             })
             .collect();
         for server in &mut servers {
-            server.wait_ready()?;
+            server.wait_ready("/healthz")?;
         }
         Ok(servers)
     }
@@ -134,11 +134,12 @@ impl NatsServer {
         self._store.path().join("nats-server.log")
     }
 
-    /// Ok once `/healthz` answers; Err with the server's log if it exited first.
-    fn wait_ready(&mut self) -> Result<(), String> {
+    /// Ok once `health` (a `/healthz` query) answers; Err with the server's log if it exited
+    /// first.
+    fn wait_ready(&mut self, health: &str) -> Result<(), String> {
         let deadline = Instant::now() + READY;
         loop {
-            if self.healthy() {
+            if self.healthy(health) {
                 return Ok(());
             }
             if let Some(status) = self
@@ -199,11 +200,11 @@ impl NatsServer {
     }
 
     /// `/healthz` answers ok once the server, and JetStream, are ready.
-    fn healthy(&self) -> bool {
+    fn healthy(&self, health: &str) -> bool {
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.monitor_port)) else {
             return false;
         };
-        let request = "GET /healthz HTTP/1.0\r\nhost: localhost\r\n\r\n";
+        let request = format!("GET {health} HTTP/1.0\r\nhost: localhost\r\n\r\n");
         if stream.write_all(request.as_bytes()).is_err() {
             return false;
         }
@@ -217,7 +218,9 @@ impl NatsServer {
     }
 
     /// Starts a killed server again on the same ports and JetStream files (and in its
-    /// cluster, for a member of one).
+    /// cluster, for a member of one). It is ready once JetStream runs: its streams catching up
+    /// with the others' (which `/healthz` waits for, and which can take long after a majority
+    /// was lost under load) is what the tests watch the cluster get through.
     /// The ports may be briefly taken by another test's connection; the server then exits
     /// and is started again.
     pub fn restart(&mut self) {
@@ -225,7 +228,7 @@ impl NatsServer {
         for _ in 0..START_ATTEMPTS {
             self.kill();
             self.spawn(self.cluster.clone());
-            match self.wait_ready() {
+            match self.wait_ready("/healthz?js-enabled-only=true") {
                 Ok(()) => return,
                 Err(failure) => failures.push(failure),
             }

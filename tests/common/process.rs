@@ -20,17 +20,25 @@ impl BrokerProcess {
             .arg("--config")
             .arg(config)
             .arg("--log")
-            .arg("info")
+            .arg(std::env::var("TELEMQ_TEST_BROKER_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start telemq");
         let stdout = child.stdout.take().expect("stdout");
+        let config_name = config
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let (found, addr) = mpsc::channel();
         // Keep draining the log so the broker never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut found = Some(found);
+            let echo = std::env::var_os("TELEMQ_TEST_BROKER_LOG").is_some();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("[{config_name}] {line}");
+                }
                 if let Some(rest) = line.split("mqtt_addr=").nth(1) {
                     let addr = rest
                         .split_whitespace()
