@@ -594,6 +594,17 @@ async fn where_in_log(url: &str, seq: u32) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_messages_survive_killing_random_nodes_of_a_cluster() {
+    crash_loop(false).await;
+}
+
+/// At QoS 1 only, several messages share a log entry (a QoS 2 message of a persistent session
+/// goes alone), and sessions move with positions inside entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_qos1_messages_in_shared_log_entries_survive_killing_random_nodes() {
+    crash_loop(true).await;
+}
+
+async fn crash_loop(qos1_only: bool) {
     let _alone = serial().await;
     let nats = NatsServer::cluster(3);
     let mut nodes = Nodes::start(&nats);
@@ -602,7 +613,10 @@ async fn acknowledged_messages_survive_killing_random_nodes_of_a_cluster() {
     let mut rng = Rng(seed | 1);
     let reader = Reader::start(&nodes.up).await;
 
-    let mut publisher = Publisher::default();
+    let mut publisher = Publisher {
+        qos1_only,
+        ..Publisher::default()
+    };
     let mut wiped = 0;
     let mut left_down = 0;
     for cycle in 0..CYCLES {

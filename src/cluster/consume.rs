@@ -39,6 +39,9 @@ use crate::session::{Position, SessionHandle};
 /// Messages delivered (and written for persistent sessions) in one batch at most.
 const BATCH: usize = 512;
 
+/// Bytes one pull asks for at most: entries carry up to 256 KiB each (`log::ENTRY_BYTES`).
+const PULL_BYTES: usize = 8 << 20;
+
 /// Messages the node's consumer may have delivered and not yet had acknowledged.
 const MAX_ACK_PENDING: i64 = 65_536;
 
@@ -123,6 +126,7 @@ pub(super) async fn run(
         let pulled = consumer
             .stream()
             .max_messages_per_batch(BATCH * 2)
+            .max_bytes_per_batch(PULL_BYTES)
             .expires(PULL_EXPIRES)
             .heartbeat(PULL_HEARTBEAT)
             .messages()
@@ -237,8 +241,10 @@ impl Cluster {
                     } else {
                         Reach::Plain
                     };
-                    metrics::cluster_forwarded(metrics::IN);
-                    entries.push((Arc::new(received.message), reach, seq));
+                    for (index, received) in received.into_iter().enumerate() {
+                        metrics::cluster_forwarded(metrics::IN);
+                        entries.push((Arc::new(received.message), reach, log::log_id(seq, index)));
+                    }
                 }
                 None => {
                     metrics::cluster_forward_dropped("undecodable");
@@ -290,11 +296,13 @@ impl Cluster {
         // Whatever this node's consumer still brings up to the floor, or completed, the
         // session had.
         session.log().skip(recorded);
-        let position = recorded.floor;
+        let floor = recorded.floor;
         self.release_completed(session, recorded).await;
-        if position >= hold.applied || filters.is_empty() {
+        if floor >= log::last_id(hold.applied) || filters.is_empty() {
             return Ok(0);
         }
+        // The entry holding the first message after the floor.
+        let start = log::entry_of(floor + 1);
         let failed = |e: &dyn std::fmt::Display| ClusterError::Bucket {
             bucket: format!("replay of {}", session.client_id),
             reason: e.to_string(),
@@ -306,15 +314,15 @@ impl Cluster {
             .map_err(|e| failed(&e))?
             .state
             .first_sequence;
-        if first > position + 1 {
+        if first > start {
             metrics::cluster_error("replay_truncated");
-            warn!(client_id = %session.client_id, position, first, "part of the session's missed messages expired from the replication log");
+            warn!(client_id = %session.client_id, floor, first, "part of the session's missed messages expired from the replication log");
         }
         let consumer: PullConsumer = self
             .log
             .create_consumer(pull::Config {
                 deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: position + 1,
+                    start_sequence: start,
                 },
                 ack_policy: AckPolicy::None,
                 filter_subjects: replay_subjects(&self.base, filters),
@@ -348,12 +356,17 @@ impl Cluster {
                     break;
                 }
                 replayed += 1;
-                let completed = recorded.completed.binary_search(&seq).is_ok();
-                if let Some((_, received)) = log::unframe(&message.payload).filter(|_| !completed) {
+                let received = log::unframe(&message.payload).map_or_else(Vec::new, |(_, m)| m);
+                for (index, received) in received.into_iter().enumerate() {
+                    let id = log::log_id(seq, index);
+                    // Had before the move: at or below the floor, or completed (QoS 2).
+                    if id <= floor || recorded.completed.binary_search(&id).is_ok() {
+                        continue;
+                    }
                     batch.push((
                         Arc::new(received.message),
                         Reach::Session(&session.client_id),
-                        seq,
+                        id,
                     ));
                 }
                 if batch.len() >= BATCH {
@@ -430,6 +443,9 @@ fn replay_subjects(base: &str, filters: &[String]) -> Vec<String> {
     if overlapping {
         vec![log::log_root(base)]
     } else {
+        // Entries of several topics may hold any of them.
+        let mut subjects = subjects;
+        subjects.push(log::mixed_subject(base));
         subjects
     }
 }
@@ -442,7 +458,7 @@ mod tests {
     fn a_replay_reads_its_filters_subjects_unless_they_overlap() {
         assert_eq!(
             replay_subjects("t", &["a/+".into(), "b/#".into()]),
-            vec!["t.log.t.a.*", "t.log.t.b.>", "t.log.t.b"]
+            vec!["t.log.t.a.*", "t.log.t.b.>", "t.log.t.b", "t.log.m"]
         );
         assert_eq!(
             replay_subjects("t", &["a/+".into(), "a/#".into()]),

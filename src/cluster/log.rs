@@ -7,11 +7,22 @@
 //! (see `connection::pending`); the next publish tries again, so service comes back by itself
 //! when the quorum does.
 //!
-//! Publishes are pipelined: requests are sent in the order they arrive, up to
-//! [`IN_FLIGHT`] waiting for their answers at once, and answered in that order.
+//! **Group commit.** JetStream's cost is per entry (a consensus round on every replica, one
+//! delivery to each node's consumer), not per byte, so one entry carries every message that
+//! queued while earlier entries were being stored: up to [`ENTRY_SPAN`] messages or
+//! [`ENTRY_BYTES`]. At most [`IN_FLIGHT`] entries wait for their answers at once; a lone
+//! message goes out at once, and under load entries fill up by themselves. Entries are sent in
+//! the order their messages arrived, and answered in that order.
+//!
+//! **Log ids.** A message is known by its log id: its entry's stream sequence times
+//! [`ENTRY_SPAN`], plus its place in the entry. Every node gives a message the same log id, so
+//! session positions, completed QoS 2 deliveries and the packet ids derived from them hold
+//! across nodes (see `cluster::positions`).
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -24,20 +35,36 @@ use tokio_util::sync::CancellationToken;
 use super::{codec, subject, Cluster, ClusterError};
 use crate::clock;
 use crate::config::ClusterConfig;
-use crate::message::Message;
 use crate::metrics;
 use crate::protocol::QoS;
 use crate::publish::{Replicate, ReplicationError, Stored};
 
-/// Publishes waiting for JetStream's answer at once. Past it, requests wait in the link's
-/// queue, and publishers' acknowledgements with them.
-const IN_FLIGHT: usize = 4096;
+/// Log entries waiting for JetStream's answer at once. Past it, requests wait in the link's
+/// queue, and go out together in the next entry.
+const IN_FLIGHT: usize = 64;
+
+/// How long no new entry is sent after one failed (no stream leader, no link): meanwhile
+/// publishes wait instead of failing at once, so refused publishers retrying at once do not
+/// flood NATS while it elects a leader.
+const FAILURE_PAUSE: Duration = Duration::from_millis(200);
+
+/// Messages one log entry carries at most.
+pub const ENTRY_SPAN: u64 = 64;
+
+/// Encoded messages one entry carries at most, well under NATS's default payload limit (1 MiB);
+/// a larger message goes alone.
+const ENTRY_BYTES: usize = 256 * 1024;
 
 /// How long the log remembers the id of a QoS 2 message (see `cluster::positions`).
-const DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
 
-/// The stream's subjects are `<prefix>.log.` and the topic's subject without its prefix.
+/// The stream's subjects are `<prefix>.log.` and the topic's subject without its prefix, or
+/// [`MIXED`] for an entry of several topics.
 const LOG_ROOT: &str = "log";
+
+/// The token after the log root of entries whose messages have different topics; a topic's
+/// subject never has it there (see `subject`).
+const MIXED: &str = "m";
 
 /// Opens the log stream, creating it on first use (several nodes may race; the loser opens the
 /// winner's).
@@ -89,29 +116,104 @@ pub(super) fn log_subject(base: &str, topic: &str) -> String {
     format!("{base}.{LOG_ROOT}{}", &subject[base.len()..])
 }
 
+/// The log id of the message at `index` in the entry at stream sequence `seq`.
+pub fn log_id(seq: u64, index: usize) -> u64 {
+    seq * ENTRY_SPAN + index as u64
+}
+
+/// The highest log id the entry at `seq` can hold: a watermark at `seq`, as a log id.
+pub fn last_id(seq: u64) -> u64 {
+    seq * ENTRY_SPAN + (ENTRY_SPAN - 1)
+}
+
+/// The stream sequence of the entry holding log id `id`.
+pub fn entry_of(id: u64) -> u64 {
+    id / ENTRY_SPAN
+}
+
 /// A log entry: the publishing node's name (its own messages reach only its persistent
-/// sessions through the log; the rest it delivered when they were published), then the message
-/// as nodes send it to each other.
-fn frame(node: &str, message: &Message) -> Bytes {
-    let encoded = codec::encode(message, clock::now());
-    let mut out = BytesMut::with_capacity(1 + node.len() + encoded.len());
+/// sessions through the log; the rest it delivered when they were published), then each
+/// message as nodes send it to each other, behind its length.
+fn frame(node: &str, messages: &[Bytes]) -> Bytes {
+    let node = &node.as_bytes()[..node.len().min(255)];
+    let size: usize = messages.iter().map(|m| 4 + m.len()).sum();
+    let mut out = BytesMut::with_capacity(1 + node.len() + size);
     // Node names are tokens, far shorter than 256 bytes (`config::cluster`).
-    out.put_u8(node.len().min(255) as u8);
-    out.put_slice(&node.as_bytes()[..node.len().min(255)]);
-    out.put_slice(&encoded);
+    out.put_u8(node.len() as u8);
+    out.put_slice(node);
+    for message in messages {
+        out.put_u32(message.len() as u32);
+        out.put_slice(message);
+    }
     out.freeze()
 }
 
-/// The publishing node and the message of a log entry.
-pub(super) fn unframe(data: &[u8]) -> Option<(&str, codec::Received)> {
+/// The publishing node and the messages of a log entry, in order; `None` if any is not
+/// understood.
+pub(super) fn unframe(data: &[u8]) -> Option<(&str, Vec<codec::Received>)> {
     let (&len, rest) = data.split_first()?;
     let len = usize::from(len);
     if rest.len() < len {
         return None;
     }
-    let (node, message) = rest.split_at(len);
+    let (node, mut rest) = rest.split_at(len);
     let node = std::str::from_utf8(node).ok()?;
-    Some((node, codec::decode(message).ok()?))
+    let mut messages = Vec::new();
+    while !rest.is_empty() {
+        let (size, tail) = rest.split_first_chunk::<4>()?;
+        let size = u32::from_be_bytes(*size) as usize;
+        if tail.len() < size {
+            return None;
+        }
+        let (message, tail) = tail.split_at(size);
+        messages.push(codec::decode(message).ok()?);
+        rest = tail;
+    }
+    (!messages.is_empty() && messages.len() as u64 <= ENTRY_SPAN).then_some((node, messages))
+}
+
+/// Requests answered together: at most one log entry, and their retained writes.
+struct Group {
+    requests: Vec<Replicate>,
+    /// The encoded messages that go into the entry (QoS 1/2), in request order.
+    logged: Vec<Bytes>,
+}
+
+/// Takes from the front of `queued` the requests the next entry carries: consecutive ones up
+/// to [`ENTRY_SPAN`] logged messages and [`ENTRY_BYTES`]; a request stored under an id
+/// (`once`) goes alone, since JetStream keeps or drops a whole entry by its id.
+fn take_group(queued: &mut VecDeque<Replicate>) -> Group {
+    let now = clock::now();
+    let mut group = Group {
+        requests: Vec::new(),
+        logged: Vec::new(),
+    };
+    let mut bytes = 0;
+    while let Some(next) = queued.front() {
+        let once = next.once.is_some();
+        if once && !group.requests.is_empty() {
+            break;
+        }
+        let encoded =
+            (next.message.qos != QoS::AtMostOnce).then(|| codec::encode(&next.message, now));
+        if let Some(encoded) = &encoded {
+            let full = group.logged.len() as u64 >= ENTRY_SPAN
+                || (!group.logged.is_empty() && bytes + encoded.len() > ENTRY_BYTES);
+            if full {
+                break;
+            }
+            bytes += encoded.len();
+        }
+        let Some(request) = queued.pop_front() else {
+            break;
+        };
+        group.requests.push(request);
+        group.logged.extend(encoded);
+        if once {
+            break;
+        }
+    }
+    group
 }
 
 /// Answers replication requests in order, each once JetStream (and, for a retained change,
@@ -122,14 +224,29 @@ pub(super) async fn replicate(
     shutdown: CancellationToken,
 ) {
     let mut in_flight: FuturesOrdered<BoxFuture<'static, ()>> = FuturesOrdered::new();
+    let mut queued = VecDeque::new();
+    let failed_at = Arc::new(AtomicU64::new(0));
     loop {
+        let pause = paused_for(&failed_at);
+        while pause.is_none() && !queued.is_empty() && in_flight.len() < IN_FLIGHT {
+            // What queued meanwhile goes out together.
+            while queued.len() < ENTRY_SPAN as usize {
+                match requests.try_recv() {
+                    Ok(request) => queued.push_back(request),
+                    Err(_) => break,
+                }
+            }
+            let group = take_group(&mut queued);
+            in_flight.push_back(cluster.start_replication(group, failed_at.clone()).await);
+        }
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-            request = requests.recv(), if in_flight.len() < IN_FLIGHT => {
+            _ = tokio::time::sleep(pause.unwrap_or_default()), if pause.is_some() => {}
+            request = requests.recv(), if queued.is_empty() => {
                 let Some(request) = request else { break };
-                in_flight.push_back(cluster.start_replication(request).await);
+                queued.push_back(request);
             }
         }
     }
@@ -137,46 +254,66 @@ pub(super) async fn replicate(
     // acknowledged that the cluster may not hold.
 }
 
+/// How much longer sending waits after the last failure at `failed_at` (monotonic ms; 0: none).
+fn paused_for(failed_at: &AtomicU64) -> Option<Duration> {
+    let at = failed_at.load(Ordering::Relaxed);
+    let until = at + FAILURE_PAUSE.as_millis() as u64;
+    let now = clock::monotonic_ms();
+    (at > 0 && now < until).then(|| Duration::from_millis(until - now))
+}
+
 impl Cluster {
-    /// Sends the writes of one request, in arrival order, and returns the future that answers
-    /// it once they are stored.
-    async fn start_replication(&self, request: Replicate) -> BoxFuture<'static, ()> {
-        let Replicate {
-            message,
-            once,
-            done,
-        } = request;
+    /// Sends the writes of one group, in arrival order, and returns the future that answers
+    /// its requests, in order, once they are stored.
+    async fn start_replication(
+        &self,
+        group: Group,
+        failed_at: Arc<AtomicU64>,
+    ) -> BoxFuture<'static, ()> {
+        let Group { requests, logged } = group;
         let started = Instant::now();
+        let failed = move || failed_at.store(clock::monotonic_ms().max(1), Ordering::Relaxed);
         if !self.is_linked() {
-            return answer(done, started, Err(unavailable("no link to NATS"))).boxed();
+            failed();
+            answer_all(requests, started, &unavailable("no link to NATS"));
+            return futures_util::future::ready(()).boxed();
         }
-        let retained = if message.retain {
-            let (written, stored) = oneshot::channel();
-            self.write_retained(&message, written).await;
-            Some(stored)
-        } else {
+        let mut retained = Vec::with_capacity(requests.len());
+        for request in &requests {
+            retained.push(if request.message.retain {
+                let (written, stored) = oneshot::channel();
+                self.write_retained(&request.message, written).await;
+                Some(stored)
+            } else {
+                None
+            });
+        }
+        let once = requests.first().and_then(|request| request.once.clone());
+        let ack = if logged.is_empty() {
             None
-        };
-        let logged = if message.qos == QoS::AtMostOnce {
-            None
         } else {
-            let payload = frame(&self.node, &message);
-            let subject = log_subject(&self.base, &message.topic);
-            let mut publish = jetstream::message::PublishMessage::build().payload(payload);
+            let subject = entry_subject(&self.base, &requests);
+            let mut publish =
+                jetstream::message::PublishMessage::build().payload(frame(&self.node, &logged));
             if let Some(id) = &once {
                 publish = publish.message_id(id.clone());
             }
             match self.jetstream.send_publish(subject, publish).await {
-                Ok(ack) => Some(ack),
+                Ok(ack) => {
+                    metrics::cluster_log_entry();
+                    Some(ack)
+                }
                 Err(error) => {
-                    return answer(done, started, Err(unavailable(&error.to_string()))).boxed();
+                    failed();
+                    answer_all(requests, started, &unavailable(&error.to_string()));
+                    return futures_util::future::ready(()).boxed();
                 }
             }
         };
         let log = self.log.clone();
         async move {
-            let mut outcome = Ok(Stored::New);
-            if let Some(ack) = logged {
+            let mut logged = Ok(Stored::New);
+            if let Some(ack) = ack {
                 match ack.await {
                     // A duplicate is taken as stored only once the log shows the earlier copy
                     // at the position it names: one still being proposed (no position yet), or
@@ -187,27 +324,60 @@ impl Cluster {
                                 copy.headers.get("Nats-Msg-Id").map(|id| id.as_str())
                                     == once.as_deref()
                             });
-                        outcome = if stored {
+                        logged = if stored {
                             Ok(Stored::Again)
                         } else {
                             Err(unavailable("an earlier copy is not known to be stored"))
                         };
                     }
                     Ok(_) => {}
-                    Err(error) => outcome = Err(unavailable(&error.to_string())),
+                    Err(error) => logged = Err(unavailable(&error.to_string())),
+                }
+                if logged.is_err() {
+                    failed();
                 }
             }
-            if let Some(stored) = retained {
-                let written = stored
-                    .await
-                    .unwrap_or_else(|_| Err("the retained writer stopped".into()));
-                if let (Ok(_), Err(error)) = (&outcome, written) {
-                    outcome = Err(unavailable(&error));
+            for (request, retained) in requests.into_iter().zip(retained) {
+                let mut outcome = logged.clone();
+                if let Some(stored) = retained {
+                    let written = stored
+                        .await
+                        .unwrap_or_else(|_| Err("the retained writer stopped".into()));
+                    if let (Ok(_), Err(error)) = (&outcome, written) {
+                        outcome = Err(unavailable(&error));
+                    }
                 }
+                answer(request.done, started, outcome);
             }
-            answer(done, started, outcome).await;
         }
         .boxed()
+    }
+}
+
+/// The subject of an entry: its topic's when all its messages share one (a replay reads the
+/// subjects of its session's filters), otherwise the subject of mixed entries, which every
+/// replay reads.
+fn entry_subject(base: &str, requests: &[Replicate]) -> String {
+    let mut logged = requests
+        .iter()
+        .map(|request| &request.message)
+        .filter(|message| message.qos != QoS::AtMostOnce);
+    let first = logged.next().map(|message| &message.topic);
+    match first {
+        Some(topic) if logged.all(|message| &message.topic == topic) => log_subject(base, topic),
+        _ => mixed_subject(base),
+    }
+}
+
+/// The subject of entries whose messages have different topics.
+pub(super) fn mixed_subject(base: &str) -> String {
+    format!("{base}.{LOG_ROOT}.{MIXED}")
+}
+
+/// Answers every request of a group that was not sent: none of it is stored.
+fn answer_all(requests: Vec<Replicate>, started: Instant, error: &ReplicationError) {
+    for request in requests {
+        answer(request.done, started, Err(error.clone()));
     }
 }
 
@@ -215,7 +385,7 @@ fn unavailable(reason: &str) -> ReplicationError {
     ReplicationError(reason.into())
 }
 
-async fn answer(
+fn answer(
     done: oneshot::Sender<Result<Stored, ReplicationError>>,
     started: Instant,
     outcome: Result<Stored, ReplicationError>,
@@ -230,6 +400,7 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::Message;
 
     #[test]
     fn log_subjects_sit_under_their_own_root_and_keep_the_dollar_split() {
@@ -237,22 +408,98 @@ mod tests {
         assert_eq!(log_subject("telemq", "$x/y"), "telemq.log.d.=24x.y");
     }
 
-    #[test]
-    fn an_entry_names_its_node_and_carries_the_message() {
-        let message = Message::new(
-            "a/b".into(),
-            Bytes::from_static(b"payload"),
-            QoS::ExactlyOnce,
-            true,
+    fn message(topic: &str, qos: QoS, payload_len: usize) -> Message {
+        Message::new(
+            topic.into(),
+            Bytes::from(vec![7u8; payload_len]),
+            qos,
+            false,
             Default::default(),
             Some("publisher".into()),
-        );
-        let entry = frame("node-1", &message);
+        )
+    }
+
+    fn request(message: Message, once: Option<&str>) -> Replicate {
+        Replicate {
+            message: Arc::new(message),
+            once: once.map(Into::into),
+            done: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn an_entry_names_its_node_and_carries_its_messages_in_order() {
+        let now = clock::now();
+        let messages = [
+            message("a/b", QoS::ExactlyOnce, 7),
+            message("c", QoS::AtLeastOnce, 0),
+        ];
+        let encoded: Vec<Bytes> = messages.iter().map(|m| codec::encode(m, now)).collect();
+        let entry = frame("node-1", &encoded);
         let (node, received) = unframe(&entry).unwrap();
         assert_eq!(node, "node-1");
-        assert_eq!(received.message.topic, message.topic);
-        assert_eq!(received.message.payload, message.payload);
-        assert_eq!(received.message.qos, QoS::ExactlyOnce);
-        assert!(unframe(&entry[..3]).is_none());
+        assert_eq!(received.len(), 2);
+        for (received, sent) in received.iter().zip(&messages) {
+            assert_eq!(received.message.topic, sent.topic);
+            assert_eq!(received.message.payload, sent.payload);
+            assert_eq!(received.message.qos, sent.qos);
+        }
+        assert!(unframe(&entry[..entry.len() - 1]).is_none());
+        assert!(unframe(&frame("node-1", &[])).is_none());
+    }
+
+    #[test]
+    fn log_ids_order_messages_by_entry_then_place() {
+        assert!(log_id(5, 0) > last_id(4));
+        assert!(log_id(5, ENTRY_SPAN as usize - 1) == last_id(5));
+        assert_eq!(entry_of(log_id(9, 3)), 9);
+        assert_eq!(entry_of(last_id(9) + 1), 10);
+    }
+
+    #[test]
+    fn a_group_takes_what_queued_up_to_its_limits_and_an_id_goes_alone() {
+        let mut queued: VecDeque<Replicate> = VecDeque::new();
+        for _ in 0..ENTRY_SPAN + 3 {
+            queued.push_back(request(message("a", QoS::AtLeastOnce, 10), None));
+        }
+        assert_eq!(take_group(&mut queued).logged.len(), ENTRY_SPAN as usize);
+        assert_eq!(take_group(&mut queued).logged.len(), 3);
+
+        queued.push_back(request(message("a", QoS::AtLeastOnce, 10), None));
+        queued.push_back(request(message("b", QoS::ExactlyOnce, 10), Some("id")));
+        queued.push_back(request(message("c", QoS::AtLeastOnce, 10), None));
+        assert_eq!(take_group(&mut queued).requests.len(), 1);
+        let alone = take_group(&mut queued);
+        assert_eq!(alone.requests.len(), 1);
+        assert!(alone.requests[0].once.is_some());
+        assert_eq!(take_group(&mut queued).requests.len(), 1);
+
+        // A retained QoS 0 message rides along without a place in the entry.
+        let mut retained = message("r", QoS::AtMostOnce, 1);
+        retained.retain = true;
+        queued.push_back(request(retained, None));
+        queued.push_back(request(message("a", QoS::AtLeastOnce, 10), None));
+        let group = take_group(&mut queued);
+        assert_eq!((group.requests.len(), group.logged.len()), (2, 1));
+        assert_eq!(entry_subject("t", &group.requests), "t.log.t.a");
+
+        // Bytes: a large message closes the entry before it, and goes alone if it must.
+        queued.push_back(request(message("a", QoS::AtLeastOnce, 10), None));
+        queued.push_back(request(message("b", QoS::AtLeastOnce, ENTRY_BYTES), None));
+        queued.push_back(request(message("c", QoS::AtLeastOnce, 10), None));
+        assert_eq!(take_group(&mut queued).logged.len(), 1);
+        assert_eq!(take_group(&mut queued).logged.len(), 1);
+        let last = take_group(&mut queued);
+        assert_eq!(last.logged.len(), 1);
+        assert!(queued.is_empty());
+    }
+
+    #[test]
+    fn an_entry_of_several_topics_goes_to_the_mixed_subject() {
+        let requests = [
+            request(message("a", QoS::AtLeastOnce, 1), None),
+            request(message("b", QoS::AtLeastOnce, 1), None),
+        ];
+        assert_eq!(entry_subject("t", &requests), "t.log.m");
     }
 }

@@ -367,14 +367,21 @@ fn random_start() -> u64 {
 
 /// How many copies the buckets and the log keep: `cluster.replicas`, or with 0 (the default)
 /// as many as the NATS cluster has servers, at most 3 — a majority of 3 survives the loss of
-/// one machine. The servers are counted from the client URLs the connected server advertises.
-/// An existing bucket or stream keeps the replicas it was created with.
+/// one machine. The servers are counted from the client URLs the connected server advertises,
+/// or from `nats_urls` if it names more: right after the servers start, one may not have heard
+/// of all the others yet, and a bucket created then with 2 replicas would not survive the loss
+/// of one server. An existing bucket or stream keeps the replicas it was created with.
 fn replicas(config: &ClusterConfig, client: &async_nats::Client) -> usize {
     if config.replicas > 0 {
         return config.replicas;
     }
-    let info = client.server_info();
-    info.connect_urls.len().clamp(1, 3)
+    let advertised = client.server_info().connect_urls.len();
+    let configured = config
+        .nats_urls
+        .iter()
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    advertised.max(configured).clamp(1, 3)
 }
 
 /// Opens a key-value bucket, creating it on first use. Several nodes starting together may race

@@ -1,6 +1,6 @@
 //! How far each persistent session has got in the replication log: the bucket
-//! `<prefix>_positions`, one key per client id, holding a log position such that every log
-//! entry at or before it is either not for the session or done with (acknowledged by its
+//! `<prefix>_positions`, one key per client id, holding a log id (see `log`) such that every
+//! message of the log at or before it is either not for the session or done with (acknowledged by its
 //! client, sent at QoS 0, dropped). Whichever node the session moves to replays the log after
 //! it (see `consume`), so a session's queue survives the loss of the node that held it.
 //!
@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{subject, Cluster};
+use super::{log, subject, Cluster};
 use crate::message::Message;
 use crate::metrics;
 use crate::publish::{Replicate, Replicated, ReplicationError, Stored};
@@ -96,7 +96,7 @@ impl Cluster {
     /// owed to it.
     pub(super) async fn start_position(&self, client_id: &str) -> Result<(), String> {
         let position = Position {
-            floor: self.log_applied.load(Ordering::Acquire),
+            floor: log::last_id(self.log_applied.load(Ordering::Acquire)),
             ..Position::default()
         };
         self.positions
@@ -205,7 +205,7 @@ impl Cluster {
             return Ok(());
         }
         // Read before the session: a delivery the watermark passed is already pending in it.
-        let applied = self.log_applied.load(Ordering::Acquire);
+        let applied = log::last_id(self.log_applied.load(Ordering::Acquire));
         let Some(position) = session.log().position(applied) else {
             // Recovered deliveries of unknown position: the recorded one still holds.
             return Ok(());

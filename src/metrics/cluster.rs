@@ -21,6 +21,7 @@ pub const CLUSTER_REPLICATED_TOTAL: &str = "telemq_cluster_replicated_total";
 pub const CLUSTER_REPLICATION_SECONDS: &str = "telemq_cluster_replication_seconds";
 pub const CLUSTER_QUORUM: &str = "telemq_cluster_quorum";
 pub const CLUSTER_REPLAYED_TOTAL: &str = "telemq_cluster_replayed_total";
+pub const CLUSTER_LOG_ENTRIES_TOTAL: &str = "telemq_cluster_log_entries_total";
 
 /// Label values of cluster forwarding.
 pub const OUT: &str = "out";
@@ -72,6 +73,11 @@ pub(super) fn describe_cluster() {
         Unit::Count,
         "Messages the cluster was asked to store with their replicas before acknowledging them, by result (stored, refused)"
     );
+    describe_counter!(
+        CLUSTER_LOG_ENTRIES_TOTAL,
+        Unit::Count,
+        "Entries this node wrote to the replication log; replicated messages per entry is the group commit's batch"
+    );
     describe_histogram!(
         CLUSTER_REPLICATION_SECONDS,
         Unit::Seconds,
@@ -110,12 +116,14 @@ pub fn cluster_init() {
         refused: counter!(CLUSTER_REPLICATED_TOTAL, "result" => "refused"),
         replication: histogram!(CLUSTER_REPLICATION_SECONDS),
         quorum: gauge!(CLUSTER_QUORUM),
+        log_entries: counter!(CLUSTER_LOG_ENTRIES_TOTAL),
     });
     for result in ["stored", "refused"] {
         counter!(CLUSTER_REPLICATED_TOTAL, "result" => result).increment(0);
     }
     gauge!(CLUSTER_QUORUM).set(1.0);
     counter!(CLUSTER_REPLAYED_TOTAL).increment(0);
+    counter!(CLUSTER_LOG_ENTRIES_TOTAL).increment(0);
     for reason in [
         "link_down",
         "queue_full",
@@ -163,6 +171,7 @@ struct ClusterHot {
     refused: metrics::Counter,
     replication: metrics::Histogram,
     quorum: metrics::Gauge,
+    log_entries: metrics::Counter,
 }
 
 static CLUSTER_HOT: OnceLock<ClusterHot> = OnceLock::new();
@@ -198,6 +207,13 @@ pub fn cluster_replicated(stored: bool, seconds: f64) {
     }
     hot.replication.record(seconds);
     hot.quorum.set(if stored { 1.0 } else { 0.0 });
+}
+
+/// One entry written to the replication log.
+pub fn cluster_log_entry() {
+    if let Some(hot) = CLUSTER_HOT.get() {
+        hot.log_entries.increment(1);
+    }
 }
 
 pub fn cluster_replayed(entries: usize) {

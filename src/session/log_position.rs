@@ -108,11 +108,18 @@ impl LogPosition {
     }
 
     /// The session moved here from `position`: what the log brings up to it, or completed,
-    /// the client had.
+    /// the client had. The completions stay in this node's record of the session until its
+    /// floor passes them: a floor here may be lower than the one they were recorded above
+    /// (replayed deliveries still held), and a record without them would have the next node
+    /// send them again as new (a QoS 2 duplicate).
     pub fn skip(&self, position: &Position) {
         let mut state = lock(&self.state);
         state.skip_through = position.floor;
         state.skipped = position.completed.iter().copied().collect();
+        state.completed.extend(position.completed.iter().copied());
+        while state.completed.len() > COMPLETED_KEPT {
+            state.completed.pop_first();
+        }
     }
 
     /// Whether the delivery at `log_seq` is one this session had before it moved here.
@@ -257,5 +264,26 @@ mod tests {
         assert!(!log.inbound_remove(9));
         assert_eq!(log.position(10).map(|p| p.inbound), Some(vec![(3, 30)]));
         assert!(log.had(4) && log.had(6) && !log.had(5) && !log.had(7));
+    }
+
+    #[test]
+    fn completions_recorded_elsewhere_stay_recorded_until_the_floor_passes_them() {
+        let log = LogPosition::default();
+        log.skip(&Position {
+            floor: 10,
+            completed: vec![12, 15],
+            inbound: vec![],
+        });
+        // A replayed delivery below them is still held here: the floor falls back under both.
+        log.add(11);
+        assert_eq!(
+            log.position(20).map(|p| (p.floor, p.completed)),
+            Some((10, vec![12, 15]))
+        );
+        log.done_at(11);
+        assert_eq!(
+            log.position(13).map(|p| (p.floor, p.completed)),
+            Some((13, vec![15]))
+        );
     }
 }
