@@ -427,6 +427,9 @@ async fn sweep_sessions(state: Arc<BrokerState>, shutdown: CancellationToken) {
         for due in due_wills {
             state.publish.publish(due.message).await;
             state.publish.forget_will(&due.session).await;
+            if let Some(cluster) = &state.cluster {
+                cluster.forget_will(&due.session.client_id).await;
+            }
         }
     }
 }

@@ -916,3 +916,78 @@ async fn a_node_whose_group_members_are_all_offline_is_not_chosen() {
     away.expect_no_publish().await;
     cluster.shutdown().await;
 }
+
+/// A client's will survives its node: when the node dies, another node publishes it; a client
+/// that comes back (to another node) before its will's delay has passed cancels it
+/// [MQTT-3.1.3-9].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_will_of_a_client_of_a_dead_node_is_published_by_another_node() {
+    use common::process::BrokerProcess;
+    use common::rumqtt::v5::{LastWill, LastWillProperties};
+    let cluster = Cluster::start(1).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("telemq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listener]\nbind = \"127.0.0.1:0\"\n[websocket]\nenabled = false\n[metrics]\nenabled = false\n\
+             [storage]\ndata_dir = \"{}\"\n[cluster]\nenabled = true\nnode_id = \"doomed\"\n\
+             nats_urls = [\"{}\"]\nrequest_timeout = \"2s\"\nlog_max_bytes = {TEST_LOG_BYTES}\n",
+            dir.path().join("data").display(),
+            cluster.nats[0].url()
+        ),
+    )
+    .expect("config written");
+    let victim = BrokerProcess::start(&config);
+    let mut watcher = subscribed(
+        cluster.addr(1),
+        "will-watcher",
+        "status/#",
+        QoS::AtLeastOnce,
+    )
+    .await;
+
+    let will = |topic: &str, delay: u32| {
+        let properties = LastWillProperties {
+            delay_interval: Some(delay),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        };
+        LastWill::new(
+            topic,
+            b"gone".to_vec(),
+            QoS::AtLeastOnce,
+            false,
+            Some(properties),
+        )
+    };
+    let mut options = V5Client::options(victim.addr, "doomed-device");
+    options.set_last_will(will("status/doomed-device", 0));
+    let (_doomed, _) = V5Client::connect_with(options).await;
+    let mut options = V5Client::options(victim.addr, "returning-device");
+    options.set_last_will(will("status/returning-device", 2));
+    options.set_clean_start(false);
+    options.set_session_expiry_interval(Some(600));
+    let (_returning, _) = V5Client::connect_with(options).await;
+
+    victim.kill();
+    // Back on another node well within its will's delay.
+    let (_back, connack) =
+        V5Client::connect_persistent(cluster.addr(2), "returning-device", 600).await;
+    assert!(connack.session_present);
+
+    // The dead node is noticed within seconds (three unanswered checks a second apart).
+    let publish = watcher
+        .try_next_publish(Duration::from_secs(30))
+        .await
+        .expect("the will of the dead node's client");
+    assert_eq!(publish.topic.as_ref(), b"status/doomed-device");
+    assert_eq!(publish.payload.as_ref(), b"gone");
+    // The returning client's will (2 s after adoption at the latest) never comes.
+    watcher.expect_no_publish_for(Duration::from_secs(4)).await;
+    cluster.shutdown().await;
+}

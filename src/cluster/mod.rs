@@ -15,6 +15,8 @@
 //! - **Session ownership** ([`ownership`]): a key-value bucket, client id → owning node and the
 //!   persistent session's subscriptions, changed only by compare-and-set, so that a client id
 //!   is connected to at most one node.
+//! - **Wills** ([`wills`]): recorded in a bucket, so that when a node dies the others publish
+//!   the wills of its clients.
 //!
 //! Off (`cluster.enabled = false`) none of it exists: the pipeline has no outbox and the router
 //! keeps no interest set.
@@ -28,6 +30,7 @@ mod pressure;
 mod retained;
 mod routing;
 pub mod subject;
+mod wills;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -89,6 +92,10 @@ pub struct Cluster {
     fresh_ids: AtomicU64,
     sessions: kv::Store,
     retained: kv::Store,
+    /// Wills of this node's connections and sessions, and the nodes that record them (see
+    /// `wills`).
+    wills: kv::Store,
+    nodes: kv::Store,
     router: Arc<Router>,
     pipeline: Pipeline,
     registry: Arc<SessionRegistry>,
@@ -153,6 +160,8 @@ impl Cluster {
             replicas,
         )
         .await?;
+        let wills = bucket(&jetstream, &format!("{}_wills", config.prefix), replicas).await?;
+        let nodes = bucket(&jetstream, &format!("{}_nodes", config.prefix), replicas).await?;
         let (consumer, applied) = consume::open(&log, &node, parts.log_applied).await?;
         let (retained_writes, retained_rx) = mpsc::channel(RETAINED_QUEUE);
         let cluster = Arc::new(Self {
@@ -169,6 +178,8 @@ impl Cluster {
             fresh_ids: AtomicU64::new(random_start()),
             sessions,
             retained,
+            wills,
+            nodes,
             router: parts.router,
             pipeline: parts.pipeline,
             registry: parts.registry,
@@ -208,6 +219,9 @@ impl Cluster {
         ));
         let control = ownership::serve_control(cluster.clone(), shutdown.clone()).await?;
         tracker.spawn(control);
+        let alive = wills::serve_alive(cluster.clone(), shutdown.clone()).await?;
+        tracker.spawn(alive);
+        tracker.spawn(wills::watch_nodes(cluster.clone(), shutdown.clone()));
         info!(node = %cluster.node, "joined the cluster");
         Ok(cluster)
     }

@@ -328,6 +328,8 @@ impl Cluster {
             metrics::cluster_takeover("from");
             self.tell_previous_owner(&previous.node, client_id, revision, clean_start)
                 .await;
+            // Back before the previous node's will was published: it is not [MQTT-3.1.3-9].
+            self.drop_will_of(&previous.node, client_id).await;
         }
         // Read once the previous owner has let go: its last write of the position is in.
         let position = match &carried {
@@ -354,6 +356,16 @@ impl Cluster {
         })
     }
 
+    /// Whether `client_id` is connected again since `node` held it: its record names another
+    /// node and says connected.
+    pub(super) async fn came_back(&self, client_id: &str, node: &str) -> bool {
+        let Ok(Some(entry)) = self.sessions.entry(subject::key(client_id)).await else {
+            return false;
+        };
+        SessionRecord::decode(&entry.value)
+            .is_some_and(|record| record.connected && record.node != node)
+    }
+
     /// Called once the claiming connection has attached its session: a takeover request that
     /// arrived in between (see [`takeover`]) may now close it.
     pub fn settle_claim(&self, client_id: &str, claimed: u64) {
@@ -377,6 +389,8 @@ impl Cluster {
                 debug!(%error, %client_id, "last position not written");
             }
             session.log().set_owned_here(false);
+            // A pending will of the session is the new owner's to cancel or keep.
+            self.forget_will(client_id).await;
             for filter in &filters {
                 self.router.unsubscribe_session(&session, filter);
             }

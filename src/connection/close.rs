@@ -103,6 +103,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.session_expiry,
             will,
         );
+        // The cluster's record of the will stays while the session holds it pending here
+        // (delay interval): should this node die, another publishes it.
+        let will_pending = matches!(detached, Detached::Kept { will_now: None })
+            && self.handle.inner().pending_will.is_some();
+        let forget_will_in_cluster =
+            self.will_in_cluster && !will_pending && !matches!(detached, Detached::Stale { .. });
         match detached {
             Detached::Kept { will_now } => {
                 // Offline now: what was queued meanwhile may find an online member.
@@ -160,6 +166,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.state.publish.publish(will).await;
                 }
             }
+        }
+        // Once published or discarded here, not before.
+        if let (Some(cluster), true) = (&self.state.cluster, forget_will_in_cluster) {
+            cluster.forget_will(&self.client_id).await;
         }
         self.state
             .sessions

@@ -265,6 +265,7 @@ where
         connection_id: attached.connection_id,
         keep_alive: keep_alive_secs,
         will: connect.will.clone().map(Box::new),
+        will_in_cluster: false,
         session_expiry,
         session_expiry_at_connect: session_expiry,
         send_quota: connect.receive_maximum.min(config.max_inflight_messages),
@@ -302,6 +303,20 @@ where
     if let Err(error) = state.publish.unspill(&connection.handle).await {
         tracing::error!(client_id = %connection.client_id, %error, "cannot read the session's queued messages back");
         return Err(Box::pin(connection.finish(Close::StorageFailure, shutdown)).await);
+    }
+    if let Some(cluster) = &state.cluster {
+        // Recorded before CONNACK: from then on, this node dying does not lose the will.
+        if let Some(will) = &connection.will {
+            let message = will_message((**will).clone(), &connection.client_id);
+            cluster
+                .record_will(&connection.client_id, Some((&message, will.delay_interval)))
+                .await;
+            connection.will_in_cluster = true;
+        } else if attached.session_present {
+            // A will the session's previous connection left pending here is cancelled
+            // [MQTT-3.1.3-9].
+            cluster.forget_will(&connection.client_id).await;
+        }
     }
     connection.send_connack(
         &connect,

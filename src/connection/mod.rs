@@ -251,6 +251,9 @@ struct Connection<S> {
     keep_alive: u16,
     /// Boxed: most clients have none, and every idle connection would reserve its room.
     will: Option<Box<Will>>,
+    /// Whether the cluster holds a record of a will of this client by this node (see
+    /// `cluster::wills`), to be forgotten once the will is published or discarded here.
+    will_in_cluster: bool,
     session_expiry: u32,
     session_expiry_at_connect: u32,
     /// Outbound QoS 1/2 messages allowed in flight: the client's Receive Maximum capped by ours.

@@ -22,6 +22,7 @@ pub const CLUSTER_REPLICATION_SECONDS: &str = "telemq_cluster_replication_second
 pub const CLUSTER_QUORUM: &str = "telemq_cluster_quorum";
 pub const CLUSTER_REPLAYED_TOTAL: &str = "telemq_cluster_replayed_total";
 pub const CLUSTER_LOG_ENTRIES_TOTAL: &str = "telemq_cluster_log_entries_total";
+pub const CLUSTER_WILLS_ADOPTED_TOTAL: &str = "telemq_cluster_wills_adopted_total";
 
 /// Label values of cluster forwarding.
 pub const OUT: &str = "out";
@@ -78,6 +79,11 @@ pub(super) fn describe_cluster() {
         Unit::Count,
         "Entries this node wrote to the replication log; replicated messages per entry is the group commit's batch"
     );
+    describe_counter!(
+        CLUSTER_WILLS_ADOPTED_TOTAL,
+        Unit::Count,
+        "Wills of clients of a dead node that this node published"
+    );
     describe_histogram!(
         CLUSTER_REPLICATION_SECONDS,
         Unit::Seconds,
@@ -124,6 +130,7 @@ pub fn cluster_init() {
     gauge!(CLUSTER_QUORUM).set(1.0);
     counter!(CLUSTER_REPLAYED_TOTAL).increment(0);
     counter!(CLUSTER_LOG_ENTRIES_TOTAL).increment(0);
+    counter!(CLUSTER_WILLS_ADOPTED_TOTAL).increment(0);
     for reason in [
         "link_down",
         "queue_full",
@@ -150,6 +157,7 @@ pub fn cluster_init() {
         "replay",
         "replay_truncated",
         "position",
+        "will",
     ] {
         counter!(CLUSTER_ERRORS_TOTAL, "operation" => operation).increment(0);
     }
@@ -214,6 +222,10 @@ pub fn cluster_log_entry() {
     if let Some(hot) = CLUSTER_HOT.get() {
         hot.log_entries.increment(1);
     }
+}
+
+pub fn cluster_will_adopted() {
+    counter!(CLUSTER_WILLS_ADOPTED_TOTAL).increment(1);
 }
 
 pub fn cluster_replayed(entries: usize) {
