@@ -214,6 +214,9 @@ impl Broker {
                     source,
                 })?;
         }
+        if let Some(cluster) = &state.cluster {
+            cluster.sessions_restored(shutdown.clone());
+        }
         let admission = Arc::new(Admission::new(&state.config.listener));
         for ((listener, addr), transport) in listeners {
             match transport {

@@ -120,6 +120,11 @@ pub(super) async fn run(
     mut consumer: PullConsumer,
     shutdown: CancellationToken,
 ) {
+    let mut restored = cluster.sessions_restored.subscribe();
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = restored.wait_for(|restored| *restored) => {}
+    }
     loop {
         // Short pulls with frequent heartbeats: after a NATS server fails, the pull is renewed
         // against the consumer's new leader within seconds.

@@ -107,6 +107,9 @@ pub struct Cluster {
     retained_writes: mpsc::Sender<(Arc<Message>, retained::RetainedWritten)>,
     /// The router's interest version this node's NATS subscriptions reflect.
     interest_applied: watch::Sender<u64>,
+    /// Whether the sessions this node stored are back in the router: until then the log's
+    /// delivery waits, or it would pass entries they are owed.
+    sessions_restored: watch::Sender<bool>,
     /// Claims of this node's connections, by client id (see `ownership`).
     claims: Mutex<HashMap<String, ownership::LocalClaim>>,
     /// Wakes takeover requests waiting for a claim of this node to attach its session.
@@ -188,6 +191,7 @@ impl Cluster {
             active: RwLock::new(SubscriptionTrie::new()),
             retained_writes,
             interest_applied: watch::Sender::new(0),
+            sessions_restored: watch::Sender::new(false),
             claims: Mutex::new(HashMap::new()),
             claims_settled: Notify::new(),
             pressure: pressure::Pressure::default(),
@@ -242,6 +246,15 @@ impl Cluster {
         {
             warn!(version, "subscriptions not yet in place on NATS");
         }
+    }
+
+    /// The sessions this node stored are restored into the router: the log's delivery starts,
+    /// and those that moved to another node meanwhile stop queueing here (see
+    /// [`ownership::release_moved_sessions`]).
+    pub fn sessions_restored(self: &Arc<Self>, shutdown: CancellationToken) {
+        self.sessions_restored.send_replace(true);
+        self.tracker
+            .spawn(ownership::release_moved_sessions(self.clone(), shutdown));
     }
 
     /// Whether the node is connected to NATS now.

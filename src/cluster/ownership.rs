@@ -583,6 +583,53 @@ pub(super) async fn serve_control(
     })
 }
 
+/// After a restart this node holds again, from its storage, the persistent sessions it had.
+/// Those the cluster's record shows on another node now moved while this one was down: they
+/// leave the router here (their stale queue stays until their client comes back here, which
+/// replaces it), so that a session queues on one node only and its bounds hold cluster-wide.
+/// Sessions a client of this node claimed since the start are left alone.
+pub(super) async fn release_moved_sessions(cluster: Arc<Cluster>, shutdown: CancellationToken) {
+    let mut released = 0usize;
+    for session in cluster.registry.persistent_sessions() {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let record = match cluster
+            .sessions
+            .entry(subject::key(&session.client_id))
+            .await
+        {
+            Ok(Some(entry)) => SessionRecord::decode(&entry.value),
+            _ => None,
+        };
+        let Some(record) = record.filter(|record| record.client_id == *session.client_id) else {
+            continue;
+        };
+        let claimed_here = session.is_online()
+            || session.log_if_any().is_some_and(|log| log.is_owned_here())
+            || lock(&cluster.claims).contains_key(&*session.client_id);
+        if record.node == *cluster.node || claimed_here {
+            continue;
+        }
+        if let Some((session, filters)) = cluster
+            .registry
+            .hand_to_other_node(&session.client_id)
+            .await
+        {
+            for filter in &filters {
+                cluster.router.unsubscribe_session(&session, filter);
+            }
+            released += 1;
+        }
+    }
+    if released > 0 {
+        info!(
+            released,
+            "stored sessions that moved to other nodes meanwhile no longer queue here"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
