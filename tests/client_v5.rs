@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::rumqtt::v5::{
-    Filter, LastWill, LastWillProperties, PublishProperties, QoS, RetainForwardRule, SubAck,
-    SubscribeReasonCode, V5Client,
+    Filter, LastWill, PublishProperties, QoS, RetainForwardRule, SubAck, SubscribeReasonCode,
+    V5Client,
 };
 use common::rumqtt::wait_until;
 use common::{TestBroker, WAIT};
@@ -28,16 +28,7 @@ fn expiry_of(publish: &common::rumqtt::v5::Publish) -> Option<u32> {
 }
 
 fn will(topic: &str, delay: Option<u32>) -> LastWill {
-    let properties = LastWillProperties {
-        delay_interval: delay,
-        payload_format_indicator: None,
-        message_expiry_interval: None,
-        content_type: None,
-        response_topic: None,
-        correlation_data: None,
-        user_properties: Vec::new(),
-    };
-    LastWill::new(topic, "gone", QoS::AtLeastOnce, false, Some(properties))
+    common::rumqtt::v5::will_gone(topic, delay)
 }
 
 #[tokio::test]

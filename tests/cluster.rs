@@ -568,24 +568,33 @@ async fn the_cluster_keeps_serving_when_one_nats_server_of_three_dies() {
     cluster.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_of_a_killed_node_resume_on_another_with_what_they_missed() {
-    use common::process::BrokerProcess;
-    let cluster = Cluster::start(1).await;
+/// A node of the cluster as a process of its own (with its own data directory), which a test
+/// can kill.
+fn process_node(
+    cluster: &Cluster,
+    name: &str,
+) -> (tempfile::TempDir, common::process::BrokerProcess) {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("telemq.toml");
     std::fs::write(
         &config,
         format!(
             "[listener]\nbind = \"127.0.0.1:0\"\n[websocket]\nenabled = false\n[metrics]\nenabled = false\n\
-             [storage]\ndata_dir = \"{}\"\n[cluster]\nenabled = true\nnode_id = \"victim\"\n\
+             [storage]\ndata_dir = \"{}\"\n[cluster]\nenabled = true\nnode_id = \"{name}\"\n\
              nats_urls = [\"{}\"]\nrequest_timeout = \"2s\"\nlog_max_bytes = {TEST_LOG_BYTES}\n",
             dir.path().join("data").display(),
             cluster.nats[0].url()
         ),
     )
     .expect("config written");
-    let victim = BrokerProcess::start(&config);
+    let node = common::process::BrokerProcess::start(&config);
+    (dir, node)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_node_resume_on_another_with_what_they_missed() {
+    let cluster = Cluster::start(1).await;
+    let (_dir, victim) = process_node(&cluster, "victim");
 
     let (mut subscriber, _) = V5Client::connect_persistent(victim.addr, "survivor", 600).await;
     subscribe(&mut subscriber, "k/#", QoS::AtLeastOnce).await;
@@ -922,23 +931,9 @@ async fn a_node_whose_group_members_are_all_offline_is_not_chosen() {
 /// [MQTT-3.1.3-9].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_will_of_a_client_of_a_dead_node_is_published_by_another_node() {
-    use common::process::BrokerProcess;
-    use common::rumqtt::v5::{LastWill, LastWillProperties};
+    use common::rumqtt::v5::will_gone;
     let cluster = Cluster::start(1).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("telemq.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[listener]\nbind = \"127.0.0.1:0\"\n[websocket]\nenabled = false\n[metrics]\nenabled = false\n\
-             [storage]\ndata_dir = \"{}\"\n[cluster]\nenabled = true\nnode_id = \"doomed\"\n\
-             nats_urls = [\"{}\"]\nrequest_timeout = \"2s\"\nlog_max_bytes = {TEST_LOG_BYTES}\n",
-            dir.path().join("data").display(),
-            cluster.nats[0].url()
-        ),
-    )
-    .expect("config written");
-    let victim = BrokerProcess::start(&config);
+    let (_dir, victim) = process_node(&cluster, "doomed");
     let mut watcher = subscribed(
         cluster.addr(1),
         "will-watcher",
@@ -947,29 +942,11 @@ async fn the_will_of_a_client_of_a_dead_node_is_published_by_another_node() {
     )
     .await;
 
-    let will = |topic: &str, delay: u32| {
-        let properties = LastWillProperties {
-            delay_interval: Some(delay),
-            payload_format_indicator: None,
-            message_expiry_interval: None,
-            content_type: None,
-            response_topic: None,
-            correlation_data: None,
-            user_properties: Vec::new(),
-        };
-        LastWill::new(
-            topic,
-            b"gone".to_vec(),
-            QoS::AtLeastOnce,
-            false,
-            Some(properties),
-        )
-    };
     let mut options = V5Client::options(victim.addr, "doomed-device");
-    options.set_last_will(will("status/doomed-device", 0));
+    options.set_last_will(will_gone("status/doomed-device", Some(0)));
     let (_doomed, _) = V5Client::connect_with(options).await;
     let mut options = V5Client::options(victim.addr, "returning-device");
-    options.set_last_will(will("status/returning-device", 2));
+    options.set_last_will(will_gone("status/returning-device", Some(2)));
     options.set_clean_start(false);
     options.set_session_expiry_interval(Some(600));
     let (_returning, _) = V5Client::connect_with(options).await;

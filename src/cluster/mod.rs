@@ -257,6 +257,17 @@ impl Cluster {
             .spawn(ownership::release_moved_sessions(self.clone(), shutdown));
     }
 
+    /// Subscribes to `subject`, a subject of this node's own (takeovers, liveness checks).
+    async fn subscribe_own(&self, subject: String) -> Result<async_nats::Subscriber, ClusterError> {
+        self.client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| ClusterError::Connect {
+                urls: subject,
+                reason: e.to_string(),
+            })
+    }
+
     /// Whether the node is connected to NATS now.
     pub fn is_linked(&self) -> bool {
         self.link_up.load(Ordering::Acquire)

@@ -537,15 +537,9 @@ pub(super) async fn serve_control(
     cluster: Arc<Cluster>,
     shutdown: CancellationToken,
 ) -> Result<impl std::future::Future<Output = ()>, ClusterError> {
-    let subject = cluster.control_subject(&cluster.node);
     let mut requests = cluster
-        .client
-        .subscribe(subject.clone())
-        .await
-        .map_err(|e| ClusterError::Connect {
-            urls: subject,
-            reason: e.to_string(),
-        })?;
+        .subscribe_own(cluster.control_subject(&cluster.node))
+        .await?;
     Ok(async move {
         // Takeovers of different client ids go on side by side: one waiting for a connection
         // to close must not hold up the others. Dropped (and aborted) with this task.

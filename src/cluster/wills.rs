@@ -89,15 +89,9 @@ pub(super) async fn serve_alive(
     cluster: Arc<Cluster>,
     shutdown: CancellationToken,
 ) -> Result<impl std::future::Future<Output = ()>, ClusterError> {
-    let subject = cluster.alive_subject(&cluster.node);
     let mut checks = cluster
-        .client
-        .subscribe(subject.clone())
-        .await
-        .map_err(|e| ClusterError::Connect {
-            urls: subject,
-            reason: e.to_string(),
-        })?;
+        .subscribe_own(cluster.alive_subject(&cluster.node))
+        .await?;
     let listed = cluster
         .nodes
         .put(

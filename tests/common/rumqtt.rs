@@ -410,6 +410,20 @@ pub mod v5 {
 
     driven_client!(V5Client);
 
+    /// A QoS 1 will with payload "gone" on `topic`, after `delay` seconds if given.
+    pub fn will_gone(topic: &str, delay: Option<u32>) -> LastWill {
+        let properties = LastWillProperties {
+            delay_interval: delay,
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        };
+        LastWill::new(topic, "gone", QoS::AtLeastOnce, false, Some(properties))
+    }
+
     impl V5Client {
         pub fn options(addr: SocketAddr, id: &str) -> client_api::MqttOptions {
             client_api::MqttOptions::new(id, addr.ip().to_string(), addr.port())
