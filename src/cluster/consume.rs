@@ -323,6 +323,10 @@ impl Cluster {
             metrics::cluster_error("replay_truncated");
             warn!(client_id = %session.client_id, floor, first, "part of the session's missed messages expired from the replication log");
         }
+        // The whole range, not only the subjects of the session's filters: the reader then
+        // ends at the watermark itself, which a filtered one cannot tell from the last
+        // matching entry (and its pending count, right after NATS recovered, once said none
+        // while there were some). The router picks what the session's filters match.
         let consumer: PullConsumer = self
             .log
             .create_consumer(pull::Config {
@@ -330,65 +334,57 @@ impl Cluster {
                     start_sequence: start,
                 },
                 ack_policy: AckPolicy::None,
-                filter_subjects: replay_subjects(&self.base, filters),
                 inactive_threshold: Duration::from_secs(30),
                 ..Default::default()
             })
             .await
             .map_err(|e| failed(&e))?;
         let mut replayed = 0;
-        let pending = consumer
-            .get_info()
-            .await
-            .map_err(|e| failed(&e))?
-            .num_pending;
-        if pending > 0 {
-            let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
-            let mut batch = Vec::new();
-            loop {
-                let next = tokio::time::timeout(self.request_timeout, messages.next()).await;
-                // Short of the watermark, or of the last matching entry, the replay has not
-                // brought everything: the session would be recorded as having what it lacks.
-                let message = match next {
-                    Ok(Some(Ok(message))) => message,
-                    Ok(Some(Err(error))) => return Err(failed(&error)),
-                    Ok(None) => return Err(failed(&"the log's reader stopped")),
-                    Err(_) => return Err(failed(&"the log did not answer in time")),
-                };
-                let Ok(info) = message.info() else { continue };
-                let (seq, left) = (info.stream_sequence, info.pending);
-                if seq > hold.applied {
-                    break;
-                }
-                replayed += 1;
-                let received = log::unframe(&message.payload).map_or_else(Vec::new, |(_, m)| m);
-                for (index, received) in received.into_iter().enumerate() {
-                    let id = log::log_id(seq, index);
-                    // Had before the move: at or below the floor, or completed (QoS 2).
-                    if id <= floor || recorded.completed.binary_search(&id).is_ok() {
-                        continue;
-                    }
-                    batch.push((
-                        Arc::new(received.message),
-                        Reach::Session(&session.client_id),
-                        id,
-                    ));
-                }
-                if batch.len() >= BATCH {
-                    self.pipeline
-                        .deliver_logged(std::mem::take(&mut batch), true, None)
-                        .await
-                        .map_err(|e| failed(&e))?;
-                }
-                if left == 0 || seq == hold.applied {
-                    break;
-                }
+        let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
+        let mut batch = Vec::new();
+        loop {
+            let next = tokio::time::timeout(self.request_timeout, messages.next()).await;
+            // Short of the watermark the replay has not brought everything: the session would
+            // be recorded as having what it lacks.
+            let message = match next {
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(error))) => return Err(failed(&error)),
+                Ok(None) => return Err(failed(&"the log's reader stopped")),
+                Err(_) => return Err(failed(&"the log did not answer in time")),
+            };
+            let Ok(info) = message.info() else { continue };
+            let seq = info.stream_sequence;
+            if seq > hold.applied {
+                break;
             }
-            self.pipeline
-                .deliver_logged(batch, true, None)
-                .await
-                .map_err(|e| failed(&e))?;
+            replayed += 1;
+            let received = log::unframe(&message.payload).map_or_else(Vec::new, |(_, m)| m);
+            for (index, received) in received.into_iter().enumerate() {
+                let id = log::log_id(seq, index);
+                // Had before the move: at or below the floor, or completed (QoS 2).
+                if id <= floor || recorded.completed.binary_search(&id).is_ok() {
+                    continue;
+                }
+                batch.push((
+                    Arc::new(received.message),
+                    Reach::Session(&session.client_id),
+                    id,
+                ));
+            }
+            if batch.len() >= BATCH {
+                self.pipeline
+                    .deliver_logged(std::mem::take(&mut batch), true, None)
+                    .await
+                    .map_err(|e| failed(&e))?;
+            }
+            if seq == hold.applied {
+                break;
+            }
         }
+        self.pipeline
+            .deliver_logged(batch, true, None)
+            .await
+            .map_err(|e| failed(&e))?;
         let name = consumer.cached_info().name.clone();
         if let Err(error) = self.log.delete_consumer(&name).await {
             debug!(%error, "replay consumer not deleted; it expires by itself");
@@ -428,46 +424,5 @@ impl Cluster {
             })
             .collect();
         self.pipeline.enqueue(session, releases).await;
-    }
-}
-
-/// The log subjects a replay of `filters` reads: theirs when no two overlap (a consumer's
-/// filters must not), otherwise the whole log, filtered here by the router.
-fn replay_subjects(base: &str, filters: &[String]) -> Vec<String> {
-    let subjects: Vec<String> = filters
-        .iter()
-        .filter(|filter| !filter.starts_with("$share/"))
-        .flat_map(|filter| subject::filter_subjects(base, filter))
-        .map(|pattern| format!("{base}.log{}", &pattern[base.len()..]))
-        .collect();
-    let overlapping = subjects.iter().enumerate().any(|(i, a)| {
-        subjects[i + 1..]
-            .iter()
-            .any(|b| subject::patterns_overlap(a, b))
-    });
-    if overlapping {
-        vec![log::log_root(base)]
-    } else {
-        // Entries of several topics may hold any of them.
-        let mut subjects = subjects;
-        subjects.push(log::mixed_subject(base));
-        subjects
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_replay_reads_its_filters_subjects_unless_they_overlap() {
-        assert_eq!(
-            replay_subjects("t", &["a/+".into(), "b/#".into()]),
-            vec!["t.log.t.a.*", "t.log.t.b.>", "t.log.t.b", "t.log.m"]
-        );
-        assert_eq!(
-            replay_subjects("t", &["a/+".into(), "a/#".into()]),
-            vec!["t.log.>"]
-        );
     }
 }

@@ -354,9 +354,9 @@ impl Cluster {
     }
 }
 
-/// The subject of an entry: its topic's when all its messages share one (a replay reads the
-/// subjects of its session's filters), otherwise the subject of mixed entries, which every
-/// replay reads.
+/// The subject of an entry: its topic's when all its messages share one, otherwise the subject
+/// of mixed entries (what a filtered reader of the log, such as an operator's tool, can select
+/// on).
 fn entry_subject(base: &str, requests: &[Replicate]) -> String {
     let mut logged = requests
         .iter()
