@@ -288,14 +288,14 @@ impl Cluster {
     }
 
     /// Reads the log after `position` up to the hold's watermark into `session`'s queue: the
-    /// messages its subscriptions (already in the router) match. Returns how many entries were
+    /// messages its subscriptions (already in the router; none if not `subscribed`) match. Returns how many entries were
     /// read. A position older than the log's first entry (expired by `log_max_age` or
     /// `log_max_bytes`) replays what is left, and is counted.
     pub async fn replay(
         &self,
         hold: &LogHold<'_>,
         session: &Arc<SessionHandle>,
-        filters: &[String],
+        subscribed: bool,
         recorded: &Position,
     ) -> Result<usize, ClusterError> {
         // Whatever this node's consumer still brings up to the floor, or completed, the
@@ -303,7 +303,7 @@ impl Cluster {
         session.log().skip(recorded);
         let floor = recorded.floor;
         self.release_completed(session, recorded).await;
-        if floor >= log::last_id(hold.applied) || filters.is_empty() {
+        if floor >= log::last_id(hold.applied) || !subscribed {
             return Ok(0);
         }
         // The entry holding the first message after the floor.

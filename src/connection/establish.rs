@@ -197,9 +197,9 @@ where
     }
     let mut replay_failed = false;
     if let (Some(cluster), Some(hold), Some(position)) = (&state.cluster, &log_hold, &position) {
-        let filters: Vec<String> = attached.state.subscriptions.keys().cloned().collect();
+        let subscribed = !attached.state.subscriptions.is_empty();
         match cluster
-            .replay(hold, &attached.handle, &filters, position)
+            .replay(hold, &attached.handle, subscribed, position)
             .await
         {
             Ok(replayed) => {

@@ -95,6 +95,12 @@ fn register_hot_counters() {
     });
 }
 
+/// Buckets of the cluster's latencies (a hop between nodes, a replication): from a quarter
+/// millisecond on one machine to seconds while NATS elects a leader.
+const CLUSTER_SECONDS_BUCKETS: &[f64] = &[
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+];
+
 /// Installs the Prometheus recorder once per process. `None` when another recorder was
 /// installed first (an embedding application's).
 pub fn install() -> Option<&'static PrometheusHandle> {
@@ -111,19 +117,13 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(CLUSTER_FORWARD_LAG_SECONDS.into()),
-                        &[
-                            0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                            1.0, 5.0,
-                        ],
+                        CLUSTER_SECONDS_BUCKETS,
                     )
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(CLUSTER_REPLICATION_SECONDS.into()),
-                        &[
-                            0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                            1.0, 5.0,
-                        ],
+                        CLUSTER_SECONDS_BUCKETS,
                     )
                 })
                 .and_then(|b| {
