@@ -1,6 +1,7 @@
 //! Wiring: builds the shared state, binds listeners, runs background tasks and shuts it all down.
 //! No protocol logic lives here.
 
+use crate::router::persistent::PersistentFilters;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -163,9 +164,13 @@ impl Broker {
             let (outbox, forwarded) = tokio::sync::mpsc::channel(config.cluster.forward_queue);
             let (replication, to_replicate) =
                 tokio::sync::mpsc::channel(config.cluster.forward_queue);
-            pipeline = pipeline
-                .with_outbox(outbox)
-                .with_replication(replication.clone());
+            let (direct, to_deliver) = tokio::sync::mpsc::channel(config.cluster.forward_queue);
+            let persistent = Arc::new(PersistentFilters::default());
+            pipeline = pipeline.with_outbox(outbox).with_replication(
+                replication.clone(),
+                direct,
+                persistent.clone(),
+            );
             let parts = cluster::Parts {
                 router: router.clone(),
                 pipeline: pipeline.clone(),
@@ -173,6 +178,8 @@ impl Broker {
                 outbox: forwarded,
                 replication: to_replicate,
                 replication_sender: replication.clone(),
+                direct: to_deliver,
+                persistent,
                 log_applied: recovered.as_ref().map_or(0, |r| r.log_applied),
             };
             Some(Cluster::start(&config.cluster, parts, shutdown.clone(), tracker.clone()).await?)

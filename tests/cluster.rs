@@ -146,15 +146,19 @@ async fn messages_cross_nodes_once_per_client_in_order_at_every_qos() {
         .map(|i| ("a/b/c".to_string(), i.to_be_bytes().to_vec()))
         .chain([("a".to_string(), b"parent".to_vec())])
         .collect();
-    // In order per topic and QoS [MQTT-4.6.0-6]: QoS 0 crosses nodes through core NATS and
-    // QoS 1/2 through the replication log, so the two may interleave differently.
-    let by_qos = |messages: &[(String, Vec<u8>)], acknowledged: bool| -> Vec<(String, Vec<u8>)> {
+    // In order per topic and QoS [MQTT-4.6.0-6]: QoS 0 (and QoS 1 that no persistent session
+    // wants) crosses nodes through core NATS, QoS 2 through the replication log, so they may
+    // interleave differently. The parent topic's message counts with QoS 1.
+    let by_qos = |messages: &[(String, Vec<u8>)], qos: u32| -> Vec<(String, Vec<u8>)> {
         messages
             .iter()
             .filter(|(topic, payload)| {
-                let qos0 = topic == "a/b/c"
-                    && u32::from_be_bytes(payload[..4].try_into().unwrap()) % 3 == 0;
-                qos0 != acknowledged
+                let of = if topic == "a/b/c" {
+                    u32::from_be_bytes(payload[..4].try_into().unwrap()) % 3
+                } else {
+                    1
+                };
+                of == qos
             })
             .cloned()
             .collect()
@@ -165,12 +169,8 @@ async fn messages_cross_nodes_once_per_client_in_order_at_every_qos() {
         (&mut everything, "# on another node, no $ topic"),
     ] {
         let got = receive(client, expected.len()).await;
-        for acknowledged in [false, true] {
-            assert_eq!(
-                by_qos(&got, acknowledged),
-                by_qos(&expected, acknowledged),
-                "{what}"
-            );
+        for qos in 0..3 {
+            assert_eq!(by_qos(&got, qos), by_qos(&expected, qos), "{what}");
         }
     }
     // Interest: NATS sends a node only what its own clients subscribed to. Node 0 has no
@@ -648,6 +648,11 @@ async fn clients_of_a_killed_node_resume_on_another_with_what_they_missed() {
 async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_decide() {
     let mut cluster = Cluster::start(1).await;
     let mut local_sub = subscribed(cluster.addr(0), "local-sub", "l/#", QoS::AtLeastOnce).await;
+    // A persistent subscriber makes `l/` QoS 1 messages need the log; `c/` has clean
+    // subscribers only.
+    let (mut keeper, _) = V5Client::connect_persistent(cluster.addr(0), "keeper", 600).await;
+    subscribe(&mut keeper, "l/#", QoS::AtLeastOnce).await;
+    let mut clean_sub = subscribed(cluster.addr(0), "clean-sub", "c/#", QoS::AtLeastOnce).await;
     let (mut local_pub, _) = V5Client::connect(cluster.addr(0), "local-pub").await;
     let mut flood = common::raw_v5(cluster.addr(0), "local-flood").await;
     let (mut v3_pub, _) =
@@ -663,15 +668,24 @@ async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_d
         vec![("l/0".to_string(), b"local".to_vec())],
         "QoS 0 served locally without NATS"
     );
-    // QoS 1 is acknowledged only once replicated: every publish is refused with 0x80 and a
-    // reason string, none waits on the dead link for ever, and none is delivered.
+    // QoS 1 is acknowledged only once replicated, or, when no persistent session wants it
+    // (`c/`), once the other nodes queued it, which without NATS falls back on the log: every
+    // publish is refused with 0x80 and a reason string, none waits on the dead link for ever,
+    // and none is delivered.
     const FLOOD: u16 = 1500;
+    let topic = |id: u16| {
+        if id.is_multiple_of(2) {
+            "l/flood"
+        } else {
+            "c/flood"
+        }
+    };
     // In windows under the broker's Receive Maximum (1024).
     for window in (1..=FLOOD).collect::<Vec<_>>().chunks(500) {
         for &id in window {
             flood
                 .send(&packets::publish(
-                    "l/flood",
+                    topic(id),
                     1,
                     id,
                     false,
@@ -686,7 +700,10 @@ async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_d
             assert_eq!(puback.body[..2], id.to_be_bytes(), "in order");
             assert_eq!(puback.body[2], 0x80, "refused: {:?}", puback.body);
             let reason = String::from_utf8_lossy(&puback.body[4..]);
-            assert!(reason.contains("replicas"), "reason string: {reason}");
+            assert!(
+                reason.contains("replicas"),
+                "reason string of {id}: {reason}"
+            );
         }
     }
     // 3.1.1 cannot refuse a PUBLISH: the connection closes and the client will retransmit.
@@ -699,7 +716,7 @@ async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_d
         "no PUBACK for an unreplicated 3.1.1 publish"
     );
     assert!(
-        drain(&mut local_sub).await.is_empty(),
+        drain(&mut local_sub).await.is_empty() && drain(&mut clean_sub).await.is_empty(),
         "nothing refused was delivered"
     );
     // A CONNECT needs the cluster to decide who owns the client id: refused, with a reason.
@@ -738,6 +755,95 @@ async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_d
         receive(&mut local_sub, 1).await,
         vec![("l/2".to_string(), b"again".to_vec())]
     );
+    // And QoS 1 for clean sessions only, which other nodes queue directly.
+    subscribe(&mut remote_sub, "c/#", QoS::AtLeastOnce).await;
+    local_pub
+        .publish("c/2", QoS::AtLeastOnce, false, b"clean".to_vec())
+        .await;
+    for client in [&mut remote_sub, &mut clean_sub] {
+        assert_eq!(
+            receive(client, 1).await,
+            vec![("c/2".to_string(), b"clean".to_vec())]
+        );
+    }
+    cluster.shutdown().await;
+}
+
+/// A QoS 1 message only clean sessions subscribe to is not replicated: its publisher waits for
+/// the other nodes to queue it, not for a quorum. So it crosses nodes even while two NATS
+/// servers of three are down and nothing can be stored, while a message a persistent session
+/// subscribes to is refused meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_for_clean_sessions_only_crosses_nodes_without_a_nats_majority() {
+    let mut cluster = Cluster::start(3).await;
+    let mut clean_sub = subscribed(cluster.addr(1), "clean-sub", "c/#", QoS::AtLeastOnce).await;
+    let (mut keeper, _) = V5Client::connect_persistent(cluster.addr(2), "keeper", 600).await;
+    subscribe(&mut keeper, "p/#", QoS::AtLeastOnce).await;
+    let mut publisher = common::raw_v5(cluster.addr(0), "publisher").await;
+    let mut packet_id = 0u16;
+    let mut publish = async |topic: &str, payload: &[u8]| -> u8 {
+        packet_id += 1;
+        publisher
+            .send(&packets::publish(
+                topic,
+                1,
+                packet_id,
+                false,
+                false,
+                Some(&[]),
+                payload,
+            ))
+            .await;
+        let puback = publisher.recv_type(4).await;
+        assert_eq!(puback.body[..2], packet_id.to_be_bytes());
+        puback.body.get(2).copied().unwrap_or(0)
+    };
+    assert_eq!(publish("p/0", b"stored").await, 0, "a quorum at first");
+    assert_eq!(receive(&mut keeper, 1).await[0].1, b"stored");
+
+    cluster.nats[1].kill();
+    cluster.nats[2].kill();
+    // Nodes 1 and 2 reconnect to the one NATS server left; until then a batch goes through
+    // the log, which refuses it.
+    let mut accepted = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT * 4;
+    for attempt in 0.. {
+        if !accepted.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no clean QoS 1 publish accepted"
+        );
+        let payload = format!("c{attempt}").into_bytes();
+        if publish("c/1", &payload).await == 0 {
+            accepted.push(payload);
+        }
+    }
+    for i in 0..200 {
+        let payload = format!("again{i}").into_bytes();
+        assert_eq!(
+            publish("c/1", &payload).await,
+            0,
+            "accepted without a quorum"
+        );
+        accepted.push(payload);
+    }
+    assert_eq!(
+        publish("p/1", b"refused").await,
+        0x80,
+        "a persistent session's message needs the quorum"
+    );
+    // Every accepted message arrives, once and in order (refused ones may arrive too: a node
+    // that queued one before another node failed to answer keeps it).
+    let mut got = Vec::new();
+    while got.len() < accepted.len() {
+        let publish = clean_sub.next_publish().await;
+        if accepted.contains(&publish.payload.to_vec()) {
+            got.push(publish.payload.to_vec());
+        }
+    }
+    assert_eq!(got, accepted);
     cluster.shutdown().await;
 }
 

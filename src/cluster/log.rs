@@ -36,7 +36,6 @@ use super::{codec, subject, Cluster, ClusterError};
 use crate::clock;
 use crate::config::ClusterConfig;
 use crate::metrics;
-use crate::protocol::QoS;
 use crate::publish::{Replicate, ReplicationError, Stored};
 
 /// Log entries waiting for JetStream's answer at once. Past it, requests wait in the link's
@@ -53,7 +52,7 @@ pub const ENTRY_SPAN: u64 = 64;
 
 /// Encoded messages one entry carries at most, well under NATS's default payload limit (1 MiB);
 /// a larger message goes alone.
-const ENTRY_BYTES: usize = 256 * 1024;
+pub(super) const ENTRY_BYTES: usize = 256 * 1024;
 
 /// How long the log remembers the id of a QoS 2 message (see `cluster::positions`).
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
@@ -134,7 +133,7 @@ pub fn entry_of(id: u64) -> u64 {
 /// A log entry: the publishing node's name (its own messages reach only its persistent
 /// sessions through the log; the rest it delivered when they were published), then each
 /// message as nodes send it to each other, behind its length.
-fn frame(node: &str, messages: &[Bytes]) -> Bytes {
+pub(super) fn frame(node: &str, messages: &[Bytes]) -> Bytes {
     let node = &node.as_bytes()[..node.len().min(255)];
     let size: usize = messages.iter().map(|m| 4 + m.len()).sum();
     let mut out = BytesMut::with_capacity(1 + node.len() + size);
@@ -194,8 +193,7 @@ fn take_group(queued: &mut VecDeque<Replicate>) -> Group {
         if once && !group.requests.is_empty() {
             break;
         }
-        let encoded =
-            (next.message.qos != QoS::AtMostOnce).then(|| codec::encode(&next.message, now));
+        let encoded = next.logged.then(|| codec::encode(&next.message, now));
         if let Some(encoded) = &encoded {
             let full = group.logged.len() as u64 >= ENTRY_SPAN
                 || (!group.logged.is_empty() && bytes + encoded.len() > ENTRY_BYTES);
@@ -360,8 +358,8 @@ impl Cluster {
 fn entry_subject(base: &str, requests: &[Replicate]) -> String {
     let mut logged = requests
         .iter()
-        .map(|request| &request.message)
-        .filter(|message| message.qos != QoS::AtMostOnce);
+        .filter(|request| request.logged)
+        .map(|request| &request.message);
     let first = logged.next().map(|message| &message.topic);
     match first {
         Some(topic) if logged.all(|message| &message.topic == topic) => log_subject(base, topic),
@@ -382,7 +380,7 @@ fn answer_all(requests: Vec<Replicate>, started: Instant, error: &ReplicationErr
 }
 
 fn unavailable(reason: &str) -> ReplicationError {
-    ReplicationError(reason.into())
+    ReplicationError::replicas(reason)
 }
 
 fn answer(
@@ -401,6 +399,7 @@ fn answer(
 mod tests {
     use super::*;
     use crate::message::Message;
+    use crate::protocol::QoS;
 
     #[test]
     fn log_subjects_sit_under_their_own_root_and_keep_the_dollar_split() {
@@ -421,6 +420,7 @@ mod tests {
 
     fn request(message: Message, once: Option<&str>) -> Replicate {
         Replicate {
+            logged: message.qos != QoS::AtMostOnce,
             message: Arc::new(message),
             once: once.map(Into::into),
             done: oneshot::channel().0,

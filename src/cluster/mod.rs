@@ -23,6 +23,7 @@
 
 mod codec;
 mod consume;
+mod direct;
 mod log;
 mod ownership;
 mod positions;
@@ -38,6 +39,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
+use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -116,6 +118,10 @@ pub struct Cluster {
     claims_settled: Notify,
     /// Flow control between nodes (see `pressure`).
     pressure: pressure::Pressure,
+    /// The filters of the cluster's persistent sessions, from the session records.
+    persistent: Arc<crate::router::persistent::PersistentFilters>,
+    /// The other nodes, by their key in the nodes bucket (see `direct`).
+    peers: RwLock<HashMap<String, Arc<str>>>,
 }
 
 /// What the wiring hands over to start the cluster link.
@@ -127,8 +133,14 @@ pub struct Parts {
     pub outbox: mpsc::Receiver<Arc<Message>>,
     /// Messages to store with their replicas before they are acknowledged.
     pub replication: mpsc::Receiver<Replicate>,
+    /// The filters of the cluster's persistent sessions, which this node keeps up to date
+    /// from the session records.
+    pub persistent: Arc<crate::router::persistent::PersistentFilters>,
     /// The sending end of `replication`.
     pub replication_sender: mpsc::Sender<Replicate>,
+    /// QoS 1 messages the log does not carry, for the other nodes to queue before they are
+    /// acknowledged (see `direct`).
+    pub direct: mpsc::Receiver<Replicate>,
     /// The replication log position this node's storage says it delivered up to.
     pub log_applied: u64,
 }
@@ -195,7 +207,17 @@ impl Cluster {
             claims: Mutex::new(HashMap::new()),
             claims_settled: Notify::new(),
             pressure: pressure::Pressure::default(),
+            persistent: parts.persistent,
+            peers: RwLock::new(HashMap::new()),
         });
+        // Before any publish: which QoS 1 messages the log must carry depends on it.
+        mirror(
+            &cluster,
+            cluster.sessions.clone(),
+            Cluster::note_session_record,
+            &shutdown,
+        )
+        .await?;
         let watch = cluster.load_retained().await?;
         tracker.spawn(retained::watch(cluster.clone(), watch, shutdown.clone()));
         tracker.spawn(retained::write(
@@ -223,6 +245,21 @@ impl Cluster {
         ));
         let control = ownership::serve_control(cluster.clone(), shutdown.clone()).await?;
         tracker.spawn(control);
+        // Listening before this node is listed, and the nodes known before any publish.
+        let direct = direct::serve(cluster.clone(), shutdown.clone()).await?;
+        tracker.spawn(direct);
+        mirror(
+            &cluster,
+            cluster.nodes.clone(),
+            Cluster::note_node,
+            &shutdown,
+        )
+        .await?;
+        tracker.spawn(direct::send(
+            cluster.clone(),
+            parts.direct,
+            shutdown.clone(),
+        ));
         let alive = wills::serve_alive(cluster.clone(), shutdown.clone()).await?;
         tracker.spawn(alive);
         tracker.spawn(wills::watch_nodes(cluster.clone(), shutdown.clone()));
@@ -284,6 +321,63 @@ async fn until_shutdown<T>(
         _ = shutdown.cancelled() => None,
         item = next => item,
     }
+}
+
+/// Reads every key of `store` into `note`: the current values before this returns, then every
+/// change until shutdown. A broken watch is opened again, and its keys' current values are
+/// taken as they come (`note` sees a key's latest value last).
+async fn mirror(
+    cluster: &Arc<Cluster>,
+    store: kv::Store,
+    note: fn(&Cluster, &kv::Entry),
+    shutdown: &CancellationToken,
+) -> Result<(), ClusterError> {
+    let failed = |e: &dyn std::fmt::Display| ClusterError::Bucket {
+        bucket: store.name.clone(),
+        reason: e.to_string(),
+    };
+    let mut watch = store
+        .watch_with_history(">")
+        .await
+        .map_err(|e| failed(&e))?;
+    let status = store.status().await.map_err(|e| failed(&e))?;
+    if status.values() > 0 {
+        loop {
+            // Keys deleted meanwhile may leave nothing to send, hence the time limit.
+            match tokio::time::timeout(cluster.request_timeout, watch.next()).await {
+                Ok(Some(Ok(entry))) => {
+                    note(cluster, &entry);
+                    if entry.delta == 0 {
+                        break;
+                    }
+                }
+                Ok(Some(Err(error))) => return Err(failed(&error)),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+    let cluster = cluster.clone();
+    let shutdown = shutdown.clone();
+    cluster.tracker.clone().spawn(async move {
+        loop {
+            match until_shutdown(&shutdown, watch.next()).await {
+                Some(Ok(entry)) => note(&cluster, &entry),
+                Some(Err(error)) => tracing::debug!(%error, bucket = %store.name, "bucket watch"),
+                None if shutdown.is_cancelled() => return,
+                None => loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    if let Ok(renewed) = store.watch_with_history(">").await {
+                        watch = renewed;
+                        break;
+                    }
+                },
+            }
+        }
+    });
+    Ok(())
 }
 
 async fn connect(

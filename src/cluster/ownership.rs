@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use async_nats::jetstream::kv::{CreateErrorKind, Operation};
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation};
 use bytes::{BufMut, Bytes};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +47,24 @@ struct SessionRecord {
 }
 
 impl SessionRecord {
+    /// The filters a persistent session's messages must be logged for (none for a clean
+    /// session); a shared group's filter is what its messages match.
+    fn persistent_filters(&self) -> Vec<String> {
+        if self.expiry_interval == 0 {
+            return Vec::new();
+        }
+        self.subscriptions
+            .iter()
+            .map(|(filter, _)| {
+                filter
+                    .strip_prefix("$share/")
+                    .and_then(|rest| rest.split_once('/'))
+                    .map_or(filter.as_str(), |(_, filter)| filter)
+                    .to_owned()
+            })
+            .collect()
+    }
+
     fn has_expired(&self, now: SystemTime) -> bool {
         if self.connected || self.expiry_interval == NEVER_EXPIRES {
             return false;
@@ -450,6 +468,10 @@ impl Cluster {
         subscriptions: Vec<(String, SubscriptionOptions)>,
     ) {
         let record = self.record(client_id, expiry_interval, None, subscriptions);
+        // Known here before SUBACK, not only once the record's watch brings it back: this
+        // node logs what matches from the start (other nodes follow within the watch's delay).
+        self.persistent
+            .set(&ownership.key, record.persistent_filters());
         self.update(ownership, record).await;
     }
 
@@ -575,6 +597,20 @@ pub(super) async fn serve_control(
             });
         }
     })
+}
+
+impl Cluster {
+    /// One session record, as the filters of a persistent session (none for a clean one, or
+    /// a deleted record); see `mirror`.
+    pub(super) fn note_session_record(&self, entry: &kv::Entry) {
+        let filters = match entry.operation {
+            Operation::Put => SessionRecord::decode(&entry.value)
+                .map(|record| record.persistent_filters())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        self.persistent.set(&entry.key, filters);
+    }
 }
 
 /// After a restart this node holds again, from its storage, the persistent sessions it had.

@@ -121,11 +121,11 @@ impl Cluster {
             let written = cluster
                 .write_position(&session, true)
                 .await
-                .map_err(|e| ReplicationError(e.into()));
+                .map_err(ReplicationError::replicas);
             let replicated = match also {
                 Some(also) => also
                     .await
-                    .unwrap_or_else(|_| Err(ReplicationError("the cluster link closed".into()))),
+                    .unwrap_or_else(|_| Err(ReplicationError::replicas("the cluster link closed"))),
                 None => Ok(Stored::New),
             };
             let _ = done.send(written.and(replicated));
@@ -164,11 +164,13 @@ impl Cluster {
                 // reach the log in the order they were received.
                 let _one_at_a_time = session.log().writing.lock().await;
                 if let Err(error) = cluster.write_position_locked(&session, true).await {
-                    let _ = done.send(Err(ReplicationError(error.into())));
+                    let _ = done.send(Err(ReplicationError::replicas(error)));
                     return;
                 }
                 let request = Replicate {
                     message,
+                    // Every QoS 2 message is logged (`Pipeline::is_logged`).
+                    logged: true,
                     once: Some(format!("{}-{id:x}", subject::key(&session.client_id))),
                     done: stored,
                 };
@@ -178,7 +180,7 @@ impl Cluster {
             }
             let outcome = answer
                 .await
-                .unwrap_or_else(|_| Err(ReplicationError("the cluster link closed".into())));
+                .unwrap_or_else(|_| Err(ReplicationError::replicas("the cluster link closed")));
             let _ = done.send(outcome);
         });
         replicated

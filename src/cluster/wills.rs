@@ -139,6 +139,16 @@ pub(super) async fn watch_nodes(cluster: Arc<Cluster>, shutdown: CancellationTok
             listed.push(key);
         }
         strikes.retain(|node, _| listed.contains(node));
+        let own = subject::token(&cluster.node);
+        if !listed.contains(&own) {
+            // Taken for dead while cut off from NATS: listed again, so that the others adopt
+            // its wills if it dies and send it their direct deliveries (see `direct`).
+            info!("this node was unlisted while cut off; listing it again");
+            let _ = cluster
+                .nodes
+                .put(own, Bytes::from(cluster.node.to_string()))
+                .await;
+        }
         for key in listed {
             let Ok(Some(entry)) = cluster.nodes.entry(&key).await else {
                 continue;

@@ -152,7 +152,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             _ => self
                 .state
                 .publish
-                .replicate(&planned.message)
+                .replicate(&planned)
                 .await
                 .filter(|_| ack.is_some()),
         };

@@ -45,7 +45,7 @@ impl Pending {
         }
         if let Some(replicated) = self.replicated.as_mut() {
             let stored = std::task::ready!(Pin::new(replicated).poll(cx))
-                .unwrap_or_else(|_| Err(ReplicationError("the cluster link closed".into())));
+                .unwrap_or_else(|_| Err(ReplicationError::replicas("the cluster link closed")));
             self.replicated = None;
             return Poll::Ready(stored.map_err(Failure::Replication));
         }

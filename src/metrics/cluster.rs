@@ -23,6 +23,13 @@ pub const CLUSTER_QUORUM: &str = "telemq_cluster_quorum";
 pub const CLUSTER_REPLAYED_TOTAL: &str = "telemq_cluster_replayed_total";
 pub const CLUSTER_LOG_ENTRIES_TOTAL: &str = "telemq_cluster_log_entries_total";
 pub const CLUSTER_WILLS_ADOPTED_TOTAL: &str = "telemq_cluster_wills_adopted_total";
+pub const CLUSTER_DIRECT_TOTAL: &str = "telemq_cluster_direct_total";
+
+/// Results of a direct delivery (`cluster::direct`): queued by every other node, or handed to
+/// the replication log after all (a node has a persistent session for it, or did not answer).
+pub const DIRECT_QUEUED: usize = 0;
+pub const DIRECT_LOGGED: usize = 1;
+const DIRECT_RESULTS: [&str; 2] = ["queued", "logged"];
 
 /// Label values of cluster forwarding.
 pub const OUT: &str = "out";
@@ -84,6 +91,11 @@ pub(super) fn describe_cluster() {
         Unit::Count,
         "Wills of clients of a dead node that this node published"
     );
+    describe_counter!(
+        CLUSTER_DIRECT_TOTAL,
+        Unit::Count,
+        "QoS 1 messages no persistent session wants, handed to the other nodes directly instead of replicated, by result (queued; logged: a node had a persistent session for it, or did not answer)"
+    );
     describe_histogram!(
         CLUSTER_REPLICATION_SECONDS,
         Unit::Seconds,
@@ -123,7 +135,11 @@ pub fn cluster_init() {
         replication: histogram!(CLUSTER_REPLICATION_SECONDS),
         quorum: gauge!(CLUSTER_QUORUM),
         log_entries: counter!(CLUSTER_LOG_ENTRIES_TOTAL),
+        direct: DIRECT_RESULTS.map(|result| counter!(CLUSTER_DIRECT_TOTAL, "result" => result)),
     });
+    for result in DIRECT_RESULTS {
+        counter!(CLUSTER_DIRECT_TOTAL, "result" => result).increment(0);
+    }
     for result in ["stored", "refused"] {
         counter!(CLUSTER_REPLICATED_TOTAL, "result" => result).increment(0);
     }
@@ -180,6 +196,8 @@ struct ClusterHot {
     replication: metrics::Histogram,
     quorum: metrics::Gauge,
     log_entries: metrics::Counter,
+    /// By `DIRECT_*`.
+    direct: [metrics::Counter; 2],
 }
 
 static CLUSTER_HOT: OnceLock<ClusterHot> = OnceLock::new();
@@ -221,6 +239,13 @@ pub fn cluster_replicated(stored: bool, seconds: f64) {
 pub fn cluster_log_entry() {
     if let Some(hot) = CLUSTER_HOT.get() {
         hot.log_entries.increment(1);
+    }
+}
+
+/// One message handed to the other nodes directly, by its result (`DIRECT_*`).
+pub fn cluster_direct(result: usize) {
+    if let Some(counter) = CLUSTER_HOT.get().and_then(|hot| hot.direct.get(result)) {
+        counter.increment(1);
     }
 }
 

@@ -18,7 +18,8 @@
 //! A [`Planned`] message is what a cluster link takes too: applying it delivers to this node's
 //! mailboxes, and handing it to other nodes is a second consumer of the same plan. In a cluster,
 //! a QoS 1/2 or retained message is also replicated ([`Pipeline::replicate`]) while it is
-//! written here, and its acknowledgement waits for both.
+//! written here (a QoS 1 message no persistent session wants is only queued by the other
+//! nodes), and its acknowledgement waits for both.
 
 mod restore;
 
@@ -30,6 +31,7 @@ use crate::config::DeadLetterConfig;
 use crate::message::{Delivery, Message, StoredMessage};
 use crate::metrics;
 use crate::protocol::QoS;
+use crate::router::persistent::PersistentFilters;
 use crate::router::{Dropped, Reach, Router, Target};
 use crate::session::mailbox::is_spilled;
 use crate::session::{EndedSession, SessionHandle};
@@ -51,14 +53,22 @@ pub struct Pipeline {
     outbox: Option<mpsc::Sender<Arc<Message>>>,
     /// In a cluster: messages to store on other machines before they are acknowledged.
     replication: Option<mpsc::Sender<Replicate>>,
+    /// In a cluster: QoS 1 messages the log does not carry, to be queued by the other nodes
+    /// before they are acknowledged.
+    direct: Option<mpsc::Sender<Replicate>>,
+    /// In a cluster: the filters of every node's persistent sessions.
+    persistent: Option<Arc<PersistentFilters>>,
 }
 
-/// A message for the cluster to store with its replicas; `done` answers once it is stored, or
-/// why not. With `once`, an id the cluster stores the message under at most once (a QoS 2
+/// A message for the cluster to store with its replicas (or, not `logged`, to hand to the other
+/// nodes directly); `done` answers once it is stored, or why not. With `once`, an id the cluster stores the message under at most once (a QoS 2
 /// message its publisher may send again to another node).
 #[derive(Debug)]
 pub struct Replicate {
     pub message: Arc<Message>,
+    /// Whether the message goes into the replication log (see [`Planned::logged`]); a QoS 0
+    /// retained change, which does not, is still written to the retained bucket.
+    pub logged: bool,
     pub once: Option<String>,
     pub done: oneshot::Sender<Result<Stored, ReplicationError>>,
 }
@@ -78,10 +88,17 @@ pub enum Stored {
 pub type Replicated = oneshot::Receiver<Result<Stored, ReplicationError>>;
 
 /// Why the cluster did not store a message with its replicas: the message must not be
-/// acknowledged.
+/// acknowledged. The text is what an MQTT 5 publisher is told.
 #[derive(Clone, Debug, thiserror::Error)]
-#[error("the cluster could not store the message with its replicas: {0}")]
+#[error("{0}")]
 pub struct ReplicationError(pub Arc<str>);
+
+impl ReplicationError {
+    /// The replicas could not store the message.
+    pub fn replicas(reason: impl std::fmt::Display) -> Self {
+        Self(format!("the cluster could not store the message with its replicas: {reason}").into())
+    }
+}
 
 /// A message with the sessions it goes to and what must be written before they get it.
 #[derive(Debug)]
@@ -91,6 +108,10 @@ pub struct Planned {
     /// The retained store change and the message record; more may be added (a QoS 2 packet
     /// id) to be written in the same batch.
     pub ops: Vec<Op>,
+    /// In a cluster, whether the replication log carries the message (see
+    /// [`Pipeline::is_logged`]): decided once, so that the plan, the replication and the
+    /// forwarding to other nodes agree.
+    pub logged: bool,
 }
 
 impl Pipeline {
@@ -101,44 +122,76 @@ impl Pipeline {
             dead_letter,
             outbox: None,
             replication: None,
+            direct: None,
+            persistent: None,
         }
     }
 
-    /// Has QoS 1/2 and retained messages stored by the cluster (see [`Pipeline::replicate`]).
-    pub fn with_replication(mut self, replication: mpsc::Sender<Replicate>) -> Self {
+    /// Has QoS 1/2 and retained messages stored by the cluster, or handed to the other nodes
+    /// `direct`ly (see [`Pipeline::replicate`]); `persistent` says which topics some node's
+    /// persistent session subscribes to.
+    pub fn with_replication(
+        mut self,
+        replication: mpsc::Sender<Replicate>,
+        direct: mpsc::Sender<Replicate>,
+        persistent: Arc<PersistentFilters>,
+    ) -> Self {
         self.replication = Some(replication);
+        self.direct = Some(direct);
+        self.persistent = Some(persistent);
         self
     }
 
-    /// In a cluster, hands a QoS 1/2 or retained message to be stored with its replicas; the
-    /// answer says when it is. Waits for room in the link's queue, which holds back the
-    /// publisher. `None` when nothing needs replicating: no cluster, a QoS 0 message that
-    /// retains nothing, or a `$SYS` topic, which describes this node only.
-    pub async fn replicate(&self, message: &Arc<Message>) -> Option<Replicated> {
-        let replication = self.replication.as_ref()?;
-        if (message.qos == QoS::AtMostOnce && !message.retain) || message.topic.starts_with("$SYS/")
-        {
+    /// In a cluster, hands a planned message to the cluster before it is acknowledged; the
+    /// answer says when the cluster has it. One the replication log carries, or that changes a
+    /// retained message, is stored with its replicas; a QoS 1 message the log does not carry
+    /// goes to the other nodes directly, and is answered once they queued it (see
+    /// `cluster::direct`). Waits for room in the link's queue, which holds back the publisher.
+    /// `None` when nothing needs waiting for: no cluster, a QoS 0 message that retains
+    /// nothing, or a `$SYS` topic, which describes this node only.
+    pub async fn replicate(&self, planned: &Planned) -> Option<Replicated> {
+        let message = &planned.message;
+        if message.topic.starts_with("$SYS/") {
             return None;
         }
+        let queue = if planned.logged || message.retain {
+            self.replication.as_ref()?
+        } else if message.qos == QoS::AtLeastOnce {
+            self.direct.as_ref()?
+        } else {
+            return None;
+        };
         let (done, replicated) = oneshot::channel();
         let request = Replicate {
             message: message.clone(),
+            logged: planned.logged,
             once: None,
             done,
         };
         // A closed link drops the request, and with it `done`: the message is not stored.
-        let _ = replication.send(request).await;
+        let _ = queue.send(request).await;
         Some(replicated)
     }
 
-    /// Whether the cluster's replication log brings `message` to persistent sessions, this
-    /// node's included, so that publishing leaves them out: a replicated QoS 1/2 message. A
-    /// persistent session then gets every message it is owed in log order, through one path,
-    /// and its position in the log says what it still needs (see `cluster::log`).
+    /// Whether the cluster's replication log carries `message`, and brings it to persistent
+    /// sessions, this node's included, so that publishing leaves them out. A persistent
+    /// session then gets every message it is owed in log order, through one path, and its
+    /// position in the log says what it still needs (see `cluster::log`).
+    ///
+    /// Every QoS 2 message (its exactly-once across nodes rests on the log), a retained QoS 1
+    /// message, and a QoS 1 message whose topic some node's persistent session subscribes to.
+    /// A QoS 1 message for clean sessions only is not replicated: its publisher waits only for
+    /// the other nodes to queue it (see `cluster::direct`).
     fn is_logged(&self, message: &Message) -> bool {
         self.replication.is_some()
             && message.qos != QoS::AtMostOnce
             && !message.topic.starts_with("$SYS/")
+            && (message.qos == QoS::ExactlyOnce
+                || message.retain
+                || self
+                    .persistent
+                    .as_ref()
+                    .is_some_and(|filters| filters.matches(&message.topic)))
     }
 
     /// Delivers messages read from the cluster's replication log, in log order, each to the
@@ -229,7 +282,8 @@ impl Pipeline {
     /// retained store change and, when persistent sessions take it at QoS 1 or 2, one message
     /// record listing those deliveries (which are marked as stored).
     pub fn plan(&self, message: Arc<Message>) -> Planned {
-        let reach = if self.is_logged(&message) {
+        let logged = self.is_logged(&message);
+        let reach = if logged {
             Reach::AllButPersistent
         } else {
             Reach::All
@@ -244,6 +298,7 @@ impl Pipeline {
             message,
             targets,
             ops,
+            logged,
         }
     }
 
@@ -311,8 +366,8 @@ impl Pipeline {
     /// Publishes a message on the broker's own behalf (a will, a delayed message): durably for
     /// persistent subscribers, then into the mailboxes.
     pub async fn publish(&self, message: Arc<Message>) {
-        let replicated = self.replicate(&message).await;
         let mut planned = self.plan(message);
+        let replicated = self.replicate(&planned).await;
         let ops = std::mem::take(&mut planned.ops);
         // Nobody waits for an answer: without replicas the message is still delivered here.
         if let Some(Ok(Err(error))) = match replicated {

@@ -4,6 +4,7 @@
 //! Routing runs on the publisher's task. The trie is read under a short read lock that is never
 //! held across an `.await`; each target gets an `Arc` of the same message.
 
+pub mod persistent;
 pub mod retained;
 pub mod shared;
 pub mod trie;
