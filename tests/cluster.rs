@@ -568,6 +568,82 @@ async fn the_cluster_keeps_serving_when_one_nats_server_of_three_dies() {
     cluster.shutdown().await;
 }
 
+/// QoS 1 for clean sessions only is handed to the other nodes directly; when the NATS server
+/// the subscriber's node is connected to dies under load, the batches that node cannot answer
+/// go through the log, which it reads once it reconnected. Every acknowledged message arrives,
+/// and none overtakes an earlier one (duplicates may arrive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_qos1_across_nodes_survives_the_death_of_a_nats_server_complete_and_in_order() {
+    let mut cluster = Cluster::start(3).await;
+    // Node 1 prefers server 1, which dies; the publisher's node 0 keeps its server.
+    let mut subscriber = subscribed(cluster.addr(1), "clean-sub", "load/#", QoS::AtLeastOnce).await;
+    let mut publisher = common::raw_v5(cluster.addr(0), "load-pub").await;
+    const TOTAL: u32 = 12_000;
+    const WINDOW: usize = 400;
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    let payloads: Vec<u32> = (0..TOTAL).collect();
+    for (round, window) in payloads.chunks(WINDOW).enumerate() {
+        if round == 8 {
+            cluster.nats[1].kill();
+        }
+        for (i, n) in window.iter().enumerate() {
+            publisher
+                .send(&packets::publish(
+                    "load/1",
+                    1,
+                    i as u16 + 1,
+                    false,
+                    false,
+                    Some(&[]),
+                    &n.to_be_bytes(),
+                ))
+                .await;
+        }
+        for n in window {
+            let puback = publisher.recv_type(4).await;
+            if puback.body.get(2).copied().unwrap_or(0) == 0 {
+                accepted.push(*n);
+            } else {
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        accepted.len() > TOTAL as usize / 2,
+        "{refused} of {TOTAL} refused"
+    );
+    let mut first_seen = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut accepted_seen = 0;
+    while accepted_seen < accepted.len() {
+        let Some(publish) = subscriber.try_next_publish(WAIT * 4).await else {
+            let missing: Vec<u32> = accepted
+                .iter()
+                .filter(|n| !seen.contains(*n))
+                .copied()
+                .take(20)
+                .collect();
+            panic!("acknowledged messages missing, first ones: {missing:?}");
+        };
+        let n = u32::from_be_bytes(publish.payload[..4].try_into().expect("4 bytes"));
+        if seen.insert(n) {
+            first_seen.push(n);
+            accepted_seen += usize::from(accepted.binary_search(&n).is_ok());
+        }
+    }
+    let delivered_accepted: Vec<u32> = first_seen
+        .iter()
+        .filter(|n| accepted.binary_search(n).is_ok())
+        .copied()
+        .collect();
+    assert_eq!(
+        delivered_accepted, accepted,
+        "every acknowledged message, in order ({refused} refused)"
+    );
+    cluster.shutdown().await;
+}
+
 /// A node of the cluster as a process of its own (with its own data directory), which a test
 /// can kill.
 fn process_node(

@@ -272,6 +272,7 @@ impl Cluster {
             return gap;
         }
         self.log_applied.fetch_max(seq, Ordering::AcqRel);
+        self.log_advanced.notify_waiters();
         if let Err(error) = message.ack().await {
             debug!(%error, "replication log acknowledgement not sent");
         }

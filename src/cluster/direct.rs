@@ -7,8 +7,6 @@
 //!
 //! - **Batches.** Up to `log::ENTRY_SPAN` messages or `log::ENTRY_BYTES` go in one request,
 //!   and at most [`IN_FLIGHT`] batches wait for their answers at once, answered in order.
-//!   Requests leave in order on the node's one NATS connection and each node handles its
-//!   subject in order, so a publisher's messages arrive in the order sent.
 //! - **Which nodes.** Those listed in `<prefix>_nodes` (see `wills`), followed by a watch. A
 //!   node lists itself before it serves clients, and again if it finds itself unlisted (taken
 //!   for dead while cut off from NATS).
@@ -17,35 +15,52 @@
 //!   answers "log it" for that message and does not deliver it. This node then hands it to the
 //!   replication log, whose answer the publisher waits for. The nodes that did deliver it get
 //!   it again from the log: QoS 1 allows a duplicate.
-//! - **Failure.** A listed node with no responder (dead, or cut off from NATS while its
-//!   clients are still connected to it), one that does not answer within
-//!   `cluster.request_timeout`, or no link to NATS: the batch goes through the replication log
-//!   instead, as every QoS 1 message would without this path, so a node that was only cut off
-//!   delivers it when it reads the log again, and without a quorum it is refused. Nodes that
-//!   did deliver it get it again from the log (a QoS 1 duplicate). Until a dead node is
-//!   unlisted (three missed liveness checks, see `wills`), every batch goes through the log.
+//! - **A node that does not answer** (no responder: dead, or cut off from NATS while its
+//!   clients are still connected to it; no answer within `cluster.request_timeout`; no link to
+//!   NATS here): the batch goes through the replication log instead, as every QoS 1 message
+//!   would without this path, so a node that was only cut off delivers it when it reads the log
+//!   again, and without a quorum it is refused. Nodes that did deliver it get it again from the
+//!   log (a QoS 1 duplicate). Until a dead node is unlisted (three missed liveness checks, see
+//!   `wills`), every batch goes through the log.
+//! - **Order.** Requests leave in order on the node's one NATS connection and each node
+//!   handles its subject in order. Each batch is numbered within the sender's epoch (within
+//!   its run, random at each start), and a receiver takes only the next number: after a gap (a
+//!   request lost while it was cut off) it refuses the batch, which then goes through the log
+//!   too. Once a batch went through the log,
+//!   every later one does, and no new one leaves, until the log answered them all. Then the
+//!   sender starts a new epoch, whose first batch names the position of the last log entry the
+//!   sender wrote; a receiver delivers it only once its own reading of the log is past that
+//!   position. So nothing delivered directly overtakes what went through the log before it
+//!   (test `clean_qos1_across_nodes_survives_the_death_of_a_nats_server_complete_and_in_order`).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, Operation};
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::future::{join_all, BoxFuture};
-use futures_util::stream::FuturesOrdered;
+use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{codec, log, subject, until_shutdown, Cluster, ClusterError};
 use crate::clock;
 use crate::metrics;
-use crate::publish::{Replicate, Stored};
+use crate::publish::{Replicate, ReplicationError, Stored};
 use crate::router::Reach;
 use crate::sync::{read, write};
 
 /// Batches waiting for the other nodes' answers at once.
 const IN_FLIGHT: usize = 32;
+
+/// How long a node waits, at the start of a sender's new epoch, to have delivered the log up
+/// to the position the sender names, before it refuses the batch (which then goes through the
+/// log as well).
+const BARRIER_WAIT: Duration = Duration::from_secs(1);
 
 /// A node's answer for one message: queued for its subscribers (if any).
 const QUEUED: u8 = 0;
@@ -75,6 +90,66 @@ impl Cluster {
     }
 }
 
+/// What a request says before its messages: the sender's run (random at each start), its
+/// epoch, the batch's number in it, and the log position the receiver must have delivered
+/// first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Header {
+    run: u64,
+    epoch: u64,
+    batch: u64,
+    barrier: u64,
+}
+
+impl Header {
+    const LEN: usize = 32;
+
+    fn encode(self, frame: &[u8]) -> Bytes {
+        let mut out = BytesMut::with_capacity(Self::LEN + frame.len());
+        out.put_u64(self.run);
+        out.put_u64(self.epoch);
+        out.put_u64(self.batch);
+        out.put_u64(self.barrier);
+        out.put_slice(frame);
+        out.freeze()
+    }
+
+    fn decode(data: &[u8]) -> Option<(Self, &[u8])> {
+        let (run, rest) = data.split_first_chunk::<8>()?;
+        let (epoch, rest) = rest.split_first_chunk::<8>()?;
+        let (batch, rest) = rest.split_first_chunk::<8>()?;
+        let (barrier, rest) = rest.split_first_chunk::<8>()?;
+        let header = Self {
+            run: u64::from_be_bytes(*run),
+            epoch: u64::from_be_bytes(*epoch),
+            batch: u64::from_be_bytes(*batch),
+            barrier: u64::from_be_bytes(*barrier),
+        };
+        Some((header, rest))
+    }
+}
+
+/// Where a receiving node is in one sender's batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Received {
+    run: u64,
+    epoch: u64,
+    next: u64,
+}
+
+/// Whether a receiver takes the batch `header` from a sender it is at `at` with: the next
+/// batch of the same epoch, or the first batch of a newer epoch (or of any, from a sender it
+/// has not heard of, or that started again). Anything else is refused: after a gap (a batch
+/// lost on its way, or not sent while this node was cut off) the sender sends the missing
+/// batch through the log, and nothing delivered here may overtake it.
+fn takes(at: Option<Received>, header: Header) -> bool {
+    match at {
+        Some(at) if at.run == header.run && at.epoch == header.epoch => header.batch == at.next,
+        Some(at) if at.run == header.run => header.epoch > at.epoch && header.batch == 0,
+        _ => header.batch == 0,
+    }
+}
+
 /// Answers the other nodes' direct deliveries. Subscribed before this node lists itself among
 /// the nodes, so no node sends to it before it listens.
 pub(super) async fn serve(
@@ -84,35 +159,91 @@ pub(super) async fn serve(
     let mut requests = cluster
         .subscribe_own(cluster.direct_subject(&cluster.node))
         .await?;
+    let mut senders: HashMap<String, Received> = HashMap::new();
     Ok(async move {
         while let Some(request) = until_shutdown(&shutdown, requests.next()).await {
             let Some(reply) = request.reply else {
                 continue;
             };
-            let Some((_, received)) = log::unframe(&request.payload) else {
-                // Unanswered: the sender refuses the batch.
-                metrics::cluster_forward_dropped("undecodable");
-                continue;
-            };
-            let mut answers = Vec::with_capacity(received.len());
-            for received in received {
-                let message = Arc::new(received.message);
-                if cluster.persistent.matches(&message.topic) {
-                    answers.push(LOG_IT);
-                    continue;
-                }
-                if let Ok(lag) = clock::now().duration_since(received.sent_at) {
-                    metrics::cluster_forward_lag(lag.as_secs_f64());
-                }
-                metrics::cluster_forwarded(metrics::IN);
-                cluster.pipeline.publish_remote(message, Reach::Plain).await;
-                answers.push(QUEUED);
-            }
+            let answers = cluster
+                .receive_direct(&request.payload, &mut senders, &shutdown)
+                .await
+                // Not one answer per message: the sender sends the batch through the log.
+                .unwrap_or_default();
             if let Err(error) = cluster.client.publish(reply, Bytes::from(answers)).await {
                 debug!(%error, "direct delivery not answered");
             }
         }
     })
+}
+
+impl Cluster {
+    /// Delivers one direct batch here, in order after what its sender sent before; returns
+    /// the answer per message, or `None` if the batch is refused.
+    async fn receive_direct(
+        &self,
+        payload: &[u8],
+        senders: &mut HashMap<String, Received>,
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<u8>> {
+        let Some((header, (origin, received))) = Header::decode(payload)
+            .and_then(|(header, frame)| Some((header, log::unframe(frame)?)))
+        else {
+            metrics::cluster_forward_dropped("undecodable");
+            return None;
+        };
+        let at = senders.get(origin).copied();
+        if !takes(at, header) {
+            debug!(%origin, ?header, ?at, "direct batch out of sequence: through the log");
+            return None;
+        }
+        if header.batch == 0 && !self.applied(header.barrier, shutdown).await {
+            debug!(%origin, ?header, "log not delivered up to the barrier: through the log");
+            return None;
+        }
+        senders.insert(
+            origin.to_owned(),
+            Received {
+                run: header.run,
+                epoch: header.epoch,
+                next: header.batch + 1,
+            },
+        );
+        let mut answers = Vec::with_capacity(received.len());
+        for received in received {
+            let message = Arc::new(received.message);
+            if self.persistent.matches(&message.topic) {
+                answers.push(LOG_IT);
+                continue;
+            }
+            if let Ok(lag) = clock::now().duration_since(received.sent_at) {
+                metrics::cluster_forward_lag(lag.as_secs_f64());
+            }
+            metrics::cluster_forwarded(metrics::IN);
+            self.pipeline.publish_remote(message, Reach::Plain).await;
+            answers.push(QUEUED);
+        }
+        Some(answers)
+    }
+
+    /// Waits until this node delivered the log up to `position` (a sender's entries that must
+    /// come before its next direct batch), for at most [`BARRIER_WAIT`].
+    async fn applied(&self, position: u64, shutdown: &CancellationToken) -> bool {
+        let deadline = tokio::time::Instant::now() + BARRIER_WAIT;
+        loop {
+            let advanced = self.log_advanced.notified();
+            tokio::pin!(advanced);
+            advanced.as_mut().enable();
+            if self.log_applied.load(Ordering::Acquire) >= position {
+                return true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep_until(deadline) => return false,
+                _ = advanced => {}
+            }
+        }
+    }
 }
 
 /// Hands each QoS 1 message the log does not carry to the other nodes, and answers its
@@ -123,10 +254,19 @@ pub(super) async fn send(
     mut requests: mpsc::Receiver<Replicate>,
     shutdown: CancellationToken,
 ) {
-    let mut in_flight: FuturesOrdered<BoxFuture<'static, Settled>> = FuturesOrdered::new();
+    let mut link = Link {
+        cluster,
+        in_flight: FuturesOrdered::new(),
+        logging: FuturesUnordered::new(),
+        falling_back: false,
+        run: super::random_start(),
+        epoch: 0,
+        batch: 0,
+        barrier: 0,
+    };
     let mut queued = VecDeque::new();
     loop {
-        while !queued.is_empty() && in_flight.len() < IN_FLIGHT {
+        while !link.falling_back && !queued.is_empty() && link.in_flight.len() < IN_FLIGHT {
             while queued.len() < log::ENTRY_SPAN as usize {
                 match requests.try_recv() {
                     Ok(request) => queued.push_back(request),
@@ -134,27 +274,179 @@ pub(super) async fn send(
                 }
             }
             let batch = take_batch(&mut queued);
-            in_flight.push_back(cluster.start_direct(batch));
+            let started = link.start(batch);
+            link.in_flight.push_back(started);
         }
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            Some(settled) = in_flight.next(), if !in_flight.is_empty() => {
-                cluster.settle(settled).await;
+            Some(settled) = link.in_flight.next(), if !link.in_flight.is_empty() => {
+                link.settle(settled).await;
             }
-            request = requests.recv(), if queued.is_empty() => {
+            Some(()) = link.logging.next(), if !link.logging.is_empty() => {}
+            request = requests.recv(), if queued.is_empty() && !link.falling_back => {
                 let Some(request) = request else { break };
                 queued.push_back(request);
             }
         }
+        link.resume_when_logged();
     }
     // What is still waiting is answered "not stored" as its senders drop.
 }
 
-/// A batch and, per message, whether it goes through the replication log after all.
+/// This node's side of direct delivery: the batches waiting for answers, and, after a batch
+/// went through the log for want of an answer, those log writes.
+struct Link {
+    cluster: Arc<Cluster>,
+    in_flight: FuturesOrdered<BoxFuture<'static, Settled>>,
+    /// Batches sent through the log because a node did not answer, until the log answered.
+    logging: FuturesUnordered<BoxFuture<'static, ()>>,
+    /// A batch went through the log for want of an answer: every later one does too, and no
+    /// new batch goes out, until the log answered them all. Then a new epoch starts, whose
+    /// first batch carries the log position the receivers must have delivered first.
+    falling_back: bool,
+    run: u64,
+    epoch: u64,
+    batch: u64,
+    barrier: u64,
+}
+
+impl Link {
+    /// Sends one batch to every other node and returns the future of their answers.
+    fn start(
+        &mut self,
+        (requests, encoded): (Vec<Replicate>, Vec<Bytes>),
+    ) -> BoxFuture<'static, Settled> {
+        let cluster = &self.cluster;
+        let peers: Vec<Arc<str>> = read(&cluster.peers).values().cloned().collect();
+        let count = requests.len();
+        if peers.is_empty() || !cluster.is_linked() {
+            // Without NATS no other node can be told: the log refuses it at once.
+            let outcome = if peers.is_empty() {
+                Outcome::Queued
+            } else {
+                Outcome::Unanswered
+            };
+            return futures_util::future::ready(Settled { requests, outcome }).boxed();
+        }
+        let header = Header {
+            run: self.run,
+            epoch: self.epoch,
+            batch: self.batch,
+            barrier: self.barrier,
+        };
+        self.batch += 1;
+        let payload = header.encode(&log::frame(&cluster.node, &encoded));
+        let asked = peers.into_iter().map(|peer| {
+            let client = cluster.client.clone();
+            let subject = cluster.direct_subject(&peer);
+            let payload = payload.clone();
+            let timeout = cluster.request_timeout;
+            async move {
+                let answer = tokio::time::timeout(timeout, client.request(subject, payload)).await;
+                (peer, answer)
+            }
+        });
+        let asked = join_all(asked);
+        async move {
+            let mut log_it = vec![false; count];
+            for (peer, answer) in asked.await {
+                let failure = match answer {
+                    Ok(Ok(reply)) if reply.payload.len() == count => {
+                        for (wanted, answer) in log_it.iter_mut().zip(reply.payload.iter()) {
+                            *wanted |= *answer == LOG_IT;
+                        }
+                        continue;
+                    }
+                    Ok(Ok(_)) => "batch refused".to_string(),
+                    Ok(Err(error)) => error.to_string(),
+                    Err(_) => "no answer in time".to_string(),
+                };
+                // Dead, or only cut off from NATS for a while, or slow: its clients may still
+                // be there, and the log brings the batch to them once it reads it.
+                debug!(%peer, failure, "direct delivery goes through the log");
+                return Settled {
+                    requests,
+                    outcome: Outcome::Unanswered,
+                };
+            }
+            let outcome = if log_it.contains(&true) {
+                Outcome::LogSome(log_it)
+            } else {
+                Outcome::Queued
+            };
+            Settled { requests, outcome }
+        }
+        .boxed()
+    }
+
+    /// Answers a batch's publishers, in order: queued everywhere, or handed to the
+    /// replication log, which answers instead.
+    async fn settle(&mut self, settled: Settled) {
+        let Settled { requests, outcome } = settled;
+        if matches!(outcome, Outcome::Unanswered) {
+            self.falling_back = true;
+        }
+        let log_it = match outcome {
+            _ if self.falling_back => vec![true; requests.len()],
+            Outcome::Queued => vec![false; requests.len()],
+            Outcome::LogSome(log_it) => log_it,
+            Outcome::Unanswered => vec![true; requests.len()],
+        };
+        for (mut request, log_it) in requests.into_iter().zip(log_it) {
+            if !log_it {
+                metrics::cluster_direct(metrics::DIRECT_QUEUED);
+                let _ = request.done.send(Ok(Stored::New));
+                continue;
+            }
+            metrics::cluster_direct(metrics::DIRECT_LOGGED);
+            request.logged = true;
+            if self.falling_back {
+                // Its answer is awaited here too, to know when the log has them all.
+                let (done, answered) = oneshot::channel();
+                let publisher = std::mem::replace(&mut request.done, done);
+                self.logging.push(
+                    async move {
+                        let outcome = answered.await.unwrap_or_else(|_| {
+                            Err(ReplicationError::replicas("the cluster link closed"))
+                        });
+                        let _ = publisher.send(outcome);
+                    }
+                    .boxed(),
+                );
+            }
+            // A closed link drops the request, and with it `done`: not stored.
+            let _ = self.cluster.replication.send(request).await;
+        }
+    }
+
+    /// Once every batch of the old epoch is answered and the log holds what went through it,
+    /// direct delivery resumes in a new epoch, behind those log entries.
+    fn resume_when_logged(&mut self) {
+        if self.falling_back && self.in_flight.is_empty() && self.logging.is_empty() {
+            self.falling_back = false;
+            self.epoch += 1;
+            self.batch = 0;
+            self.barrier = self.cluster.log_written.load(Ordering::Acquire);
+        }
+    }
+}
+
+/// What the other nodes answered for a batch.
+enum Outcome {
+    /// Every node queued every message.
+    Queued,
+    /// Every node answered; those marked go through the log (a node has a persistent session
+    /// for them).
+    LogSome(Vec<bool>),
+    /// Some node did not answer, or refused the batch: all of it goes through the log.
+    Unanswered,
+}
+
+/// A batch and what the other nodes answered.
 struct Settled {
     requests: Vec<Replicate>,
-    log_it: Vec<bool>,
+    outcome: Outcome,
 }
 
 /// Takes from the front of `queued` what one request carries, encoded.
@@ -175,73 +467,6 @@ fn take_batch(queued: &mut VecDeque<Replicate>) -> (Vec<Replicate>, Vec<Bytes>) 
         requests.extend(queued.pop_front());
     }
     (requests, encoded)
-}
-
-impl Cluster {
-    /// Sends one batch to every other node and returns the future of their answers.
-    fn start_direct(
-        &self,
-        (requests, encoded): (Vec<Replicate>, Vec<Bytes>),
-    ) -> BoxFuture<'static, Settled> {
-        let peers: Vec<Arc<str>> = read(&self.peers).values().cloned().collect();
-        let count = requests.len();
-        if peers.is_empty() || !self.is_linked() {
-            // Without NATS no other node can be told: the log refuses it at once.
-            let log_it = vec![!peers.is_empty(); count];
-            return futures_util::future::ready(Settled { requests, log_it }).boxed();
-        }
-        let payload = log::frame(&self.node, &encoded);
-        let asked = peers.into_iter().map(|peer| {
-            let client = self.client.clone();
-            let subject = self.direct_subject(&peer);
-            let payload = payload.clone();
-            let timeout = self.request_timeout;
-            async move {
-                let answer = tokio::time::timeout(timeout, client.request(subject, payload)).await;
-                (peer, answer)
-            }
-        });
-        let asked = join_all(asked);
-        async move {
-            let mut log_it = vec![false; count];
-            for (peer, answer) in asked.await {
-                let failure = match answer {
-                    Ok(Ok(reply)) if reply.payload.len() == count => {
-                        for (wanted, answer) in log_it.iter_mut().zip(reply.payload.iter()) {
-                            *wanted |= *answer == LOG_IT;
-                        }
-                        continue;
-                    }
-                    Ok(Ok(_)) => "answer not understood".to_string(),
-                    Ok(Err(error)) => error.to_string(),
-                    Err(_) => "no answer in time".to_string(),
-                };
-                // Dead, or only cut off from NATS for a while, or slow: its clients may still
-                // be there, and the log brings the batch to them once it reads it.
-                debug!(%peer, failure, "direct delivery goes through the log");
-                let log_it = vec![true; count];
-                return Settled { requests, log_it };
-            }
-            Settled { requests, log_it }
-        }
-        .boxed()
-    }
-
-    /// Answers a batch's publishers, in order: queued everywhere, or handed to the
-    /// replication log, which answers instead.
-    async fn settle(&self, settled: Settled) {
-        for (mut request, log_it) in settled.requests.into_iter().zip(settled.log_it) {
-            if log_it {
-                metrics::cluster_direct(metrics::DIRECT_LOGGED);
-                request.logged = true;
-                // A closed link drops the request, and with it `done`: not stored.
-                let _ = self.replication.send(request).await;
-            } else {
-                metrics::cluster_direct(metrics::DIRECT_QUEUED);
-                let _ = request.done.send(Ok(Stored::New));
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -266,6 +491,54 @@ mod tests {
             once: None,
             done: oneshot::channel().0,
         }
+    }
+
+    #[test]
+    fn a_header_round_trips_ahead_of_its_frame() {
+        let header = Header {
+            run: 3,
+            epoch: 1 << 60,
+            batch: 7,
+            barrier: 12_345,
+        };
+        let encoded = header.encode(b"frame");
+        assert_eq!(Header::decode(&encoded), Some((header, &b"frame"[..])));
+        assert_eq!(Header::decode(&encoded[..Header::LEN - 1]), None);
+    }
+
+    #[test]
+    fn a_receiver_takes_the_next_batch_or_the_start_of_a_newer_epoch_only() {
+        let header = |epoch, batch| Header {
+            run: 1,
+            epoch,
+            batch,
+            barrier: 0,
+        };
+        let at = Some(Received {
+            run: 1,
+            epoch: 5,
+            next: 3,
+        });
+        assert!(takes(at, header(5, 3)));
+        assert!(!takes(at, header(5, 4)), "a gap: batch 3 was lost");
+        assert!(!takes(at, header(5, 2)), "already delivered");
+        assert!(takes(at, header(6, 0)));
+        assert!(
+            !takes(at, header(6, 1)),
+            "a newer epoch starts at its first batch"
+        );
+        assert!(!takes(at, header(4, 0)), "an older epoch");
+        let restarted = |batch| Header {
+            run: 2,
+            ..header(0, batch)
+        };
+        assert!(takes(at, restarted(0)), "a sender that started again");
+        assert!(!takes(at, restarted(4)));
+        assert!(takes(None, header(9, 0)));
+        assert!(
+            !takes(None, header(9, 2)),
+            "a sender first heard of mid-epoch"
+        );
     }
 
     #[test]

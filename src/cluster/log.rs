@@ -309,10 +309,16 @@ impl Cluster {
             }
         };
         let log = self.log.clone();
+        let written = self.log_written.clone();
         async move {
             let mut logged = Ok(Stored::New);
             if let Some(ack) = ack {
-                match ack.await {
+                let ack = ack.await;
+                if let Ok(ack) = &ack {
+                    // Before the answer: a direct delivery that follows it waits for this.
+                    written.fetch_max(ack.sequence, Ordering::AcqRel);
+                }
+                match ack {
                     // A duplicate is taken as stored only once the log shows the earlier copy
                     // at the position it names: one still being proposed (no position yet), or
                     // proposed by a leader that lost it, is not stored.

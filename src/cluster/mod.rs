@@ -81,6 +81,10 @@ pub struct Cluster {
     log: jetstream::stream::Stream,
     /// Every log entry up to this position has reached this node's sessions (`consume`).
     log_applied: AtomicU64,
+    /// Woken whenever `log_applied` moves (a direct delivery may wait for it, see `direct`).
+    log_advanced: Notify,
+    /// The last log position of an entry this node wrote (see `direct`).
+    log_written: Arc<AtomicU64>,
     /// Held while a batch of the log is delivered, and while a moved session is replayed.
     log_lock: tokio::sync::Mutex<()>,
     /// Sessions' positions in the log (see `positions`).
@@ -186,6 +190,8 @@ impl Cluster {
             jetstream,
             log,
             log_applied: AtomicU64::new(applied),
+            log_advanced: Notify::new(),
+            log_written: Arc::new(AtomicU64::new(0)),
             log_lock: tokio::sync::Mutex::new(()),
             positions,
             tracker: tracker.clone(),
@@ -488,7 +494,7 @@ async fn connect(
 }
 
 /// A random 64-bit number (the start of this node's log ids).
-fn random_start() -> u64 {
+pub(super) fn random_start() -> u64 {
     let mut bytes = [0u8; 8];
     // Without randomness (never on Linux) the clock still tells nodes apart.
     if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
