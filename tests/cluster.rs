@@ -859,20 +859,7 @@ async fn qos1_for_clean_sessions_only_crosses_nodes_without_a_nats_majority() {
     let mut packet_id = 0u16;
     let mut publish = async |topic: &str, payload: &[u8]| -> u8 {
         packet_id += 1;
-        publisher
-            .send(&packets::publish(
-                topic,
-                1,
-                packet_id,
-                false,
-                false,
-                Some(&[]),
-                payload,
-            ))
-            .await;
-        let puback = publisher.recv_type(4).await;
-        assert_eq!(puback.body[..2], packet_id.to_be_bytes());
-        puback.body.get(2).copied().unwrap_or(0)
+        publisher.publish_qos1_v5(topic, packet_id, payload).await
     };
     assert_eq!(publish("p/0", b"stored").await, 0, "a quorum at first");
     assert_eq!(receive(&mut keeper, 1).await[0].1, b"stored");
