@@ -532,6 +532,20 @@ async fn a_will_and_a_delayed_message_are_published_once_across_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_keeps_serving_when_one_nats_server_of_three_dies() {
     let mut cluster = Cluster::start(3).await;
+    // Every bucket is read from its leader: a follower's direct answer may miss the last write.
+    let streams = cluster.nats[0].streams();
+    let buckets: Vec<&str> = streams
+        .split("\"config\":{\"name\":\"")
+        .skip(1)
+        .filter(|config| config.starts_with("KV_"))
+        .collect();
+    assert!(
+        buckets.len() >= 5
+            && buckets
+                .iter()
+                .all(|config| config.contains("\"allow_direct\":false")),
+        "buckets answering direct gets: {streams}"
+    );
     // Node 0 prefers server 0, which dies; node 0 fails over to another server.
     let mut subscriber =
         subscribed(cluster.addr(1), "survivor-sub", "alive/#", QoS::AtLeastOnce).await;

@@ -529,26 +529,48 @@ async fn bucket(
     name: &str,
     replicas: usize,
 ) -> Result<kv::Store, ClusterError> {
-    if let Ok(store) = jetstream.get_key_value(name).await {
+    let failed = |reason: String| ClusterError::Bucket {
+        bucket: name.to_string(),
+        reason,
+    };
+    let store = match jetstream.get_key_value(name).await {
+        Ok(store) => store,
+        Err(_) => {
+            let created = jetstream
+                .create_key_value(kv::Config {
+                    bucket: name.to_string(),
+                    history: 1,
+                    num_replicas: replicas,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(store) => store,
+                // Another node created it meanwhile.
+                Err(error) => jetstream
+                    .get_key_value(name)
+                    .await
+                    .map_err(|_| failed(error.to_string()))?,
+            }
+        }
+    };
+    // A key-value bucket answers reads from any replica ("direct get"), and a replica that
+    // has not yet applied the last write answers with the value before it. A claim or a move
+    // reads a record or position just written on another node and must see it (a stale
+    // position once made a moved session take a QoS 2 message a second time), so every read
+    // goes to the stream's leader, which answers only with what a majority holds.
+    if !store.stream.cached_info().config.allow_direct {
         return Ok(store);
     }
-    let created = jetstream
-        .create_key_value(kv::Config {
-            bucket: name.to_string(),
-            history: 1,
-            num_replicas: replicas,
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(store) => Ok(store),
-        Err(error) => jetstream
-            .get_key_value(name)
-            .await
-            .map_err(|_| ClusterError::Bucket {
-                bucket: name.to_string(),
-                reason: error.to_string(),
-            }),
-    }
+    let mut config = store.stream.cached_info().config.clone();
+    config.allow_direct = false;
+    jetstream
+        .update_stream(&config)
+        .await
+        .map_err(|error| failed(format!("reads not moved to the leader: {error}")))?;
+    jetstream
+        .get_key_value(name)
+        .await
+        .map_err(|error| failed(error.to_string()))
 }

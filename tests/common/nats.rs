@@ -186,6 +186,11 @@ impl NatsServer {
             .collect()
     }
 
+    /// What `/jsz` says of every stream and its configuration.
+    pub fn streams(&self) -> String {
+        self.monitor("/jsz?streams=true&config=true")
+    }
+
     fn monitor(&self, path: &str) -> String {
         let mut stream =
             TcpStream::connect(("127.0.0.1", self.monitor_port)).expect("monitor port");
