@@ -99,6 +99,11 @@ impl LogPosition {
             Some(&lowest) => lowest - 1,
             None => applied,
         };
+        // Never below the position the session moved here from: this node's watermark may be
+        // behind it (a node restarted without its data reads the log again from far back),
+        // and a floor moved back loses the completions above it, so the next node would send
+        // those QoS 2 messages again as new (found by the crash loop).
+        let floor = floor.max(state.skip_through);
         state.completed.retain(|&seq| seq > floor);
         Some(Position {
             floor,
@@ -196,6 +201,26 @@ fn remove_one(pending: &mut BTreeMap<u64, u32>, seq: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_moved_session_s_floor_never_goes_back_below_where_it_came_from() {
+        let log = LogPosition::default();
+        log.skip(&Position {
+            floor: 100,
+            completed: vec![104],
+            inbound: Vec::new(),
+        });
+        let position = log.position(60).expect("nothing recovered");
+        assert_eq!(
+            (position.floor, position.completed),
+            (100, vec![104]),
+            "a watermark behind the recorded floor"
+        );
+        log.add(103);
+        assert_eq!(log.position(60).map(|p| p.floor), Some(102));
+        log.done_at(103);
+        assert_eq!(log.position(200).map(|p| p.floor), Some(200));
+    }
 
     #[test]
     fn the_floor_is_below_the_lowest_held_delivery_or_the_watermark() {
