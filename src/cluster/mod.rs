@@ -558,8 +558,8 @@ async fn bucket(
     // A key-value bucket answers reads from any replica ("direct get"), and a replica that
     // has not yet applied the last write answers with the value before it. A claim or a move
     // reads a record or position just written on another node and must see it (a stale
-    // position once made a moved session take a QoS 2 message a second time), so every read
-    // goes to the stream's leader, which answers only with what a majority holds.
+    // position would have a moved session take QoS 2 messages it completed a second time), so
+    // every read goes to the stream's leader, which answers only with what a majority holds.
     if !store.stream.cached_info().config.allow_direct {
         return Ok(store);
     }
