@@ -601,22 +601,15 @@ async fn clean_qos1_across_nodes_survives_the_death_of_a_nats_server_complete_an
         if round == 8 {
             cluster.nats[1].kill();
         }
-        for (i, n) in window.iter().enumerate() {
-            publisher
-                .send(&packets::publish(
-                    "load/1",
-                    1,
-                    i as u16 + 1,
-                    false,
-                    false,
-                    Some(&[]),
-                    &n.to_be_bytes(),
-                ))
-                .await;
-        }
-        for n in window {
-            let puback = publisher.recv_type(4).await;
-            if puback.body.get(2).copied().unwrap_or(0) == 0 {
+        let payloads: Vec<[u8; 4]> = window.iter().map(|n| n.to_be_bytes()).collect();
+        let publishes: Vec<(&str, u16, &[u8])> = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, payload)| ("load/1", i as u16 + 1, &payload[..]))
+            .collect();
+        let acks = publisher.publish_qos1_window_v5(&publishes).await;
+        for (n, ack) in window.iter().zip(acks) {
+            if ack.first().copied().unwrap_or(0) == 0 {
                 accepted.push(*n);
             } else {
                 refused += 1;
@@ -772,24 +765,14 @@ async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_d
     };
     // In windows under the broker's Receive Maximum (1024).
     for window in (1..=FLOOD).collect::<Vec<_>>().chunks(500) {
-        for &id in window {
-            flood
-                .send(&packets::publish(
-                    topic(id),
-                    1,
-                    id,
-                    false,
-                    false,
-                    Some(&[]),
-                    b"f",
-                ))
-                .await;
-        }
-        for &id in window {
-            let puback = flood.recv_type(4).await;
-            assert_eq!(puback.body[..2], id.to_be_bytes(), "in order");
-            assert_eq!(puback.body[2], 0x80, "refused: {:?}", puback.body);
-            let reason = String::from_utf8_lossy(&puback.body[4..]);
+        let publishes: Vec<(&str, u16, &[u8])> = window
+            .iter()
+            .map(|&id| (topic(id), id, &b"f"[..]))
+            .collect();
+        let acks = flood.publish_qos1_window_v5(&publishes).await;
+        for (&id, ack) in window.iter().zip(acks) {
+            assert_eq!(ack.first(), Some(&0x80), "refused: {ack:?}");
+            let reason = String::from_utf8_lossy(&ack[2..]);
             assert!(
                 reason.contains("replicas"),
                 "reason string of {id}: {reason}"
@@ -1033,22 +1016,13 @@ async fn a_flood_of_acknowledged_messages_reaches_another_node_complete_and_in_o
     let ids: Vec<u16> = (1..=TOTAL).collect();
     let flood = async {
         for window in ids.chunks(500) {
-            for &id in window {
-                publisher
-                    .send(&packets::publish(
-                        "flow/1",
-                        1,
-                        id,
-                        false,
-                        false,
-                        Some(&[]),
-                        &id.to_be_bytes(),
-                    ))
-                    .await;
-            }
-            for _ in window {
-                publisher.recv_type(4).await;
-            }
+            let payloads: Vec<[u8; 2]> = window.iter().map(|id| id.to_be_bytes()).collect();
+            let publishes: Vec<(&str, u16, &[u8])> = window
+                .iter()
+                .zip(&payloads)
+                .map(|(&id, payload)| ("flow/1", id, &payload[..]))
+                .collect();
+            publisher.publish_qos1_window_v5(&publishes).await;
         }
     };
     let collect = async {

@@ -231,23 +231,39 @@ impl RawClient {
 
     /// Publishes at QoS 1 with MQTT 5 framing; returns the PUBACK's reason code.
     pub async fn publish_qos1_v5(&mut self, topic: &str, packet_id: u16, payload: &[u8]) -> u8 {
-        self.send(&packets::publish(
-            topic,
-            1,
-            packet_id,
-            false,
-            false,
-            Some(&[]),
-            payload,
-        ))
-        .await;
-        let ack = self.recv_type(4).await;
-        assert_eq!(
-            &ack.body[..2],
-            packet_id.to_be_bytes(),
-            "PUBACK for another packet"
-        );
-        ack.body.get(2).copied().unwrap_or(0)
+        let acks = self
+            .publish_qos1_window_v5(&[(topic, packet_id, payload)])
+            .await;
+        acks[0].first().copied().unwrap_or(0)
+    }
+
+    /// Publishes a window of QoS 1 messages (topic, packet id, payload) with MQTT 5 framing,
+    /// then reads their PUBACKs, which must come in the same order; returns what each PUBACK
+    /// says after its packet id (reason code, then properties; empty for success).
+    pub async fn publish_qos1_window_v5(&mut self, window: &[(&str, u16, &[u8])]) -> Vec<Vec<u8>> {
+        for (topic, packet_id, payload) in window {
+            self.send(&packets::publish(
+                topic,
+                1,
+                *packet_id,
+                false,
+                false,
+                Some(&[]),
+                payload,
+            ))
+            .await;
+        }
+        let mut acks = Vec::with_capacity(window.len());
+        for (_, packet_id, _) in window {
+            let ack = self.recv_type(4).await;
+            assert_eq!(
+                &ack.body[..2],
+                packet_id.to_be_bytes(),
+                "PUBACK for another packet"
+            );
+            acks.push(ack.body[2..].to_vec());
+        }
+        acks
     }
 
     /// Asserts nothing arrives for `QUIET`.
