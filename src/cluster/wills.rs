@@ -75,6 +75,16 @@ impl Cluster {
         self.record_will(client_id, None).await;
     }
 
+    /// Lists this node in the nodes bucket, under its name's token.
+    async fn list_self(&self) -> Result<u64, kv::PutError> {
+        self.nodes
+            .put(
+                subject::token(&self.node),
+                Bytes::from(self.node.to_string()),
+            )
+            .await
+    }
+
     /// The client came back here while `node` held its will: that will is not to be published
     /// [MQTT-3.1.3-9].
     pub(super) async fn drop_will_of(&self, node: &str, client_id: &str) {
@@ -92,14 +102,7 @@ pub(super) async fn serve_alive(
     let mut checks = cluster
         .subscribe_own(cluster.alive_subject(&cluster.node))
         .await?;
-    let listed = cluster
-        .nodes
-        .put(
-            subject::token(&cluster.node),
-            Bytes::from(cluster.node.to_string()),
-        )
-        .await;
-    if let Err(error) = listed {
+    if let Err(error) = cluster.list_self().await {
         warn!(%error, "this node is not listed among the cluster's nodes; its wills are not adopted if it dies");
     }
     Ok(async move {
@@ -139,15 +142,13 @@ pub(super) async fn watch_nodes(cluster: Arc<Cluster>, shutdown: CancellationTok
             listed.push(key);
         }
         strikes.retain(|node, _| listed.contains(node));
-        let own = subject::token(&cluster.node);
-        if !listed.contains(&own) {
+        if !listed.contains(&subject::token(&cluster.node)) {
             // Taken for dead while cut off from NATS: listed again, so that the others adopt
             // its wills if it dies and send it their direct deliveries (see `direct`).
             info!("this node was unlisted while cut off; listing it again");
-            let _ = cluster
-                .nodes
-                .put(own, Bytes::from(cluster.node.to_string()))
-                .await;
+            if let Err(error) = cluster.list_self().await {
+                debug!(%error, "this node not listed again");
+            }
         }
         for key in listed {
             let Ok(Some(entry)) = cluster.nodes.entry(&key).await else {
