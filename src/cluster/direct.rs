@@ -20,8 +20,9 @@
 //!   NATS here): the batch goes through the replication log instead, as every QoS 1 message
 //!   would without this path, so a node that was only cut off delivers it when it reads the log
 //!   again, and without a quorum it is refused. Nodes that did deliver it get it again from the
-//!   log (a QoS 1 duplicate). Until a dead node is unlisted (three missed liveness checks, see
-//!   `wills`), every batch goes through the log.
+//!   log (a QoS 1 duplicate). Until this node takes a dead one for dead (three
+//!   missed liveness checks, see `wills`), every batch goes through the log, and reaches the
+//!   nodes that answered twice.
 //! - **Order.** Requests leave in order on the node's one NATS connection and each node
 //!   handles its subject in order. Each batch is numbered within the sender's epoch (within
 //!   its run, random at each start), and a receiver takes only the next number: after a gap (a

@@ -29,6 +29,7 @@ use super::{codec, subject, Cluster, ClusterError};
 use crate::clock;
 use crate::message::Message;
 use crate::metrics;
+use crate::sync::write;
 
 /// How often other nodes are asked whether they are alive.
 const CHECK: Duration = Duration::from_secs(1);
@@ -173,6 +174,10 @@ pub(super) async fn watch_nodes(cluster: Arc<Cluster>, shutdown: CancellationTok
             if *count >= STRIKES {
                 strikes.remove(&key);
                 info!(%node, "node gone: adopting its wills");
+                // No more direct deliveries to it, which would all go through the log for want
+                // of an answer and reach the other nodes twice (its wills among them). If it
+                // lists itself again, the nodes bucket's watch brings it back.
+                write(&cluster.peers).remove(&key);
                 if cluster.adopt_wills(&node, &shutdown).await {
                     // Unlisted unless it came back meanwhile (it lists itself anew).
                     let _ = cluster
