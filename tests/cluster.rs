@@ -583,14 +583,26 @@ async fn the_cluster_keeps_serving_when_one_nats_server_of_three_dies() {
 }
 
 /// QoS 1 for clean sessions only is handed to the other nodes directly; when the NATS server
-/// the subscriber's node is connected to dies under load, the batches that node cannot answer
-/// go through the log, which it reads once it reconnected. Every acknowledged message arrives,
-/// and none overtakes an earlier one (duplicates may arrive).
+/// one node is connected to dies under load, the batches that node cannot answer go through
+/// the log, which it reads once it reconnected. On that node and on one that answered, every
+/// acknowledged message arrives, and none overtakes an earlier one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_qos1_across_nodes_survives_the_death_of_a_nats_server_complete_and_in_order() {
+    clean_load_survives_the_death_of_a_nats_server(QoS::AtLeastOnce).await;
+}
+
+/// As for QoS 1, and exactly once: the node that delivered a batch before it went through the
+/// log does not deliver the log's copy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_qos2_across_nodes_survives_the_death_of_a_nats_server_exactly_once_in_order() {
+    clean_load_survives_the_death_of_a_nats_server(QoS::ExactlyOnce).await;
+}
+
+async fn clean_load_survives_the_death_of_a_nats_server(qos: QoS) {
     let mut cluster = Cluster::start(3).await;
-    // Node 1 prefers server 1, which dies; the publisher's node 0 keeps its server.
-    let mut subscriber = subscribed(cluster.addr(1), "clean-sub", "load/#", QoS::AtLeastOnce).await;
+    // Node 1 prefers server 1, which dies; the publisher's node 0 and node 2 keep theirs.
+    let mut cut_off = subscribed(cluster.addr(1), "cut-off-sub", "load/#", qos).await;
+    let mut answering = subscribed(cluster.addr(2), "answering-sub", "load/#", qos).await;
     let mut publisher = common::raw_v5(cluster.addr(0), "load-pub").await;
     const TOTAL: u32 = 12_000;
     const WINDOW: usize = 400;
@@ -607,7 +619,11 @@ async fn clean_qos1_across_nodes_survives_the_death_of_a_nats_server_complete_an
             .enumerate()
             .map(|(i, payload)| ("load/1", i as u16 + 1, &payload[..]))
             .collect();
-        let acks = publisher.publish_qos1_window_v5(&publishes).await;
+        let acks = if qos == QoS::ExactlyOnce {
+            publisher.publish_qos2_window_v5(&publishes).await
+        } else {
+            publisher.publish_qos1_window_v5(&publishes).await
+        };
         for (n, ack) in window.iter().zip(acks) {
             if ack.first().copied().unwrap_or(0) == 0 {
                 accepted.push(*n);
@@ -620,6 +636,31 @@ async fn clean_qos1_across_nodes_survives_the_death_of_a_nats_server_complete_an
         accepted.len() > TOTAL as usize / 2,
         "{refused} of {TOTAL} refused"
     );
+    for (name, subscriber) in [("cut off", &mut cut_off), ("answering", &mut answering)] {
+        let first_seen = receive_all(subscriber, &accepted, qos == QoS::ExactlyOnce)
+            .await
+            .unwrap_or_else(|problem| panic!("node {name}: {problem} ({refused} refused)"));
+        let delivered_accepted: Vec<u32> = first_seen
+            .into_iter()
+            .filter(|n| accepted.binary_search(n).is_ok())
+            .collect();
+        assert_eq!(
+            delivered_accepted, accepted,
+            "node {name}: every acknowledged message, in order ({refused} refused)"
+        );
+    }
+    cluster.shutdown().await;
+}
+
+/// Receives until every one of `accepted` (sorted numbers, each a 4-byte payload) arrived;
+/// returns the numbers in the order of their first copy. With `once`, a second copy of any
+/// message is an error: it comes before the last accepted message, since a log copy comes
+/// before anything published after the batch it copies (`cluster::direct`, "Order").
+async fn receive_all(
+    subscriber: &mut V5Client,
+    accepted: &[u32],
+    once: bool,
+) -> Result<Vec<u32>, String> {
     let mut first_seen = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut accepted_seen = 0;
@@ -631,24 +672,19 @@ async fn clean_qos1_across_nodes_survives_the_death_of_a_nats_server_complete_an
                 .copied()
                 .take(20)
                 .collect();
-            panic!("acknowledged messages missing, first ones: {missing:?}");
+            return Err(format!(
+                "acknowledged messages missing, first ones: {missing:?}"
+            ));
         };
         let n = u32::from_be_bytes(publish.payload[..4].try_into().expect("4 bytes"));
         if seen.insert(n) {
             first_seen.push(n);
             accepted_seen += usize::from(accepted.binary_search(&n).is_ok());
+        } else if once {
+            return Err(format!("message {n} arrived twice"));
         }
     }
-    let delivered_accepted: Vec<u32> = first_seen
-        .iter()
-        .filter(|n| accepted.binary_search(n).is_ok())
-        .copied()
-        .collect();
-    assert_eq!(
-        delivered_accepted, accepted,
-        "every acknowledged message, in order ({refused} refused)"
-    );
-    cluster.shutdown().await;
+    Ok(first_seen)
 }
 
 /// A node of the cluster as a process of its own (with its own data directory), which a test
@@ -842,17 +878,23 @@ async fn without_nats_a_node_serves_its_own_clients_and_refuses_what_it_cannot_d
     cluster.shutdown().await;
 }
 
-/// A QoS 1 message only clean sessions subscribe to is not replicated: its publisher waits for
-/// the other nodes to queue it, not for a quorum. So it crosses nodes even while two NATS
+/// A QoS 1 or 2 message only clean sessions subscribe to is not replicated: its publisher waits
+/// for the other nodes to queue it, not for a quorum. So it crosses nodes even while two NATS
 /// servers of three are down and nothing can be stored, while a message a persistent session
-/// subscribes to is refused meanwhile.
+/// subscribes to is refused meanwhile, and so is a QoS 2 message a persistent session
+/// publishes (only the log keeps it once if its client sends it again to another node).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qos1_for_clean_sessions_only_crosses_nodes_without_a_nats_majority() {
+async fn qos1_and_2_for_clean_sessions_only_cross_nodes_without_a_nats_majority() {
     let mut cluster = Cluster::start(3).await;
-    let mut clean_sub = subscribed(cluster.addr(1), "clean-sub", "c/#", QoS::AtLeastOnce).await;
+    let mut clean_sub = subscribed(cluster.addr(1), "clean-sub", "c/#", QoS::ExactlyOnce).await;
     let (mut keeper, _) = V5Client::connect_persistent(cluster.addr(2), "keeper", 600).await;
     subscribe(&mut keeper, "p/#", QoS::AtLeastOnce).await;
     let mut publisher = common::raw_v5(cluster.addr(0), "publisher").await;
+    let (mut durable_publisher, _) = RawClient::handshake(
+        cluster.addr(0),
+        &packets::connect_v5("durable-publisher", false, 60, &[0x11, 0, 0, 0, 60]),
+    )
+    .await;
     let mut packet_id = 0u16;
     let mut publish = async |topic: &str, payload: &[u8]| -> u8 {
         packet_id += 1;
@@ -893,6 +935,19 @@ async fn qos1_for_clean_sessions_only_crosses_nodes_without_a_nats_majority() {
         publish("p/1", b"refused").await,
         0x80,
         "a persistent session's message needs the quorum"
+    );
+    let recs = publisher
+        .publish_qos2_window_v5(&[("c/1", 1000, b"exactly"), ("c/1", 1001, b"once")])
+        .await;
+    assert_eq!(recs, vec![Vec::<u8>::new(); 2], "QoS 2 accepted too");
+    accepted.extend([b"exactly".to_vec(), b"once".to_vec()]);
+    let recs = durable_publisher
+        .publish_qos2_window_v5(&[("c/1", 1, b"resendable")])
+        .await;
+    assert_eq!(
+        recs[0].first(),
+        Some(&0x80),
+        "a persistent session's QoS 2 publish needs the quorum"
     );
     // Every accepted message arrives, once and in order (refused ones may arrive too: a node
     // that queued one before another node failed to answer keeps it).

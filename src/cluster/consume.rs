@@ -35,6 +35,7 @@ use crate::metrics;
 use crate::protocol::QoS;
 use crate::router::Reach;
 use crate::session::{Position, SessionHandle};
+use crate::sync::lock;
 
 /// Messages delivered (and written for persistent sessions) in one batch at most.
 const BATCH: usize = 512;
@@ -241,12 +242,19 @@ impl Cluster {
             expected = seq + 1;
             match log::unframe(&message.payload) {
                 Some((origin, received)) => {
-                    let reach = if origin == &*self.node {
-                        Reach::PlainPersistent
-                    } else {
-                        Reach::Plain
-                    };
+                    let own = origin == &*self.node;
                     for (index, received) in received.into_iter().enumerate() {
+                        // What this node published, or took directly before, its sessions that
+                        // are not persistent have.
+                        let had = own
+                            || received
+                                .sent_directly
+                                .is_some_and(|sent| lock(&self.direct_taken).took(origin, sent));
+                        let reach = if had {
+                            Reach::PlainPersistent
+                        } else {
+                            Reach::Plain
+                        };
                         metrics::cluster_forwarded(metrics::IN);
                         entries.push((Arc::new(received.message), reach, log::log_id(seq, index)));
                     }

@@ -1,9 +1,11 @@
-//! Direct delivery: a QoS 1 message that no persistent session subscribes to (see
-//! `publish::Pipeline::is_logged`) is not replicated. Its subscribers are clean sessions, whose
-//! queues live and die with their node, so replicas would keep nothing a subscriber could
-//! still get. Its publisher is acknowledged once every other node has queued the message for
-//! its subscribers, just as a single node acknowledges once it has queued one: one request per
-//! batch to each node's subject `<prefix>.direct.<node>`, answered once the node delivered it.
+//! Direct delivery: a QoS 1/2 message for clean sessions only (no persistent session
+//! subscribes to it, and it is not a persistent session's QoS 2 publish; see
+//! `publish::Pipeline::is_logged`) is not replicated. Clean sessions' queues live and die with
+//! their node, so replicas would keep nothing a subscriber could still get. Its publisher is
+//! acknowledged once every other node has queued the message for its subscribers, just as a
+//! single node acknowledges once it has queued one: one request per batch to each node's
+//! subject `<prefix>.direct.<node>`, answered once the node delivered it to its sessions that
+//! are not persistent.
 //!
 //! - **Batches.** Up to `log::ENTRY_SPAN` messages or `log::ENTRY_BYTES` go in one request,
 //!   and at most [`IN_FLIGHT`] batches wait for their answers at once, answered in order.
@@ -12,27 +14,28 @@
 //!   for dead while cut off from NATS).
 //! - **A persistent session after all.** A node that finds a persistent session matching a
 //!   message (this node's view of the session records had not caught up with a subscribe)
-//!   answers "log it" for that message and does not deliver it. This node then hands it to the
-//!   replication log, whose answer the publisher waits for. The nodes that did deliver it get
-//!   it again from the log: QoS 1 allows a duplicate.
+//!   answers "log it" for that message. This node then hands it to the replication log, whose
+//!   answer the publisher waits for, and the persistent sessions get it from there.
 //! - **A node that does not answer** (no responder: dead, or cut off from NATS while its
 //!   clients are still connected to it; no answer within `cluster.request_timeout`; no link to
-//!   NATS here): the batch goes through the replication log instead, as every QoS 1 message
-//!   would without this path, so a node that was only cut off delivers it when it reads the log
-//!   again, and without a quorum it is refused. Nodes that did deliver it get it again from the
-//!   log (a QoS 1 duplicate). Until this node takes a dead one for dead (three
-//!   missed liveness checks, see `wills`), every batch goes through the log, and reaches the
-//!   nodes that answered twice.
+//!   NATS here): the batch goes through the replication log instead, so a node that was only
+//!   cut off delivers it when it reads the log again, and without a quorum it is refused. Until
+//!   this node takes a dead one for dead (three missed liveness checks, see `wills`), every
+//!   batch goes through the log.
 //! - **Order.** Requests leave in order on the node's one NATS connection and each node
 //!   handles its subject in order. Each batch is numbered within the sender's epoch (within
 //!   its run, random at each start), and a receiver takes only the next number: after a gap (a
 //!   request lost while it was cut off) it refuses the batch, which then goes through the log
-//!   too. Once a batch went through the log,
-//!   every later one does, and no new one leaves, until the log answered them all. Then the
-//!   sender starts a new epoch, whose first batch names the position of the last log entry the
-//!   sender wrote; a receiver delivers it only once its own reading of the log is past that
-//!   position. So nothing delivered directly overtakes what went through the log before it
-//!   (test `clean_qos1_across_nodes_survives_the_death_of_a_nats_server_complete_and_in_order`).
+//!   too. Once a batch went through the log, every later one does, and no new one leaves, until
+//!   the log answered them all. Then the sender starts a new epoch, whose first batch names the
+//!   position of the last log entry the sender wrote; a receiver delivers it only once its own
+//!   reading of the log is past that position. So nothing delivered directly overtakes what
+//!   went through the log before it.
+//! - **Once.** A message that went through the log after its batch went out carries the
+//!   batch in its log entry. A node that took the batch delivers that copy only to its
+//!   persistent sessions ([`Taken`]); one that had not takes nothing more of that epoch. So
+//!   QoS 2 is exactly once, and QoS 1 gets no duplicate from a fall-back (tests
+//!   `clean_qos{1,2}_across_nodes_survives_the_death_of_a_nats_server_...`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -51,9 +54,9 @@ use tracing::debug;
 use super::{codec, log, subject, until_shutdown, Cluster, ClusterError};
 use crate::clock;
 use crate::metrics;
-use crate::publish::{Replicate, ReplicationError, Stored};
+use crate::publish::{Replicate, ReplicationError, SentDirectly, Stored};
 use crate::router::Reach;
-use crate::sync::{read, write};
+use crate::sync::{lock, read, write};
 
 /// Batches waiting for the other nodes' answers at once.
 const IN_FLIGHT: usize = 32;
@@ -62,6 +65,11 @@ const IN_FLIGHT: usize = 32;
 /// to the position the sender names, before it refuses the batch (which then goes through the
 /// log as well).
 const BARRIER_WAIT: Duration = Duration::from_secs(1);
+
+/// Epochs of one sender whose batches a node remembers taking: a log copy of a batch is read
+/// before the next epoch starts (its barrier), unless the log answered its sender only after
+/// the sender gave up waiting.
+const EPOCHS_KEPT: usize = 8;
 
 /// A node's answer for one message: queued for its subscribers (if any).
 const QUEUED: u8 = 0;
@@ -130,12 +138,83 @@ impl Header {
     }
 }
 
-/// Where a receiving node is in one sender's batches.
+/// Where a receiving node is in one sender's epoch: the batches before `next` it took;
+/// `closed` once the log brought a batch it had not taken (the sender gave up on the epoch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Received {
     run: u64,
     epoch: u64,
     next: u64,
+    closed: bool,
+}
+
+/// What this node took of the other nodes' direct batches, by sender, latest epoch last. The
+/// task answering them and the log's reader share it: a batch's log copy reaches only the
+/// persistent sessions of a node that took the batch (it delivered the rest), and once the log
+/// brought a batch a node had not taken, the node takes no more of that epoch.
+#[derive(Debug, Default)]
+pub(super) struct Taken(HashMap<String, VecDeque<Received>>);
+
+impl Taken {
+    /// Whether the batch `header` from `origin` is the next one to take (see [`takes`]).
+    fn would_take(&self, origin: &str, header: Header) -> bool {
+        takes(
+            self.0.get(origin).and_then(|epochs| epochs.back().copied()),
+            header,
+        )
+    }
+
+    /// Takes the batch `header` from `origin` if it is the next one; returns whether it did.
+    fn take(&mut self, origin: &str, header: Header) -> bool {
+        if !self.would_take(origin, header) {
+            return false;
+        }
+        let epochs = self.0.entry(origin.to_owned()).or_default();
+        match epochs.back_mut() {
+            Some(at) if at.run == header.run && at.epoch == header.epoch => at.next += 1,
+            _ => {
+                epochs.push_back(Received {
+                    run: header.run,
+                    epoch: header.epoch,
+                    next: header.batch + 1,
+                    closed: false,
+                });
+                if epochs.len() > EPOCHS_KEPT {
+                    epochs.pop_front();
+                }
+            }
+        }
+        true
+    }
+
+    /// Whether this node took the batch `sent` from `origin`, whose copy the log brings. If it
+    /// did not, it never will: that epoch is closed here.
+    pub(super) fn took(&mut self, origin: &str, sent: SentDirectly) -> bool {
+        let epochs = self.0.entry(origin.to_owned()).or_default();
+        let same = |at: &&mut Received| at.run == sent.run && at.epoch == sent.epoch;
+        if let Some(at) = epochs.iter_mut().find(same) {
+            if sent.batch < at.next {
+                return true;
+            }
+            at.closed = true;
+            return false;
+        }
+        let newer_known = epochs
+            .iter()
+            .any(|at| at.run == sent.run && at.epoch > sent.epoch);
+        if !newer_known {
+            epochs.push_back(Received {
+                run: sent.run,
+                epoch: sent.epoch,
+                next: 0,
+                closed: true,
+            });
+            if epochs.len() > EPOCHS_KEPT {
+                epochs.pop_front();
+            }
+        }
+        false
+    }
 }
 
 /// Whether a receiver takes the batch `header` from a sender it is at `at` with: the next
@@ -145,7 +224,9 @@ struct Received {
 /// batch through the log, and nothing delivered here may overtake it.
 fn takes(at: Option<Received>, header: Header) -> bool {
     match at {
-        Some(at) if at.run == header.run && at.epoch == header.epoch => header.batch == at.next,
+        Some(at) if at.run == header.run && at.epoch == header.epoch => {
+            !at.closed && header.batch == at.next
+        }
         Some(at) if at.run == header.run => header.epoch > at.epoch && header.batch == 0,
         _ => header.batch == 0,
     }
@@ -160,14 +241,13 @@ pub(super) async fn serve(
     let mut requests = cluster
         .subscribe_own(cluster.direct_subject(&cluster.node))
         .await?;
-    let mut senders: HashMap<String, Received> = HashMap::new();
     Ok(async move {
         while let Some(request) = until_shutdown(&shutdown, requests.next()).await {
             let Some(reply) = request.reply else {
                 continue;
             };
             let answers = cluster
-                .receive_direct(&request.payload, &mut senders, &shutdown)
+                .receive_direct(&request.payload, &shutdown)
                 .await
                 // Not one answer per message: the sender sends the batch through the log.
                 .unwrap_or_default();
@@ -179,12 +259,12 @@ pub(super) async fn serve(
 }
 
 impl Cluster {
-    /// Delivers one direct batch here, in order after what its sender sent before; returns
-    /// the answer per message, or `None` if the batch is refused.
+    /// Delivers one direct batch here, in order after what its sender sent before, to the
+    /// sessions that are not persistent; returns the answer per message, or `None` if the
+    /// batch is refused.
     async fn receive_direct(
         &self,
         payload: &[u8],
-        senders: &mut HashMap<String, Received>,
         shutdown: &CancellationToken,
     ) -> Option<Vec<u8>> {
         let Some((header, (origin, received))) = Header::decode(payload)
@@ -193,36 +273,37 @@ impl Cluster {
             metrics::cluster_forward_dropped("undecodable");
             return None;
         };
-        let at = senders.get(origin).copied();
-        if !takes(at, header) {
-            debug!(%origin, ?header, ?at, "direct batch out of sequence: through the log");
+        if !lock(&self.direct_taken).would_take(origin, header) {
+            debug!(%origin, ?header, "direct batch out of sequence: through the log");
             return None;
         }
         if header.batch == 0 && !self.applied(header.barrier, shutdown).await {
             debug!(%origin, ?header, "log not delivered up to the barrier: through the log");
             return None;
         }
-        senders.insert(
-            origin.to_owned(),
-            Received {
-                run: header.run,
-                epoch: header.epoch,
-                next: header.batch + 1,
-            },
-        );
+        // Again: meanwhile the log may have brought a batch of this epoch this node had not
+        // taken.
+        if !lock(&self.direct_taken).take(origin, header) {
+            debug!(%origin, ?header, "direct batch's epoch closed: through the log");
+            return None;
+        }
         let mut answers = Vec::with_capacity(received.len());
         for received in received {
             let message = Arc::new(received.message);
-            if self.persistent.matches(&message.topic) {
-                answers.push(LOG_IT);
-                continue;
-            }
+            // Persistent sessions get it from the log, where it then goes; the others here
+            // get it now, and not again from the log.
+            answers.push(if self.persistent.matches(&message.topic) {
+                LOG_IT
+            } else {
+                QUEUED
+            });
             if let Ok(lag) = clock::now().duration_since(received.sent_at) {
                 metrics::cluster_forward_lag(lag.as_secs_f64());
             }
             metrics::cluster_forwarded(metrics::IN);
-            self.pipeline.publish_remote(message, Reach::Plain).await;
-            answers.push(QUEUED);
+            self.pipeline
+                .publish_remote(message, Reach::PlainNotPersistent)
+                .await;
         }
         Some(answers)
     }
@@ -247,7 +328,7 @@ impl Cluster {
     }
 }
 
-/// Hands each QoS 1 message the log does not carry to the other nodes, and answers its
+/// Hands each QoS 1/2 message the log does not carry to the other nodes, and answers its
 /// publisher, in order, once they all queued it (or the log stored it, see the module's
 /// documentation).
 pub(super) async fn send(
@@ -328,7 +409,12 @@ impl Link {
             } else {
                 Outcome::Unanswered
             };
-            return futures_util::future::ready(Settled { requests, outcome }).boxed();
+            return futures_util::future::ready(Settled {
+                requests,
+                sent: None,
+                outcome,
+            })
+            .boxed();
         }
         let header = Header {
             run: self.run,
@@ -337,6 +423,11 @@ impl Link {
             barrier: self.barrier,
         };
         self.batch += 1;
+        let sent = Some(SentDirectly {
+            run: header.run,
+            epoch: header.epoch,
+            batch: header.batch,
+        });
         let payload = header.encode(&log::frame(&cluster.node, &encoded));
         let asked = peers.into_iter().map(|peer| {
             let client = cluster.client.clone();
@@ -368,6 +459,7 @@ impl Link {
                 debug!(%peer, failure, "direct delivery goes through the log");
                 return Settled {
                     requests,
+                    sent,
                     outcome: Outcome::Unanswered,
                 };
             }
@@ -376,7 +468,11 @@ impl Link {
             } else {
                 Outcome::Queued
             };
-            Settled { requests, outcome }
+            Settled {
+                requests,
+                sent,
+                outcome,
+            }
         }
         .boxed()
     }
@@ -384,8 +480,14 @@ impl Link {
     /// Answers a batch's publishers, in order: queued everywhere, or handed to the
     /// replication log, which answers instead.
     async fn settle(&mut self, settled: Settled) {
-        let Settled { requests, outcome } = settled;
-        if matches!(outcome, Outcome::Unanswered) {
+        let Settled {
+            requests,
+            sent,
+            outcome,
+        } = settled;
+        if !matches!(outcome, Outcome::Queued) {
+            // Also when only some messages go through the log: the nodes' memory of the
+            // batches they took then spans the epochs whose log copies they may still read.
             self.falling_back = true;
         }
         let log_it = match outcome {
@@ -402,6 +504,7 @@ impl Link {
             }
             metrics::cluster_direct(metrics::DIRECT_LOGGED);
             request.logged = true;
+            request.sent_directly = sent;
             if self.falling_back {
                 // Its answer is awaited here too, to know when the log has them all.
                 let (done, answered) = oneshot::channel();
@@ -447,6 +550,8 @@ enum Outcome {
 /// A batch and what the other nodes answered.
 struct Settled {
     requests: Vec<Replicate>,
+    /// The batch as it went out, if it did.
+    sent: Option<SentDirectly>,
     outcome: Outcome,
 }
 
@@ -490,6 +595,7 @@ mod tests {
             message: Arc::new(message),
             logged: false,
             once: None,
+            sent_directly: None,
             done: oneshot::channel().0,
         }
     }
@@ -519,6 +625,7 @@ mod tests {
             run: 1,
             epoch: 5,
             next: 3,
+            closed: false,
         });
         assert!(takes(at, header(5, 3)));
         assert!(!takes(at, header(5, 4)), "a gap: batch 3 was lost");
@@ -535,10 +642,75 @@ mod tests {
         };
         assert!(takes(at, restarted(0)), "a sender that started again");
         assert!(!takes(at, restarted(4)));
+        let closed = at.map(|at| Received { closed: true, ..at });
+        assert!(
+            !takes(closed, header(5, 3)),
+            "the log brought a later batch"
+        );
+        assert!(takes(closed, header(6, 0)));
         assert!(takes(None, header(9, 0)));
         assert!(
             !takes(None, header(9, 2)),
             "a sender first heard of mid-epoch"
+        );
+    }
+
+    fn header(run: u64, epoch: u64, batch: u64) -> Header {
+        Header {
+            run,
+            epoch,
+            batch,
+            barrier: 0,
+        }
+    }
+
+    fn sent(run: u64, epoch: u64, batch: u64) -> SentDirectly {
+        SentDirectly { run, epoch, batch }
+    }
+
+    #[test]
+    fn a_log_copy_of_a_batch_taken_directly_is_known_and_others_close_their_epoch() {
+        let mut taken = Taken::default();
+        assert!(taken.take("a", header(1, 0, 0)));
+        assert!(taken.take("a", header(1, 0, 1)));
+        assert!(!taken.take("a", header(1, 0, 1)), "taken once");
+        assert!(taken.took("a", sent(1, 0, 0)));
+        assert!(taken.took("a", sent(1, 0, 1)));
+        assert!(!taken.took("b", sent(1, 0, 1)), "another sender's");
+        // The log brings batch 3 first: batch 2 was sent, 3 fell back, and neither is taken
+        // after that, or this node would have both copies.
+        assert!(!taken.took("a", sent(1, 0, 3)));
+        assert!(!taken.take("a", header(1, 0, 2)));
+        assert!(!taken.took("a", sent(1, 0, 2)));
+        assert!(taken.took("a", sent(1, 0, 1)), "still known");
+        // The next epoch starts afresh; the old one is still known.
+        assert!(taken.take("a", header(1, 1, 0)));
+        assert!(taken.took("a", sent(1, 1, 0)));
+        assert!(taken.took("a", sent(1, 0, 0)));
+        // A copy from an epoch not seen yet closes it before its first batch arrives.
+        assert!(!taken.took("a", sent(1, 2, 0)));
+        assert!(!taken.take("a", header(1, 2, 0)));
+        assert!(taken.take("a", header(1, 3, 0)));
+        // A late copy of an epoch older than the known ones changes nothing.
+        if let Some(epochs) = taken.0.get_mut("a") {
+            epochs.retain(|at| at.epoch != 0);
+        }
+        assert!(!taken.took("a", sent(1, 0, 0)));
+        assert!(taken.take("a", header(1, 3, 1)));
+    }
+
+    #[test]
+    fn a_node_remembers_a_bounded_number_of_epochs_per_sender() {
+        let mut taken = Taken::default();
+        for epoch in 0..100 {
+            assert!(taken.take("a", header(1, epoch, 0)));
+            assert!(!taken.took("a", sent(2, epoch, 0)));
+        }
+        assert_eq!(taken.0["a"].len(), EPOCHS_KEPT);
+        assert!(taken.took("a", sent(1, 99, 0)));
+        assert!(
+            !taken.took("a", sent(1, 0, 0)),
+            "forgotten: the log delivers it again"
         );
     }
 

@@ -193,7 +193,9 @@ fn take_group(queued: &mut VecDeque<Replicate>) -> Group {
         if once && !group.requests.is_empty() {
             break;
         }
-        let encoded = next.logged.then(|| codec::encode(&next.message, now));
+        let encoded = next
+            .logged
+            .then(|| codec::encode_sent(&next.message, now, next.sent_directly));
         if let Some(encoded) = &encoded {
             let full = group.logged.len() as u64 >= ENTRY_SPAN
                 || (!group.logged.is_empty() && bytes + encoded.len() > ENTRY_BYTES);
@@ -429,6 +431,7 @@ mod tests {
             logged: message.qos != QoS::AtMostOnce,
             message: Arc::new(message),
             once: once.map(Into::into),
+            sent_directly: None,
             done: oneshot::channel().0,
         }
     }

@@ -9,9 +9,11 @@
 //!   member.
 //! - **Retained messages** ([`retained`]): a JetStream key-value bucket, one key per topic,
 //!   which every node mirrors into its router.
-//! - **Replication** ([`log`]): a QoS 1/2 message published here is stored in a JetStream
-//!   stream with `cluster.replicas` copies, and a retained change in the retained bucket,
-//!   before its publisher is acknowledged; without a quorum the publish is refused.
+//! - **Replication** ([`log`]): a QoS 1/2 message published here that a persistent session
+//!   may need is stored in a JetStream stream with `cluster.replicas` copies, and a retained
+//!   change in the retained bucket, before its publisher is acknowledged; without a quorum the
+//!   publish is refused. One for clean sessions only goes to the other nodes directly
+//!   ([`direct`]), acknowledged once they queued it.
 //! - **Session ownership** ([`ownership`]): a key-value bucket, client id → owning node and the
 //!   persistent session's subscriptions, changed only by compare-and-set, so that a client id
 //!   is connected to at most one node.
@@ -126,6 +128,8 @@ pub struct Cluster {
     persistent: Arc<crate::router::persistent::PersistentFilters>,
     /// The other nodes, by their key in the nodes bucket (see `direct`).
     peers: RwLock<HashMap<String, Arc<str>>>,
+    /// The other nodes' direct batches this node took (see `direct`).
+    direct_taken: Mutex<direct::Taken>,
 }
 
 /// What the wiring hands over to start the cluster link.
@@ -142,7 +146,7 @@ pub struct Parts {
     pub persistent: Arc<crate::router::persistent::PersistentFilters>,
     /// The sending end of `replication`.
     pub replication_sender: mpsc::Sender<Replicate>,
-    /// QoS 1 messages the log does not carry, for the other nodes to queue before they are
+    /// QoS 1/2 messages the log does not carry, for the other nodes to queue before they are
     /// acknowledged (see `direct`).
     pub direct: mpsc::Receiver<Replicate>,
     /// The replication log position this node's storage says it delivered up to.
@@ -215,8 +219,9 @@ impl Cluster {
             pressure: pressure::Pressure::default(),
             persistent: parts.persistent,
             peers: RwLock::new(HashMap::new()),
+            direct_taken: Mutex::new(direct::Taken::default()),
         });
-        // Before any publish: which QoS 1 messages the log must carry depends on it.
+        // Before any publish: which QoS 1/2 messages the log must carry depends on it.
         mirror(
             &cluster,
             cluster.sessions.clone(),

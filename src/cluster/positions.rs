@@ -172,6 +172,7 @@ impl Cluster {
                     // Every QoS 2 message is logged (`Pipeline::is_logged`).
                     logged: true,
                     once: Some(format!("{}-{id:x}", subject::key(&session.client_id))),
+                    sent_directly: None,
                     done: stored,
                 };
                 // A closed link drops the request, which answers "not stored".

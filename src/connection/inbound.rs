@@ -114,7 +114,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if let Some(seconds) = delay_seconds {
             return self.hold_delayed(message, seconds, packet_id).await;
         }
-        let mut planned = self.state.publish.plan(message);
+        // Sent again to another node if this one fails before PUBREC (`replicate_qos2` below).
+        let resendable = publish.qos == QoS::ExactlyOnce && self.handle.is_persistent();
+        let mut planned = self.state.publish.plan(message, resendable);
         if self.state.publish.must_refuse(&planned) {
             // The topic's policy is `refuse` and a subscriber's queue is full: nothing is
             // routed, and the publisher is told to back off.

@@ -18,7 +18,7 @@
 //! A [`Planned`] message is what a cluster link takes too: applying it delivers to this node's
 //! mailboxes, and handing it to other nodes is a second consumer of the same plan. In a cluster,
 //! a QoS 1/2 or retained message is also replicated ([`Pipeline::replicate`]) while it is
-//! written here (a QoS 1 message no persistent session wants is only queued by the other
+//! written here (a QoS 1/2 message for clean sessions only is only queued by the other
 //! nodes), and its acknowledgement waits for both.
 
 mod restore;
@@ -53,7 +53,7 @@ pub struct Pipeline {
     outbox: Option<mpsc::Sender<Arc<Message>>>,
     /// In a cluster: messages to store on other machines before they are acknowledged.
     replication: Option<mpsc::Sender<Replicate>>,
-    /// In a cluster: QoS 1 messages the log does not carry, to be queued by the other nodes
+    /// In a cluster: QoS 1/2 messages the log does not carry, to be queued by the other nodes
     /// before they are acknowledged.
     direct: Option<mpsc::Sender<Replicate>>,
     /// In a cluster: the filters of every node's persistent sessions.
@@ -70,7 +70,20 @@ pub struct Replicate {
     /// retained change, which does not, is still written to the retained bucket.
     pub logged: bool,
     pub once: Option<String>,
+    /// Set when the message was handed to the other nodes directly before it went into the
+    /// log after all: the nodes that delivered it then deliver its log copy only to persistent
+    /// sessions.
+    pub sent_directly: Option<SentDirectly>,
     pub done: oneshot::Sender<Result<Stored, ReplicationError>>,
+}
+
+/// The direct batch a message went out in: its sender's run (random at each start), the
+/// epoch in that run and the batch's number in the epoch (see `cluster::direct`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SentDirectly {
+    pub run: u64,
+    pub epoch: u64,
+    pub batch: u64,
 }
 
 /// How a replicated message was stored.
@@ -144,7 +157,7 @@ impl Pipeline {
 
     /// In a cluster, hands a planned message to the cluster before it is acknowledged; the
     /// answer says when the cluster has it. One the replication log carries, or that changes a
-    /// retained message, is stored with its replicas; a QoS 1 message the log does not carry
+    /// retained message, is stored with its replicas; a QoS 1/2 message the log does not carry
     /// goes to the other nodes directly, and is answered once they queued it (see
     /// `cluster::direct`). Waits for room in the link's queue, which holds back the publisher.
     /// `None` when nothing needs waiting for: no cluster, a QoS 0 message that retains
@@ -156,7 +169,7 @@ impl Pipeline {
         }
         let queue = if planned.logged || message.retain {
             self.replication.as_ref()?
-        } else if message.qos == QoS::AtLeastOnce {
+        } else if message.qos != QoS::AtMostOnce {
             self.direct.as_ref()?
         } else {
             return None;
@@ -166,6 +179,7 @@ impl Pipeline {
             message: message.clone(),
             logged: planned.logged,
             once: None,
+            sent_directly: None,
             done,
         };
         // A closed link drops the request, and with it `done`: the message is not stored.
@@ -178,15 +192,18 @@ impl Pipeline {
     /// session then gets every message it is owed in log order, through one path, and its
     /// position in the log says what it still needs (see `cluster::log`).
     ///
-    /// Every QoS 2 message (its exactly-once across nodes rests on the log), a retained QoS 1
-    /// message, and a QoS 1 message whose topic some node's persistent session subscribes to.
-    /// A QoS 1 message for clean sessions only is not replicated: its publisher waits only for
-    /// the other nodes to queue it (see `cluster::direct`).
-    fn is_logged(&self, message: &Message) -> bool {
+    /// A retained QoS 1/2 message, a QoS 1/2 message whose topic some node's persistent
+    /// session subscribes to, and a QoS 2 message a persistent session published
+    /// (`resendable`): its client may send it again to another node if this one fails before
+    /// PUBREC, and only the log keeps one copy of it however often it comes (see
+    /// `cluster::positions`). Any other QoS 1/2 message is for clean sessions only and is not
+    /// replicated: its publisher waits only for the other nodes to queue it (see
+    /// `cluster::direct`).
+    fn is_logged(&self, message: &Message, resendable: bool) -> bool {
         self.replication.is_some()
             && message.qos != QoS::AtMostOnce
             && !message.topic.starts_with("$SYS/")
-            && (message.qos == QoS::ExactlyOnce
+            && ((message.qos == QoS::ExactlyOnce && resendable)
                 || message.retain
                 || self
                     .persistent
@@ -280,9 +297,10 @@ impl Pipeline {
 
     /// Finds every session `message` goes to and the operations that make it durable: the
     /// retained store change and, when persistent sessions take it at QoS 1 or 2, one message
-    /// record listing those deliveries (which are marked as stored).
-    pub fn plan(&self, message: Arc<Message>) -> Planned {
-        let logged = self.is_logged(&message);
+    /// record listing those deliveries (which are marked as stored). `resendable`: a QoS 2
+    /// message of a persistent session's client (see [`Pipeline::is_logged`]).
+    pub fn plan(&self, message: Arc<Message>, resendable: bool) -> Planned {
+        let logged = self.is_logged(&message, resendable);
         let reach = if logged {
             Reach::AllButPersistent
         } else {
@@ -366,7 +384,8 @@ impl Pipeline {
     /// Publishes a message on the broker's own behalf (a will, a delayed message): durably for
     /// persistent subscribers, then into the mailboxes.
     pub async fn publish(&self, message: Arc<Message>) {
-        let mut planned = self.plan(message);
+        // No client sends it again: a will, a delayed message.
+        let mut planned = self.plan(message, false);
         let replicated = self.replicate(&planned).await;
         let ops = std::mem::take(&mut planned.ops);
         // Nobody waits for an answer: without replicas the message is still delivered here.

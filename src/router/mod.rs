@@ -83,8 +83,11 @@ pub enum Reach<'a> {
     /// Plain subscriptions only: a message another node forwarded (shared groups get theirs
     /// through the cluster's own queue groups).
     Plain,
-    /// Persistent sessions' plain subscriptions only: a message published on this node, read
-    /// back from the replication log.
+    /// Plain subscriptions of sessions that are not persistent: a message another node sent
+    /// this node directly (persistent sessions get theirs through the replication log).
+    PlainNotPersistent,
+    /// Persistent sessions' plain subscriptions only: a message published on this node, or sent
+    /// here directly before, read back from the replication log.
     PlainPersistent,
     /// The plain subscriptions of one client id: a message replayed from the replication log
     /// into a session that moved here.
@@ -179,7 +182,9 @@ impl Router {
                     return;
                 }
                 let reached = match reach {
-                    Reach::AllButPersistent => !subscriber.session.is_persistent(),
+                    Reach::AllButPersistent | Reach::PlainNotPersistent => {
+                        !subscriber.session.is_persistent()
+                    }
                     Reach::PlainPersistent => subscriber.session.is_persistent(),
                     Reach::Session(only) => **client_id == *only,
                     _ => true,

@@ -241,10 +241,39 @@ impl RawClient {
     /// then reads their PUBACKs, which must come in the same order; returns what each PUBACK
     /// says after its packet id (reason code, then properties; empty for success).
     pub async fn publish_qos1_window_v5(&mut self, window: &[(&str, u16, &[u8])]) -> Vec<Vec<u8>> {
+        self.publish_window_v5(1, window).await
+    }
+
+    /// As [`RawClient::publish_qos1_window_v5`] at QoS 2: returns what each PUBREC says, and
+    /// completes every accepted message (PUBREL, PUBCOMP) before it returns.
+    pub async fn publish_qos2_window_v5(&mut self, window: &[(&str, u16, &[u8])]) -> Vec<Vec<u8>> {
+        let recs = self.publish_window_v5(2, window).await;
+        let accepted: Vec<u16> = window
+            .iter()
+            .zip(&recs)
+            .filter(|(_, rec)| rec.first().copied().unwrap_or(0) < 0x80)
+            .map(|((_, packet_id, _), _)| *packet_id)
+            .collect();
+        for packet_id in &accepted {
+            self.send(&packets::pubrel(*packet_id)).await;
+        }
+        for packet_id in &accepted {
+            let comp = self.recv_type(7).await;
+            assert_eq!(
+                &comp.body[..2],
+                packet_id.to_be_bytes(),
+                "PUBCOMP for another packet"
+            );
+        }
+        recs
+    }
+
+    /// Publishes a window at `qos` (1 or 2) and reads the PUBACKs or PUBRECs in order.
+    async fn publish_window_v5(&mut self, qos: u8, window: &[(&str, u16, &[u8])]) -> Vec<Vec<u8>> {
         for (topic, packet_id, payload) in window {
             self.send(&packets::publish(
                 topic,
-                1,
+                qos,
                 *packet_id,
                 false,
                 false,
@@ -253,13 +282,15 @@ impl RawClient {
             ))
             .await;
         }
+        // PUBACK is packet type 4, PUBREC 5.
+        let ack_type = 3 + qos;
         let mut acks = Vec::with_capacity(window.len());
         for (_, packet_id, _) in window {
-            let ack = self.recv_type(4).await;
+            let ack = self.recv_type(ack_type).await;
             assert_eq!(
                 &ack.body[..2],
                 packet_id.to_be_bytes(),
-                "PUBACK for another packet"
+                "acknowledgement for another packet"
             );
             acks.push(ack.body[2..].to_vec());
         }
