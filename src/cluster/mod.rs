@@ -45,7 +45,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::ClusterConfig;
 use crate::message::Message;
@@ -565,17 +565,40 @@ async fn bucket(
     // reads a record or position just written on another node and must see it (a stale
     // position would have a moved session take QoS 2 messages it completed a second time), so
     // every read goes to the stream's leader, which answers only with what a majority holds.
-    if !store.stream.cached_info().config.allow_direct {
-        return Ok(store);
-    }
+    //
+    // Nodes starting together each ask for the change while JetStream still places the new
+    // stream; one may time out while another's change goes through. So it is asked again, on
+    // the stream as it is now, for a while.
     let mut config = store.stream.cached_info().config.clone();
-    config.allow_direct = false;
-    jetstream
-        .update_stream(&config)
-        .await
-        .map_err(|error| failed(format!("reads not moved to the leader: {error}")))?;
+    for attempt in 1.. {
+        if !config.allow_direct {
+            break;
+        }
+        config.allow_direct = false;
+        match jetstream.update_stream(&config).await {
+            Ok(_) => break,
+            Err(error) if attempt >= LEADER_READS_ATTEMPTS => {
+                return Err(failed(format!("reads not moved to the leader: {error}")));
+            }
+            Err(error) => {
+                debug!(bucket = name, %error, "reads not moved to the leader yet; asking again");
+                tokio::time::sleep(LEADER_READS_PAUSE).await;
+                let stream = jetstream.get_stream(&config.name).await;
+                config = stream
+                    .map_err(|error| failed(error.to_string()))?
+                    .cached_info()
+                    .config
+                    .clone();
+            }
+        }
+    }
     jetstream
         .get_key_value(name)
         .await
         .map_err(|error| failed(error.to_string()))
 }
+
+/// How often a node starting asks JetStream to move a bucket's reads to its leader, and how
+/// long it waits between two asks.
+const LEADER_READS_ATTEMPTS: u32 = 10;
+const LEADER_READS_PAUSE: Duration = Duration::from_secs(1);
