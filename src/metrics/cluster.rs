@@ -94,7 +94,7 @@ pub(super) fn describe_cluster() {
     describe_counter!(
         CLUSTER_DIRECT_TOTAL,
         Unit::Count,
-        "QoS 1 messages no persistent session wants, handed to the other nodes directly instead of replicated, by result (queued; logged: a node had a persistent session for it, or did not answer)"
+        "QoS 1/2 messages for clean sessions only, handed to the other nodes directly instead of replicated, by result (queued; logged: a node had a persistent session for it, or did not answer)"
     );
     describe_histogram!(
         CLUSTER_REPLICATION_SECONDS,
