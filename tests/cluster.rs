@@ -479,6 +479,22 @@ async fn each_shared_group_gets_each_message_once_across_nodes() {
         90,
         "group h got every message too"
     );
+    // QoS 0 crosses on other subjects than QoS 1/2's copies for shared groups.
+    for i in 0..10u32 {
+        publisher
+            .publish(
+                "work/light",
+                QoS::AtMostOnce,
+                false,
+                i.to_be_bytes().to_vec(),
+            )
+            .await;
+    }
+    assert_eq!(
+        receive(&mut other_group, 10).await.len(),
+        10,
+        "group h got the QoS 0 messages"
+    );
     cluster.shutdown().await;
 }
 

@@ -1,6 +1,12 @@
 //! Messages between nodes: forwarding what is published here, subscribing to what this node's
 //! clients want, and delivering what other nodes send.
 //!
+//! A QoS 0 message goes to its topic's subject, for plain subscriptions and shared groups. A
+//! QoS 1/2 one reaches plain subscriptions through the replication log or directly (see
+//! `consume`, `direct`); its copy here is for shared groups only, on a shared-only subject
+//! (`subject::shared_only_topic_subject`) that a plain subscription does not match, so a node
+//! with only plain subscriptions is not sent it.
+//!
 //! One message, one copy per node: NATS delivers a message once per matching subscription,
 //! and a node holding overlapping filters (`a/+` and `a/#`) has several. Of the node's active
 //! filters that match the topic, only the smallest (as a string) delivers it; the others skip
@@ -52,7 +58,13 @@ pub(super) async fn forward(
         if message.qos != QoS::AtMostOnce {
             pressure::wait_for_room(&cluster, &shutdown).await;
         }
-        let subject = subject::topic_subject(&cluster.base, &message.topic);
+        // QoS 1/2 reaches plain subscriptions through the log or directly: this copy is for
+        // shared groups only, on subjects plain subscriptions do not listen to.
+        let subject = if message.qos == QoS::AtMostOnce {
+            subject::topic_subject(&cluster.base, &message.topic)
+        } else {
+            subject::shared_only_topic_subject(&cluster.base, &message.topic)
+        };
         let payload = codec::encode(&message, clock::now());
         // The client's command queue stops moving while its connection is down and not yet
         // noticed (a silent network partition): dropping after a short wait keeps publishers on
@@ -189,7 +201,10 @@ async fn subscribe(
                 return Ok(tasks);
             };
             let queue = subject::token(share);
-            for pattern in subject::filter_subjects(&cluster.base, filter) {
+            let patterns = subject::filter_subjects(&cluster.base, filter)
+                .into_iter()
+                .chain(subject::shared_only_filter_subjects(&cluster.base, filter));
+            for pattern in patterns {
                 let subscriber = cluster
                     .client
                     .queue_subscribe(pattern, queue.clone())
@@ -232,8 +247,8 @@ async fn receive(
                 continue;
             }
         };
-        // QoS 1/2 reaches plain subscriptions through the replication log, in log order
-        // (`cluster::consume`); the copy sent here is for shared groups.
+        // QoS 1/2 reaches plain subscriptions through the replication log or directly; a
+        // copy sent here (by a node from before shared-only subjects) is for shared groups.
         if matches!(interest, Interest::Plain(_)) && received.message.qos != QoS::AtMostOnce {
             continue;
         }

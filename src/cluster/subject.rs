@@ -20,6 +20,11 @@ const EMPTY_LEVEL: &str = "=";
 const ROOT_PLAIN: &str = "t";
 const ROOT_DOLLAR: &str = "d";
 
+/// The token under the cluster prefix, ahead of the roots, of the QoS 1/2 copies only shared
+/// groups take: plain subscriptions get QoS 1/2 through the replication log or directly (see
+/// `cluster::direct`), and a node does not subscribe to these for them.
+const SHARED_ONLY: &str = "s";
+
 /// Writes one topic level (or any string) as a NATS token.
 pub fn push_token(out: &mut String, level: &str) {
     if level.is_empty() {
@@ -64,9 +69,28 @@ pub fn topic_subject(base: &str, topic: &str) -> String {
     out
 }
 
-/// The topic of a subject made by [`topic_subject`]; `None` for anything else.
+/// The subject a QoS 1/2 message on `topic` is forwarded to for shared groups only.
+pub fn shared_only_topic_subject(base: &str, topic: &str) -> String {
+    topic_subject(&shared_only_base(base), topic)
+}
+
+/// The subject patterns a shared group's QoS 1/2 copies come on (see [`filter_subjects`]).
+pub fn shared_only_filter_subjects(base: &str, filter: &str) -> Vec<String> {
+    filter_subjects(&shared_only_base(base), filter)
+}
+
+fn shared_only_base(base: &str) -> String {
+    format!("{base}.{SHARED_ONLY}")
+}
+
+/// The topic of a subject made by [`topic_subject`] or [`shared_only_topic_subject`]; `None`
+/// for anything else.
 pub fn subject_topic(base: &str, subject: &str) -> Option<String> {
     let rest = subject.strip_prefix(base)?.strip_prefix('.')?;
+    let rest = rest
+        .strip_prefix(SHARED_ONLY)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .unwrap_or(rest);
     let (root, levels) = rest.split_once('.')?;
     if root != ROOT_PLAIN && root != ROOT_DOLLAR {
         return None;
@@ -236,6 +260,8 @@ mod tests {
         assert_eq!(subject_topic(BASE, "other.t.a"), None);
         assert_eq!(subject_topic(BASE, "telemq.x.a"), None);
         assert_eq!(subject_topic(BASE, "telemq.t.a=G1"), None);
+        assert_eq!(subject_topic(BASE, "telemq.s.x.a"), None);
+        assert_eq!(subject_topic(BASE, "telemq.s.t.a"), Some("a".into()));
         assert_eq!(
             subject_topic(BASE, "telemq.t.=24a"),
             None,
@@ -278,7 +304,10 @@ mod tests {
         fn every_topic_round_trips_through_legal_tokens(topic in topic_strategy()) {
             let subject = topic_subject(BASE, &topic);
             prop_assert!(subject.split('.').skip(1).all(legal_token), "{subject}");
-            prop_assert_eq!(subject_topic(BASE, &subject), Some(topic));
+            prop_assert_eq!(subject_topic(BASE, &subject), Some(topic.clone()));
+            let shared_only = shared_only_topic_subject(BASE, &topic);
+            prop_assert!(shared_only.split('.').skip(1).all(legal_token), "{shared_only}");
+            prop_assert_eq!(subject_topic(BASE, &shared_only), Some(topic));
         }
 
         /// The NATS interest of a filter is exactly the MQTT match: a node gets what its
@@ -294,6 +323,15 @@ mod tests {
                 .iter()
                 .any(|pattern| pattern_matches(pattern, &topic_subject(BASE, &topic)));
             prop_assert_eq!(by_nats, filter_matches(&filter, &topic), "{} on {}", filter, topic);
+            let shared_only = shared_only_topic_subject(BASE, &topic);
+            let by_shared_group = shared_only_filter_subjects(BASE, &filter)
+                .iter()
+                .any(|pattern| pattern_matches(pattern, &shared_only));
+            prop_assert_eq!(by_shared_group, by_nats, "{} on {}", filter, topic);
+            let by_plain_subscription = filter_subjects(BASE, &filter)
+                .iter()
+                .any(|pattern| pattern_matches(pattern, &shared_only));
+            prop_assert!(!by_plain_subscription, "a plain subscription gets no shared-only copy");
         }
     }
 }
