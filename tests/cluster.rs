@@ -1196,3 +1196,93 @@ async fn the_will_of_a_client_of_a_dead_node_is_published_by_another_node() {
     watcher.expect_no_publish_for(Duration::from_secs(4)).await;
     cluster.shutdown().await;
 }
+
+/// Persistent sessions cost no NATS objects of their own (issue 17, "Scale the state, not the
+/// consumers"): however many there are, with queued messages and moves between nodes, the
+/// cluster holds the same streams (the log and the buckets) and the same consumers on them
+/// (one durable consumer of the log per node, each node's watches; a move's replay reader is
+/// gone once it read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_sessions_cost_no_nats_objects_of_their_own() {
+    const SESSIONS: usize = 1_000;
+    const MOVED: usize = 30;
+    let cluster = Cluster::start(3).await;
+    for node in 0..3 {
+        connect_when_available(&cluster, node, &format!("ready-{node}")).await;
+    }
+    let at_start = jetstream_objects(&cluster.nats);
+    for chunk in (0..SESSIONS).collect::<Vec<_>>().chunks(30) {
+        let mut sessions = tokio::task::JoinSet::new();
+        for &i in chunk {
+            let addr = cluster.addr(i % 3);
+            sessions.spawn(async move {
+                let connect = packets::connect_v4(&format!("fleet-{i}"), false, 60);
+                let (mut client, _) = RawClient::handshake(addr, &connect).await;
+                client
+                    .send(&packets::subscribe(1, &format!("fleet/{i}/cmd"), 1, None))
+                    .await;
+                let suback = client.recv_type(9).await;
+                assert_eq!(suback.body[2], 1, "fleet-{i} granted QoS 1");
+                client.send(&[0xE0, 0x00]).await;
+            });
+        }
+        while let Some(done) = sessions.join_next().await {
+            done.expect("session set up");
+        }
+    }
+    // A command each for some of them while they are offline, then they come back on another
+    // node, which replays it from the log.
+    let (mut publisher, _) = V5Client::connect(cluster.addr(0), "fleet-commander").await;
+    for i in 0..MOVED {
+        publisher
+            .publish(
+                &format!("fleet/{i}/cmd"),
+                QoS::AtLeastOnce,
+                false,
+                format!("cmd-{i}").into_bytes(),
+            )
+            .await;
+    }
+    for i in 0..MOVED {
+        let connect = packets::connect_v4(&format!("fleet-{i}"), false, 60);
+        let (mut client, connack) = RawClient::handshake(cluster.addr((i + 1) % 3), &connect).await;
+        assert_eq!(connack.body[0], 1, "fleet-{i}'s session is present");
+        let publish = client.recv_type(3).await;
+        assert!(
+            publish.body.ends_with(format!("cmd-{i}").as_bytes()),
+            "fleet-{i} got {publish:?}"
+        );
+    }
+    let settled = tokio::time::Instant::now() + WAIT * 4;
+    loop {
+        let now = jetstream_objects(&cluster.nats);
+        if now == at_start {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < settled,
+            "{SESSIONS} sessions, {MOVED} moved: {at_start:?} at start, {now:?} now"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("{SESSIONS} persistent sessions, {MOVED} moved: {at_start:?}");
+    cluster.shutdown().await;
+}
+
+/// The streams, and how many consumers each has on all servers together (a consumer of a
+/// replicated stream once per replica), but the nodes bucket: its consumers come and go with
+/// the liveness checks (each lists the bucket's keys through a short-lived consumer), whatever
+/// the number of sessions.
+fn jetstream_objects(servers: &[NatsServer]) -> (u64, std::collections::BTreeMap<String, usize>) {
+    let (streams, _) = servers[0].jetstream_objects();
+    let mut consumers = std::collections::BTreeMap::new();
+    for server in servers {
+        for line in server.consumers().lines() {
+            let stream = line.split(':').next().unwrap_or_default();
+            if !stream.ends_with("_nodes") {
+                *consumers.entry(stream.to_string()).or_default() += 1;
+            }
+        }
+    }
+    (streams, consumers)
+}

@@ -200,6 +200,44 @@ impl NatsServer {
         self.monitor("/jsz?streams=true&config=true")
     }
 
+    /// How many streams and consumers `/jsz` says this server holds.
+    pub fn jetstream_objects(&self) -> (u64, u64) {
+        let body = self.monitor("/jsz");
+        let count = |key: &str| {
+            let at = body.find(key).map(|at| at + key.len());
+            let digits: String = at
+                .map(|at| {
+                    body[at..]
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect()
+                })
+                .unwrap_or_default();
+            digits
+                .parse()
+                .unwrap_or_else(|_| panic!("no {key} in /jsz: {body}"))
+        };
+        (count("\"streams\":"), count("\"consumers\":"))
+    }
+
+    /// Every consumer, as `stream: consumer` lines.
+    pub fn consumers(&self) -> String {
+        let body = self.monitor("/jsz?accounts=true&streams=true&consumers=true");
+        let field = |text: &str, key: &str| -> String {
+            text.split(key)
+                .nth(1)
+                .map(|rest| rest.chars().take_while(|c| *c != '"').collect())
+                .unwrap_or_default()
+        };
+        body.split("\"stream_name\":\"")
+            .skip(1)
+            .map(|consumer| {
+                let stream: String = consumer.chars().take_while(|c| *c != '"').collect();
+                format!("{stream}: {}\n", field(consumer, "\"name\":\""))
+            })
+            .collect()
+    }
+
     fn monitor(&self, path: &str) -> String {
         let mut stream =
             TcpStream::connect(("127.0.0.1", self.monitor_port)).expect("monitor port");
