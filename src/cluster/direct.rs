@@ -82,18 +82,24 @@ impl Cluster {
         format!("{}.direct.{}", self.base, subject::token(node))
     }
 
-    /// One entry of the nodes bucket, as a node to deliver to or no longer; see `mirror`.
+    /// One entry of the nodes bucket: a node listed (to deliver to, unless it is this one) or
+    /// no longer; see `mirror`. The liveness checks go through the list too (see `wills`).
     pub(super) fn note_node(&self, entry: &kv::Entry) {
+        let mut listed = write(&self.listed);
         let mut peers = write(&self.peers);
         match entry.operation {
-            Operation::Put => match std::str::from_utf8(&entry.value) {
-                Ok(node) if node != &*self.node => {
-                    peers.insert(entry.key.clone(), node.into());
+            Operation::Put => {
+                if let Ok(node) = std::str::from_utf8(&entry.value) {
+                    let node: Arc<str> = node.into();
+                    if node != self.node {
+                        peers.insert(entry.key.clone(), node.clone());
+                    }
+                    listed.insert(entry.key.clone(), node);
                 }
-                _ => {}
-            },
+            }
             Operation::Delete | Operation::Purge => {
                 peers.remove(&entry.key);
+                listed.remove(&entry.key);
             }
         }
     }

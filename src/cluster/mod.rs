@@ -126,8 +126,12 @@ pub struct Cluster {
     pressure: pressure::Pressure,
     /// The filters of the cluster's persistent sessions, from the session records.
     persistent: Arc<crate::router::persistent::PersistentFilters>,
-    /// The other nodes, by their key in the nodes bucket (see `direct`).
+    /// The other nodes, by their key in the nodes bucket (see `direct`), but those taken for
+    /// dead.
     peers: RwLock<HashMap<String, Arc<str>>>,
+    /// Every node in the nodes bucket, this one included, by key: what the liveness checks
+    /// go through (see `wills`).
+    listed: RwLock<HashMap<String, Arc<str>>>,
     /// The other nodes' direct batches this node took (see `direct`).
     direct_taken: Mutex<direct::Taken>,
 }
@@ -219,6 +223,7 @@ impl Cluster {
             pressure: pressure::Pressure::default(),
             persistent: parts.persistent,
             peers: RwLock::new(HashMap::new()),
+            listed: RwLock::new(HashMap::new()),
             direct_taken: Mutex::new(direct::Taken::default()),
         });
         // Before any publish: which QoS 1/2 messages the log must carry depends on it.

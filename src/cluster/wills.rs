@@ -29,7 +29,7 @@ use super::{codec, subject, Cluster, ClusterError};
 use crate::clock;
 use crate::message::Message;
 use crate::metrics;
-use crate::sync::write;
+use crate::sync::{read, write};
 
 /// How often other nodes are asked whether they are alive.
 const CHECK: Duration = Duration::from_secs(1);
@@ -135,15 +135,15 @@ pub(super) async fn watch_nodes(cluster: Arc<Cluster>, shutdown: CancellationTok
             strikes.clear();
             continue;
         }
-        let Ok(mut keys) = cluster.nodes.keys().await else {
-            continue;
-        };
-        let mut listed = Vec::new();
-        while let Some(Ok(key)) = keys.next().await {
-            listed.push(key);
-        }
-        strikes.retain(|node, _| listed.contains(node));
-        if !listed.contains(&subject::token(&cluster.node)) {
+        // From the bucket's mirror: listing its keys here would cost JetStream a consumer a
+        // second per node.
+        let listed: Vec<(String, Arc<str>)> = read(&cluster.listed)
+            .iter()
+            .map(|(key, node)| (key.clone(), node.clone()))
+            .collect();
+        strikes.retain(|node, _| listed.iter().any(|(key, _)| key == node));
+        let own_key = subject::token(&cluster.node);
+        if !listed.iter().any(|(key, _)| *key == own_key) {
             // Taken for dead while cut off from NATS: listed again, so that the others adopt
             // its wills if it dies and send it their direct deliveries (see `direct`).
             info!("this node was unlisted while cut off; listing it again");
@@ -151,14 +151,8 @@ pub(super) async fn watch_nodes(cluster: Arc<Cluster>, shutdown: CancellationTok
                 debug!(%error, "this node not listed again");
             }
         }
-        for key in listed {
-            let Ok(Some(entry)) = cluster.nodes.entry(&key).await else {
-                continue;
-            };
-            let Ok(node) = std::str::from_utf8(&entry.value).map(str::to_owned) else {
-                continue;
-            };
-            if node == *cluster.node {
+        for (key, node) in listed {
+            if node == cluster.node {
                 continue;
             }
             let check = cluster
@@ -173,6 +167,16 @@ pub(super) async fn watch_nodes(cluster: Arc<Cluster>, shutdown: CancellationTok
             *count = if dead { *count + 1 } else { 0 };
             if *count >= STRIKES {
                 strikes.remove(&key);
+                // The mirror may still hold a node another one unlisted while its watch was
+                // being renewed.
+                let entry = match cluster.nodes.entry(&key).await {
+                    Ok(Some(entry)) if entry.operation == Operation::Put => entry,
+                    Ok(_) => {
+                        write(&cluster.listed).remove(&key);
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
                 info!(%node, "node gone: adopting its wills");
                 // No more direct deliveries to it, which would all go through the log for want
                 // of an answer and reach the other nodes twice (its wills among them). If it
