@@ -1282,3 +1282,38 @@ fn jetstream_objects(servers: &[NatsServer]) -> (u64, std::collections::BTreeMap
     }
     (streams, consumers)
 }
+
+/// A node found unlisted in the nodes bucket while alive (another node took it for dead while
+/// it was cut off) lists itself again, so that its wills are adopted if it dies later and the
+/// others send it their direct deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_unlisted_while_alive_lists_itself_again() {
+    let cluster = Cluster::start(1).await;
+    connect_when_available(&cluster, 1, "ready").await;
+    let client = async_nats::connect(cluster.nats[0].url())
+        .await
+        .expect("NATS");
+    let nodes = async_nats::jetstream::new(client)
+        .get_key_value("telemq_nodes")
+        .await
+        .expect("the nodes bucket");
+    let listed = async || matches!(nodes.get("node-1").await, Ok(Some(_)));
+    assert!(listed().await, "node-1 listed itself at start");
+    nodes.delete("node-1").await.expect("unlisted");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !listed().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node-1 did not list itself again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And it gets direct deliveries again.
+    let mut subscriber = subscribed(cluster.addr(1), "relisted-sub", "r/#", QoS::AtLeastOnce).await;
+    let (mut publisher, _) = V5Client::connect(cluster.addr(0), "relisted-pub").await;
+    publisher
+        .publish("r/1", QoS::AtLeastOnce, false, b"back".to_vec())
+        .await;
+    assert_eq!(receive(&mut subscriber, 1).await[0].1, b"back");
+    cluster.shutdown().await;
+}

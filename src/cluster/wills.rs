@@ -135,15 +135,21 @@ pub(super) async fn watch_nodes(cluster: Arc<Cluster>, shutdown: CancellationTok
             strikes.clear();
             continue;
         }
-        // From the bucket's mirror: listing its keys here would cost JetStream a consumer a
-        // second per node.
+        // The other nodes from the bucket's mirror: listing its keys here would cost JetStream
+        // a consumer a second per node.
         let listed: Vec<(String, Arc<str>)> = read(&cluster.listed)
             .iter()
             .map(|(key, node)| (key.clone(), node.clone()))
             .collect();
         strikes.retain(|node, _| listed.iter().any(|(key, _)| key == node));
-        let own_key = subject::token(&cluster.node);
-        if !listed.iter().any(|(key, _)| *key == own_key) {
+        // Its own key is read, not taken from the mirror: a watch renewed after this node was
+        // cut off need not show what was deleted meanwhile.
+        let unlisted = match cluster.nodes.entry(subject::token(&cluster.node)).await {
+            Ok(Some(entry)) => entry.operation != Operation::Put,
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        if unlisted {
             // Taken for dead while cut off from NATS: listed again, so that the others adopt
             // its wills if it dies and send it their direct deliveries (see `direct`).
             info!("this node was unlisted while cut off; listing it again");
