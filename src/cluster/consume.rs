@@ -348,56 +348,67 @@ impl Cluster {
             })
             .await
             .map_err(|e| failed(&e))?;
-        let mut replayed = 0;
-        let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
-        let mut batch = Vec::new();
-        loop {
-            let next = tokio::time::timeout(self.request_timeout, messages.next()).await;
-            // Short of the watermark the replay has not brought everything: the session would
-            // be recorded as having what it lacks.
-            let message = match next {
-                Ok(Some(Ok(message))) => message,
-                Ok(Some(Err(error))) => return Err(failed(&error)),
-                Ok(None) => return Err(failed(&"the log's reader stopped")),
-                Err(_) => return Err(failed(&"the log did not answer in time")),
-            };
-            let Ok(info) = message.info() else { continue };
-            let seq = info.stream_sequence;
-            if seq > hold.applied {
-                break;
-            }
-            replayed += 1;
-            let received = log::unframe(&message.payload).map_or_else(Vec::new, |(_, m)| m);
-            for (index, received) in received.into_iter().enumerate() {
-                let id = log::log_id(seq, index);
-                // Had before the move: at or below the floor, or completed (QoS 2).
-                if id <= floor || recorded.completed.binary_search(&id).is_ok() {
-                    continue;
+        // Read in a block of its own: the reader goes on every way out, or it would stay until
+        // its inactivity threshold.
+        let read = async {
+            let mut replayed = 0;
+            let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
+            let mut batch = Vec::new();
+            loop {
+                let next = tokio::time::timeout(self.request_timeout, messages.next()).await;
+                // Short of the watermark the replay has not brought everything: the session would
+                // be recorded as having what it lacks.
+                let message = match next {
+                    Ok(Some(Ok(message))) => message,
+                    Ok(Some(Err(error))) => return Err(failed(&error)),
+                    Ok(None) => return Err(failed(&"the log's reader stopped")),
+                    Err(_) => return Err(failed(&"the log did not answer in time")),
+                };
+                let Ok(info) = message.info() else { continue };
+                let seq = info.stream_sequence;
+                if seq > hold.applied {
+                    break;
                 }
-                batch.push((
-                    Arc::new(received.message),
-                    Reach::Session(&session.client_id),
-                    id,
-                ));
+                replayed += 1;
+                let received = log::unframe(&message.payload).map_or_else(Vec::new, |(_, m)| m);
+                for (index, received) in received.into_iter().enumerate() {
+                    let id = log::log_id(seq, index);
+                    // Had before the move: at or below the floor, or completed (QoS 2).
+                    if id <= floor || recorded.completed.binary_search(&id).is_ok() {
+                        continue;
+                    }
+                    batch.push((
+                        Arc::new(received.message),
+                        Reach::Session(&session.client_id),
+                        id,
+                    ));
+                }
+                if batch.len() >= BATCH {
+                    self.pipeline
+                        .deliver_logged(std::mem::take(&mut batch), true, None)
+                        .await
+                        .map_err(|e| failed(&e))?;
+                }
+                if seq == hold.applied {
+                    break;
+                }
             }
-            if batch.len() >= BATCH {
-                self.pipeline
-                    .deliver_logged(std::mem::take(&mut batch), true, None)
-                    .await
-                    .map_err(|e| failed(&e))?;
-            }
-            if seq == hold.applied {
-                break;
-            }
+            self.pipeline
+                .deliver_logged(batch, true, None)
+                .await
+                .map_err(|e| failed(&e))?;
+            Ok(replayed)
         }
-        self.pipeline
-            .deliver_logged(batch, true, None)
-            .await
-            .map_err(|e| failed(&e))?;
+        .await;
         let name = consumer.cached_info().name.clone();
-        if let Err(error) = self.log.delete_consumer(&name).await {
-            debug!(%error, "replay consumer not deleted; it expires by itself");
-        }
+        let log = self.log.clone();
+        // Not waited for: with NATS failing it would hold the refusal up.
+        self.tracker.spawn(async move {
+            if let Err(error) = log.delete_consumer(&name).await {
+                debug!(%error, "replay consumer not deleted; it expires by itself");
+            }
+        });
+        let replayed = read?;
         metrics::cluster_replayed(replayed);
         Ok(replayed)
     }
