@@ -178,17 +178,15 @@ impl Taken {
         let epochs = self.0.entry(origin.to_owned()).or_default();
         match epochs.back_mut() {
             Some(at) if at.run == header.run && at.epoch == header.epoch => at.next += 1,
-            _ => {
-                epochs.push_back(Received {
+            _ => remember(
+                epochs,
+                Received {
                     run: header.run,
                     epoch: header.epoch,
                     next: header.batch + 1,
                     closed: false,
-                });
-                if epochs.len() > EPOCHS_KEPT {
-                    epochs.pop_front();
-                }
-            }
+                },
+            ),
         }
         true
     }
@@ -209,17 +207,25 @@ impl Taken {
             .iter()
             .any(|at| at.run == sent.run && at.epoch > sent.epoch);
         if !newer_known {
-            epochs.push_back(Received {
-                run: sent.run,
-                epoch: sent.epoch,
-                next: 0,
-                closed: true,
-            });
-            if epochs.len() > EPOCHS_KEPT {
-                epochs.pop_front();
-            }
+            remember(
+                epochs,
+                Received {
+                    run: sent.run,
+                    epoch: sent.epoch,
+                    next: 0,
+                    closed: true,
+                },
+            );
         }
         false
+    }
+}
+
+/// Adds a sender's newest epoch, forgetting its oldest past [`EPOCHS_KEPT`].
+fn remember(epochs: &mut VecDeque<Received>, at: Received) {
+    epochs.push_back(at);
+    if epochs.len() > EPOCHS_KEPT {
+        epochs.pop_front();
     }
 }
 

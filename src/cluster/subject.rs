@@ -58,8 +58,23 @@ fn root(topic_or_filter: &str) -> &'static str {
 
 /// The subject a message on `topic` is published to: `<base>.<root>.<level>...`.
 pub fn topic_subject(base: &str, topic: &str) -> String {
-    let mut out = String::with_capacity(base.len() + 3 + topic.len() * 2);
+    subject_under(base, None, topic)
+}
+
+/// The subject a QoS 1/2 message on `topic` is forwarded to for shared groups only.
+pub fn shared_only_topic_subject(base: &str, topic: &str) -> String {
+    subject_under(base, Some(SHARED_ONLY), topic)
+}
+
+/// `<base>[.<extra>].<root>.<level>...`, in one allocation: it is made for every message a
+/// node forwards.
+fn subject_under(base: &str, extra: Option<&str>, topic: &str) -> String {
+    let mut out = String::with_capacity(base.len() + 5 + topic.len() * 2);
     out.push_str(base);
+    if let Some(extra) = extra {
+        out.push('.');
+        out.push_str(extra);
+    }
     out.push('.');
     out.push_str(root(topic));
     for level in topic.split('/') {
@@ -69,18 +84,9 @@ pub fn topic_subject(base: &str, topic: &str) -> String {
     out
 }
 
-/// The subject a QoS 1/2 message on `topic` is forwarded to for shared groups only.
-pub fn shared_only_topic_subject(base: &str, topic: &str) -> String {
-    topic_subject(&shared_only_base(base), topic)
-}
-
 /// The subject patterns a shared group's QoS 1/2 copies come on (see [`filter_subjects`]).
 pub fn shared_only_filter_subjects(base: &str, filter: &str) -> Vec<String> {
-    filter_subjects(&shared_only_base(base), filter)
-}
-
-fn shared_only_base(base: &str) -> String {
-    format!("{base}.{SHARED_ONLY}")
+    filter_subjects(&format!("{base}.{SHARED_ONLY}"), filter)
 }
 
 /// The topic of a subject made by [`topic_subject`] or [`shared_only_topic_subject`]; `None`
