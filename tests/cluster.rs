@@ -443,16 +443,7 @@ async fn each_shared_group_gets_each_message_once_across_nodes() {
         subscribed(cluster.addr(2), "h-0", "$share/h/work/#", QoS::AtLeastOnce).await;
 
     let (mut publisher, _) = V5Client::connect(cluster.addr(0), "worker-pub").await;
-    for i in 0..90u32 {
-        publisher
-            .publish(
-                "work/item",
-                QoS::AtLeastOnce,
-                false,
-                i.to_be_bytes().to_vec(),
-            )
-            .await;
-    }
+    publish_numbered(&mut publisher, "work/item", QoS::AtLeastOnce, 90).await;
     let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
     let deadline = tokio::time::Instant::now() + WAIT;
     while seen.values().sum::<usize>() < 90 {
@@ -480,22 +471,22 @@ async fn each_shared_group_gets_each_message_once_across_nodes() {
         "group h got every message too"
     );
     // QoS 0 crosses on other subjects than QoS 1/2's copies for shared groups.
-    for i in 0..10u32 {
-        publisher
-            .publish(
-                "work/light",
-                QoS::AtMostOnce,
-                false,
-                i.to_be_bytes().to_vec(),
-            )
-            .await;
-    }
+    publish_numbered(&mut publisher, "work/light", QoS::AtMostOnce, 10).await;
     assert_eq!(
         receive(&mut other_group, 10).await.len(),
         10,
         "group h got the QoS 0 messages"
     );
     cluster.shutdown().await;
+}
+
+/// Publishes `count` messages on `topic`, each its number as 4 bytes.
+async fn publish_numbered(publisher: &mut V5Client, topic: &str, qos: QoS, count: u32) {
+    for i in 0..count {
+        publisher
+            .publish(topic, qos, false, i.to_be_bytes().to_vec())
+            .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1293,7 +1284,7 @@ async fn connect_retrying(addr: std::net::SocketAddr, id: &str) -> (RawClient, c
 /// The streams, and how many consumers each has on all servers together (a consumer of a
 /// replicated stream once per replica).
 fn jetstream_objects(servers: &[NatsServer]) -> (u64, std::collections::BTreeMap<String, usize>) {
-    let (streams, _) = servers[0].jetstream_objects();
+    let streams = servers[0].stream_count();
     let mut consumers = std::collections::BTreeMap::new();
     for server in servers {
         for line in server.consumers().lines() {

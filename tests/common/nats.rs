@@ -200,24 +200,22 @@ impl NatsServer {
         self.monitor("/jsz?streams=true&config=true")
     }
 
-    /// How many streams and consumers `/jsz` says this server holds.
-    pub fn jetstream_objects(&self) -> (u64, u64) {
+    /// How many streams `/jsz` says this server holds.
+    pub fn stream_count(&self) -> u64 {
         let body = self.monitor("/jsz");
-        let count = |key: &str| {
-            let at = body.find(key).map(|at| at + key.len());
-            let digits: String = at
-                .map(|at| {
-                    body[at..]
-                        .chars()
-                        .take_while(char::is_ascii_digit)
-                        .collect()
-                })
-                .unwrap_or_default();
-            digits
-                .parse()
-                .unwrap_or_else(|_| panic!("no {key} in /jsz: {body}"))
-        };
-        (count("\"streams\":"), count("\"consumers\":"))
+        let key = "\"streams\":";
+        let digits: String = body
+            .find(key)
+            .map(|at| {
+                body[at + key.len()..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect()
+            })
+            .unwrap_or_default();
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("no {key} in /jsz: {body}"))
     }
 
     /// Every consumer, as `stream: consumer` lines.
